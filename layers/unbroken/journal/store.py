@@ -1,0 +1,130 @@
+"""The journal store interface: one header per response plus its committed event batches.
+
+Every implementation (memory, SQLite, DynamoDB) passes the same contract suite (tests/contract/test_store_contract.py).
+The header carries the fencing state: `owner_epoch` (bumped by a takeover), `lease_expires_at` (renewed by the
+producer while it generates) and `last_seq` (the sequence number of the last committed event, -1 before any).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+# Response states as stored; terminal ones never change again.
+TERMINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (after its own retries)."""
+
+
+class Fenced(StoreError):
+    """A conditional write lost: another writer owns the response now (epoch moved) or `last_seq` moved."""
+
+
+class AlreadyExists(StoreError):
+    """`create` of a response id (or an idempotency key) that is already there."""
+
+
+class StoreUnavailable(StoreError):
+    """Throttled or unreachable past the retry bound."""
+
+
+@dataclass(slots=True)
+class ResponseHeader:
+    id: str
+    tenant: str
+    created_at: float  # epoch seconds
+    expires_at: float  # epoch seconds; reads filter out expired headers
+    status: str = "queued"  # queued | in_progress | completed | incomplete | failed | cancelled
+    owner_epoch: int = 0
+    lease_expires_at: float = 0.0
+    last_seq: int = -1
+    # The request as the router resolved it (JSON-able): enough to rebuild context and to continue generation.
+    request: dict[str, Any] = field(default_factory=dict)
+    # The response object as of the last commit that changed it (terminal commits always set it).
+    response: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    body_hash: str | None = None
+    cancel_requested: bool = False
+    background: bool = False
+
+
+class Store(ABC):
+    """All methods are async; implementations on blocking clients run them in a thread."""
+
+    @abstractmethod
+    async def create(self, header: ResponseHeader) -> None:
+        """Insert a new header. Raises `AlreadyExists` if the id exists, or if `header.idempotency_key` is set and
+        the tenant already has a live response under that key."""
+
+    @abstractmethod
+    async def get(self, response_id: str) -> ResponseHeader | None:
+        """The header, or None if absent or expired."""
+
+    @abstractmethod
+    async def find_by_idempotency_key(self, tenant: str, key: str) -> ResponseHeader | None:
+        """The live header the tenant created under this idempotency key, if any."""
+
+    @abstractmethod
+    async def append(
+        self,
+        response_id: str,
+        epoch: int,
+        events: list[dict[str, Any]],
+        *,
+        lease_expires_at: float | None = None,
+        status: str | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> None:
+        """Commit a batch atomically: the events (whose `sequence_number`s must continue densely from
+        `last_seq + 1`) plus the header update (new `last_seq`, optional lease / status / response snapshot).
+        Conditional on `owner_epoch == epoch` and on `last_seq` being what it was; raises `Fenced` otherwise.
+        `events` may be empty (a header-only update such as a lease renewal or status change)."""
+
+    @abstractmethod
+    async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        """Committed events with `sequence_number > after_seq`, in order, exactly as they were appended."""
+
+    @abstractmethod
+    async def take_over(self, response_id: str, expected_epoch: int, lease_expires_at: float) -> int:
+        """Become the owner: bump `owner_epoch` from `expected_epoch` and set the lease. Returns the new epoch.
+        Raises `Fenced` if the epoch is no longer `expected_epoch`."""
+
+    @abstractmethod
+    async def request_cancel(self, response_id: str) -> None:
+        """Set `cancel_requested`; the owner sees it at its next commit or lease renewal."""
+
+    @abstractmethod
+    async def delete(self, response_id: str) -> bool:
+        """Remove the header and every batch. True if something was deleted."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+def open_store(url: str) -> Store:
+    """Open a store from its URL: `sqlite:///PATH`, `memory://`, `dynamodb://TABLE?region=R&endpoint_url=U`."""
+    from urllib.parse import parse_qs, urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme == "memory":
+        from unbroken.journal.memory import MemoryStore
+
+        return MemoryStore()
+    if parsed.scheme == "sqlite":
+        from unbroken.journal.sqlite import SQLiteStore
+
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else parsed.path
+        if not path:
+            raise ValueError("sqlite store URL needs a path: sqlite:///PATH")
+        return SQLiteStore(path)
+    if parsed.scheme == "dynamodb":
+        from unbroken.journal.dynamodb import DynamoDBStore
+
+        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        if not parsed.netloc:
+            raise ValueError("dynamodb store URL needs a table: dynamodb://TABLE?region=R")
+        return DynamoDBStore(parsed.netloc, region=query.get("region"), endpoint_url=query.get("endpoint_url"))
+    raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH, memory:// or dynamodb://TABLE")
