@@ -251,3 +251,11 @@ Delta = (
     | Finish
     | UpstreamModel
 )
+
+
+# The user turn the router appends when it continues a cut answer on a model without literal continuation
+# (no assistant prefill). The overlap the model repeats anyway is stripped by the router.
+CONTINUE_INSTRUCTION = (
+    "Your previous answer was cut off after the text above. Continue from exactly that point; "
+    "do not repeat anything and do not add any preamble."
+)
