@@ -144,6 +144,8 @@ class GenerationRequest:
     reasoning_effort: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     continuation: Continuation | None = None
+    # The router's response id: stable across the attempts of one response (logs, upstream idempotency keys).
+    trace_id: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""Everything a running router shares across requests: configuration, store, provider pool, health board and the
+background tasks it owns. One per process; the FastAPI app keeps it in `app.state.runtime`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from unbroken.config import Config
+from unbroken.routing.policy import HealthBoard
+from unbroken.routing.pool import ProviderPool
+
+if TYPE_CHECKING:
+    from unbroken.journal.store import Store
+
+log = logging.getLogger("unbroken")
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store | None = None
+    pool: ProviderPool = field(default_factory=ProviderPool)
+    health: HealthBoard = field(default_factory=HealthBoard)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def settings(self):
+        return self.config.server
+
+    def spawn(self, coro: object, name: str) -> asyncio.Task[None]:
+        """A task the runtime keeps alive (a bare create_task can be garbage-collected mid-flight)."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=10)
+        await self.pool.aclose()
+        if self.store is not None:
+            await self.store.close()
