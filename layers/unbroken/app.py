@@ -55,7 +55,9 @@ def create_app(config: Config, store: Any = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
+        from unbroken.api.request import most_specific
+
+        first = most_specific(errors) if errors else {"loc": ("body",), "msg": "invalid request", "type": ""}
         if first.get("type") == "json_invalid":
             return _error_response(APIError(400, "The request body is not valid JSON.", param="body"))
         param = _validation_param(tuple(first.get("loc", ())))

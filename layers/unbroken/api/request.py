@@ -164,6 +164,15 @@ class CreateResponseBody(_Lenient):
     prompt_cache_key: str | None = Field(default=None, max_length=64)
     include: list[str] | None = None
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _shorthand_messages(cls, value: Any) -> Any:
+        # OpenAI's shorthand `{role, content}` (used in the spec's own examples) is a message item.
+        if isinstance(value, list):
+            return [{"type": "message", **v} if isinstance(v, dict) and "type" not in v and "role" in v else v
+                    for v in value]
+        return value
+
     @field_validator("input")
     @classmethod
     def _input_size(cls, value: Any) -> Any:
@@ -179,16 +188,37 @@ class CreateResponseBody(_Lenient):
         return value
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "none", "list"}
+
+
+def most_specific(errors: list[Any]) -> Any:
+    """Of a union's errors, the one that got deepest into the value is the one that says what is wrong."""
+    return max(errors, key=lambda e: len(e["loc"]))
+
+
 def _param_path(loc: tuple[Any, ...]) -> str:
+    """`input[0].content` from pydantic's loc, without its union-member tags (`str`, `list[...]`, the
+    discriminator value after an index, model class names)."""
     out = ""
+    previous: Any = None
     for part in loc:
+        skip = isinstance(part, str) and (
+            part in _TYPE_TAGS or "[" in part or part[:1].isupper() or "-" in part
+            or (isinstance(previous, int) and part in _ITEM_TAGS)
+        )
+        previous = part
+        if skip:
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and (part[:1].isupper() or "[" in part or "-" in part):
-            continue  # pydantic's union-member tags ("MessageParam", "function-after[...]") are noise to a caller
         else:
-            out += f".{part}" if out else part
+            out += f".{part}" if out else str(part)
     return out or "body"
+
+
+_ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning", "item_reference", "compaction",
+              "function", "allowed_tools", "input_text", "output_text", "text", "input_image", "refusal",
+              "input_file", "summary_text", "reasoning_text"}
 
 
 def parse_body(raw: Any, model_cls: type[BaseModel] = CreateResponseBody) -> Any:
@@ -198,7 +228,7 @@ def parse_body(raw: Any, model_cls: type[BaseModel] = CreateResponseBody) -> Any
     try:
         return model_cls.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = most_specific(exc.errors())
         param = _param_path(tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         raise APIError(400, f"Invalid value for '{param}': {msg}.", param=param) from None
