@@ -92,10 +92,10 @@ def test_chunked_body_over_the_limit_is_413(router: RouterThread) -> None:
 
 
 def test_upstream_429_everywhere_is_passed_on_with_retry_after(router: RouterThread) -> None:
-    body = {"model": "flaky", "input": "x", "metadata": {"sim_fault": "http:429:3", "sim_fault_attempts": "99"}}
+    body = {"model": "flaky", "input": "x", "metadata": {"sim_fault": "http:429:1", "sim_fault_attempts": "99"}}
     response = post_json(router.base_url, "/responses", body)
     assert_error(response, 429, code="rate_limit_exceeded")
-    assert response.headers["retry-after"] == "3"
+    assert response.headers["retry-after"] == "1"
     streamed, _ = post_stream(router.base_url, body)
     assert_error(streamed, 429)
 

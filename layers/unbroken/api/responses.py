@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -39,11 +40,10 @@ def runtime_of(request: Request) -> Runtime:
 
 def stream_deadline(request: Request, runtime: Runtime) -> float:
     """Now plus the configured stream deadline, or earlier if the Lambda invocation ends earlier."""
-    configured = time.time() + runtime.settings.stream_deadline_seconds
-    try:
-        from unbroken.api.identity import stream_deadline as lambda_bound
-    except ImportError:
-        return configured
+    if not os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
+        return time.time() + runtime.settings.stream_deadline_seconds
+    from unbroken.api.identity import stream_deadline as lambda_bound
+
     return lambda_bound(request.headers, runtime.settings.stream_deadline_seconds, time.time())
 
 

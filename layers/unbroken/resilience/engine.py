@@ -137,22 +137,40 @@ class Generation:
 
     async def run(self) -> AsyncIterator[Event]:
         """Events of the whole response, ending with a terminal event; raises `NoOutput` if nothing was emitted
-        and nothing can be."""
+        and nothing can be.
+
+        Deployments are tried in rounds, in the policy's order: a failure moves on to the next deployment at once
+        (no waiting while another one may answer); when every usable deployment has failed in this round, the
+        next round starts after an exponential backoff with jitter that honours the longest Retry-After seen. A
+        deployment leaves the request for good on errors that another try would not fix (auth, not found, a
+        silent upstream, too small a context window) or after `max_retries` + 1 tries."""
         t0 = time.monotonic()
         excluded: set[str] = set()
+        tried_this_round: set[str] = set()
+        retry_after_hint = 0.0
         tries: dict[str, int] = {}
-        continuation_mode: dict[str, bool] = {}  # deployment -> literal? (learned: a prefill rejection flips it)
+        continuation_mode: dict[str, bool] = {}  # deployment -> literal? (a prefill rejection flips it)
         request = self.request
         rounds = 0
         while True:
             usable = [d for d in self.candidates if d.name not in excluded]
-            deployment = self._pick(usable, tries)
-            remaining = min(self.settings.max_total_seconds - (time.monotonic() - t0),
-                            self.deadline - time.time())
-            if deployment is None or len(self.attempts) >= self.settings.max_attempts or remaining <= 0:
+            fresh = [d for d in usable if d.name not in tried_this_round]
+            if usable and not fresh:
+                rounds += 1
+                delay = max(retry_after_hint, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (rounds - 1)) *
+                            random.uniform(0.5, 1.5))
+                if delay >= self._remaining(t0):
+                    usable = []
+                else:
+                    await asyncio.sleep(delay)
+                    tried_this_round.clear()
+                    retry_after_hint = 0.0
+                    fresh = usable
+            if not usable or len(self.attempts) >= self.settings.max_attempts or self._remaining(t0) <= 0:
                 async for ev in self._give_up():
                     yield ev
                 return
+            deployment = fresh[0]
             provider = self.pool.get(self.model_name, deployment)
             literal = continuation_mode.get(deployment.name, provider.capabilities.literal_continuation)
             attempt_request = self._attempt_request(request, literal, deployment)
@@ -161,6 +179,7 @@ class Generation:
                               else ("literal" if literal else "instruction"))
             self.attempts.append(attempt)
             tries[deployment.name] = tries.get(deployment.name, 0) + 1
+            tried_this_round.add(deployment.name)
             try:
                 async for ev in self._stream_attempt(provider, deployment, attempt_request, attempt):
                     yield ev
@@ -188,71 +207,49 @@ class Generation:
                 attempt.outcome = err.kind
                 self.error = err
                 self.health.record_failure(self.model_name, deployment.name)
-                log.warning("attempt failed", extra={"deployment": deployment.name, "kind": err.kind,
+                log.warning("attempt failed", extra={"response_id": self.emitter.response["id"],
+                                                     "deployment": deployment.name, "kind": err.kind,
                                                      "status": err.status, "mid_stream": err.mid_stream})
                 if err.kind in FATAL_FOR_REQUEST and not self.emitter.has_output:
                     raise NoOutput(from_provider_error(err, attempts=len(self.attempts))) from None
                 if err.kind == "content_filter":
+                    # A policy refusal goes back to the client with its reason; no other deployment is asked.
                     for ev in self._ensure_started():
                         yield ev
                     for ev in self.emitter.end_incomplete("content_filter"):
                         yield ev
                     return
-                if err.kind == "prefill_rejected":
-                    continuation_mode[deployment.name] = False  # retry the same deployment without prefill
+                if err.kind == "prefill_rejected" and continuation_mode.get(deployment.name, True):
+                    continuation_mode[deployment.name] = False  # same deployment again, without the prefill
+                    tried_this_round.discard(deployment.name)
                     continue
                 if err.kind not in RETRY_SAME_DEPLOYMENT or tries[deployment.name] > self._max_retries(deployment):
                     excluded.add(deployment.name)
                 if err.kind == "context_length":
+                    # Never resend unchanged to a window that is not larger.
                     window = deployment.option("context_window", 0)
-                    excluded.update(d.name for d in self.candidates
-                                    if d.option("context_window", 0) <= window)
+                    excluded.update(d.name for d in self.candidates if d.option("context_window", 0) <= window)
+                if err.retry_after is not None:
+                    if err.retry_after > self._remaining(t0):
+                        excluded.add(deployment.name)
+                    retry_after_hint = max(retry_after_hint, err.retry_after)
                 if self.emitter.has_output:
                     for ev in self._interrupted(deployment, err):
                         yield ev
                     request = self._continuation_base()
-                    if request is None:  # what was cut is complete as it stands (e.g. finished tool calls)
+                    if request is None:  # what was cut is complete as it stands (finished tool calls)
                         async for ev in self._finish_ok():
                             yield ev
                         return
                     self.resumed_from = deployment.name
-                delay = self._backoff(err, deployment, tries, usable, excluded, rounds)
-                if delay > 0:
-                    if delay >= remaining:
-                        excluded.add(deployment.name)
-                    else:
-                        await asyncio.sleep(delay)
-                rounds += 1
 
     # -- attempts ------------------------------------------------------------------------------------------------
 
-    def _pick(self, usable: list[Deployment], tries: dict[str, int]) -> Deployment | None:
-        """The first usable deployment with retries left; a deployment is retried before moving on only while
-        its error kind allows it (the caller excludes it otherwise)."""
-        if not usable:
-            return None
-        last = self.attempts[-1].deployment if self.attempts else None
-        for d in usable:
-            if d.name == last:
-                return d
-        return usable[0]
+    def _remaining(self, t0: float) -> float:
+        return min(self.settings.max_total_seconds - (time.monotonic() - t0), self.deadline - time.time())
 
     def _max_retries(self, deployment: Deployment) -> int:
         return int(deployment.option("max_retries", 1))
-
-    def _backoff(self, err: ProviderError, deployment: Deployment, tries: dict[str, int],
-                 usable: list[Deployment], excluded: set[str], rounds: int) -> float:
-        same_again = deployment.name not in excluded
-        if not same_again:
-            return 0.0  # moving to another deployment: no reason to wait
-        n = tries.get(deployment.name, 1)
-        delay = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** (n - 1))) * random.uniform(0.5, 1.5)
-        if err.retry_after is not None:
-            delay = max(delay, err.retry_after)
-            if err.retry_after > BACKOFF_CAP and len(usable) > 1:
-                excluded.add(deployment.name)  # a long Retry-After: better served elsewhere
-                return 0.0
-        return delay
 
     def _attempt_request(self, request: GenerationRequest, literal: bool, deployment: Deployment) -> GenerationRequest:
         partial = self.emitter.open_message_text()
