@@ -1,0 +1,294 @@
+"""template.yaml as CloudFormation will see it: streaming integrations, the gateway's adapter set-up, the worker's
+async config, the journal table, least-privilege IAM, outputs; and cfn-lint has nothing to say."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.sam._template import ROOT, TEMPLATE, api_integrations, raw_template, resources_of_type, translate, translated
+
+STREAM_URI_PART = "/2021-11-15/functions/${GatewayFunction.Arn}/response-streaming-invocations"
+
+
+def _uri(integration: dict[str, Any]) -> str:
+    uri = integration["uri"]
+    return uri["Fn::Sub"] if isinstance(uri, dict) else uri
+
+
+def _function(cfn: dict[str, Any], logical_id: str) -> dict[str, Any]:
+    res = cfn["Resources"][logical_id]
+    assert res["Type"] == "AWS::Lambda::Function"
+    return res["Properties"]
+
+
+def _env(cfn: dict[str, Any], logical_id: str) -> dict[str, Any]:
+    return _function(cfn, logical_id)["Environment"]["Variables"]
+
+
+def _layer_subs(layers: list[Any]) -> list[str]:
+    """Every string a layer entry can resolve to (through Fn::If / Fn::Sub / Ref)."""
+    out: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(layers)
+    return out
+
+
+# --- API Gateway ------------------------------------------------------------------------------------------------
+
+
+def test_every_api_integration_streams_from_the_gateway() -> None:
+    integrations = api_integrations(translated())
+    assert integrations, "no API Gateway integration found"
+    for path, method, integ in integrations:
+        assert integ["type"] == "aws_proxy", (path, method)
+        assert integ.get("responseTransferMode") == "STREAM", (path, method, integ)
+        assert _uri(integ).endswith(STREAM_URI_PART), (path, method, _uri(integ))
+        assert integ["timeoutInMillis"] == 900000, (path, method)
+
+
+def test_public_paths_all_reach_the_streaming_route() -> None:
+    """Every public /v1 path and method is served by a streaming integration (here one greedy route)."""
+    routes = {(p, m) for p, m, _ in api_integrations(translated())}
+    assert ("/v1/{proxy+}", "x-amazon-apigateway-any-method") in routes
+
+
+def test_the_stream_gotcha_is_caught() -> None:
+    """`ResponseTransferMode: STREAM` (instead of RESPONSE_STREAM) translates without complaint into a buffered
+    integration; the assertions above must notice."""
+    tpl = copy.deepcopy(raw_template())
+    for res in tpl["Resources"].values():
+        for event in res.get("Properties", {}).get("Events", {}).values():
+            if event["Type"] == "Api":
+                event["Properties"]["ResponseTransferMode"] = "STREAM"
+    integ = api_integrations(translate(tpl))
+    assert integ and all("responseTransferMode" not in i for _, _, i in integ)
+    assert all("/2015-03-31/" in _uri(i) for _, _, i in integ)
+
+
+def test_api_is_regional_rest_with_a_single_stage() -> None:
+    cfn = translated()
+    (api,) = resources_of_type(cfn, "AWS::ApiGateway::RestApi").values()
+    assert api["Properties"]["EndpointConfiguration"]["Types"] == ["REGIONAL"]
+    stages = resources_of_type(cfn, "AWS::ApiGateway::Stage")
+    assert len(stages) == 1  # OpenApiVersion 3 keeps SAM from adding its extra "Stage" stage
+    (stage,) = stages.values()
+    assert stage["Properties"]["StageName"] == {"Ref": "StageName"}
+    assert raw_template()["Parameters"]["StageName"]["Default"] != "v1"  # avoid https://.../v1/v1/responses
+
+
+def test_api_gateway_may_invoke_the_gateway() -> None:
+    perms = resources_of_type(translated(), "AWS::Lambda::Permission")
+    assert any(
+        p["Properties"]["FunctionName"] == {"Ref": "GatewayFunction"}
+        and p["Properties"]["Principal"] == "apigateway.amazonaws.com"
+        and p["Properties"]["Action"] == "lambda:InvokeFunction"
+        for p in perms.values()
+    )
+
+
+# --- functions --------------------------------------------------------------------------------------------------
+
+
+def test_gateway_runs_uvicorn_behind_the_web_adapter_in_stream_mode() -> None:
+    cfn = translated()
+    fn = _function(cfn, "GatewayFunction")
+    assert fn["Runtime"] == "python3.13"
+    assert fn["Handler"] == "run.sh"
+    assert fn["Timeout"] == 900
+    assert fn["MemorySize"] == {"Ref": "MemorySize"}
+    assert raw_template()["Parameters"]["MemorySize"]["Default"] == 1024
+    env = _env(cfn, "GatewayFunction")
+    assert env["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bootstrap"
+    assert env["AWS_LWA_INVOKE_MODE"] == "response_stream"
+    assert env["AWS_LWA_PORT"] != "8080" and env["AWS_LWA_PORT"].isdigit()
+    assert env["AWS_LWA_READINESS_CHECK_PATH"] == "/healthz"
+    layers = _layer_subs(fn["Layers"])
+    assert "arn:${AWS::Partition}:lambda:${AWS::Region}:753240598075:layer:LambdaAdapterLayerX86:26" in layers
+    assert "arn:${AWS::Partition}:lambda:${AWS::Region}:753240598075:layer:LambdaAdapterLayerArm64:26" in layers
+    assert fn["Architectures"] == [{"Ref": "Architecture"}]
+    assert raw_template()["Parameters"]["Architecture"]["AllowedValues"] == ["x86_64", "arm64"]
+
+
+def test_both_functions_get_the_router_environment_and_the_unbroken_layer() -> None:
+    cfn = translated()
+    layer_ids = set(resources_of_type(cfn, "AWS::Lambda::LayerVersion"))
+    assert len(layer_ids) == 2  # one per architecture, each built for its own target
+    for logical_id in ("GatewayFunction", "WorkerFunction"):
+        env = _env(cfn, logical_id)
+        for name in (
+            "UNBROKEN_STORE",
+            "UNBROKEN_CONFIG",
+            "UNBROKEN_CONFIG_SSM",
+            "UNBROKEN_SECRETS",
+            "UNBROKEN_WORKER_FUNCTION",
+            "UNBROKEN_RETENTION_HOURS",
+            "UNBROKEN_LOG_LEVEL",
+        ):
+            assert name in env, (logical_id, name)
+        assert env["UNBROKEN_STORE"] == {"Fn::Sub": "dynamodb://${JournalTable}?region=${AWS::Region}"}
+        assert env["UNBROKEN_WORKER_FUNCTION"] == {"Fn::Sub": "${AWS::StackName}-worker"}
+        refs = {s for s in _layer_subs(_function(cfn, logical_id)["Layers"]) if s in layer_ids}
+        assert refs == layer_ids, logical_id
+        fn = _function(cfn, logical_id)
+        assert fn["Runtime"] == "python3.13" and fn["Timeout"] == 900
+
+
+def test_layers_are_built_from_layers_dir_for_python313() -> None:
+    raw = raw_template()["Resources"]
+    arches = set()
+    for logical_id in ("UnbrokenLayerX86", "UnbrokenLayerArm64"):
+        res = raw[logical_id]
+        assert res["Type"] == "AWS::Serverless::LayerVersion"
+        assert res["Properties"]["ContentUri"] == "layers/"
+        assert res["Properties"]["CompatibleRuntimes"] == ["python3.13"]
+        assert res["Metadata"]["BuildMethod"] == "python3.13"
+        assert res["Properties"]["CompatibleArchitectures"] == [res["Metadata"]["BuildArchitecture"]]
+        arches.add(res["Metadata"]["BuildArchitecture"])
+    assert arches == {"x86_64", "arm64"}
+    reqs = (ROOT / "layers" / "requirements.txt").read_text(encoding="utf-8").lower()
+    names = {line.split("#")[0].strip().split(">")[0].split("=")[0].split("<")[0] for line in reqs.splitlines()}
+    names.discard("")
+    needed = {"fastapi", "uvicorn", "httpx", "httpx-sse", "pydantic", "pyyaml", "mangum", "aws-lambda-powertools"}
+    assert names >= needed
+    assert "boto3" not in names and "botocore" not in names
+
+
+def test_worker_is_async_without_lambda_retries() -> None:
+    cfn = translated()
+    fn = _function(cfn, "WorkerFunction")
+    assert fn["Handler"] == "handler.handler"
+    assert fn["FunctionName"] == {"Fn::Sub": "${AWS::StackName}-worker"}
+    (cfg,) = resources_of_type(cfn, "AWS::Lambda::EventInvokeConfig").values()
+    props = cfg["Properties"]
+    assert props["FunctionName"] == {"Ref": "WorkerFunction"}
+    assert props["MaximumRetryAttempts"] == 0
+    assert 60 <= props["MaximumEventAgeInSeconds"] <= 21600
+
+
+def test_no_admin_function_and_the_reason_is_written_down() -> None:
+    functions = resources_of_type(translated(), "AWS::Lambda::Function")
+    assert set(functions) == {"GatewayFunction", "WorkerFunction"}
+    assert 'No separate "admin" function' in TEMPLATE.read_text(encoding="utf-8")
+
+
+# --- data and IAM -----------------------------------------------------------------------------------------------
+
+
+def test_journal_table_keys_billing_and_ttl() -> None:
+    (table,) = resources_of_type(translated(), "AWS::DynamoDB::Table").values()
+    props = table["Properties"]
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    attrs = {(a["AttributeName"], a["AttributeType"]) for a in props["AttributeDefinitions"]}
+    assert attrs == {("pk", "S"), ("sk", "N")}
+    assert {(k["AttributeName"], k["KeyType"]) for k in props["KeySchema"]} == {("pk", "HASH"), ("sk", "RANGE")}
+    assert props["TimeToLiveSpecification"] == {"AttributeName": "expires_at", "Enabled": True}
+    pitr = props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"]
+    assert pitr == {"Fn::If": ["PitrOn", True, False]}
+
+
+def _statements(cfn: dict[str, Any]) -> dict[str, Any]:
+    policy = cfn["Resources"]["RouterAccessPolicy"]
+    out = {}
+    for st in policy["Properties"]["PolicyDocument"]["Statement"]:
+        if "Fn::If" in st:
+            cond, then, otherwise = st["Fn::If"]
+            assert otherwise == {"Ref": "AWS::NoValue"}
+            out[then["Sid"]] = (cond, then)
+        else:
+            out[st["Sid"]] = (None, st)
+    return out
+
+
+def test_iam_is_least_privilege() -> None:
+    cfn = translated()
+    sts = _statements(cfn)
+    assert set(sts) == {"Journal", "Worker", "ProviderSecrets", "RouterConfig"}
+
+    _, journal = sts["Journal"]
+    assert "dynamodb:Scan" not in journal["Action"] and not any("*" in a for a in journal["Action"])
+    assert journal["Resource"][0] == {"Fn::GetAtt": ["JournalTable", "Arn"]}
+
+    _, worker = sts["Worker"]
+    assert worker["Action"] == "lambda:InvokeFunction"
+    assert worker["Resource"]["Fn::Sub"].endswith(":function:${AWS::StackName}-worker")
+
+    cond, secrets = sts["ProviderSecrets"]
+    assert cond == "HasSecrets"
+    assert secrets["Action"] == "secretsmanager:GetSecretValue"
+    assert secrets["Resource"] == {"Ref": "ProviderSecretArns"}
+
+    cond, ssm = sts["RouterConfig"]
+    assert cond == "HasConfigParameter"
+    assert ssm["Action"] == "ssm:GetParameter"
+    assert ssm["Resource"]["Fn::Sub"].endswith(":parameter${ConfigParameterName}")
+
+    # Both roles carry exactly this policy plus basic logging, nothing broader.
+    for role_id in ("GatewayFunctionRole", "WorkerFunctionRole"):
+        role = cfn["Resources"][role_id]["Properties"]
+        assert role["ManagedPolicyArns"] == [
+            "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",
+            {"Ref": "RouterAccessPolicy"},
+        ]
+        assert not role.get("Policies")
+
+
+def test_empty_lists_and_optional_settings_have_conditions() -> None:
+    conditions = raw_template()["Conditions"]
+    for name in ("HasSecrets", "HasConfigParameter", "HasConfigPath", "IsArm64", "PitrOn"):
+        assert name in conditions
+    params = raw_template()["Parameters"]
+    assert params["ProviderSecretArns"]["Type"] == "CommaDelimitedList"
+    assert params["ProviderSecretArns"]["Default"] == ""
+    for name in ("ConfigParameterName", "ConfigPath", "RetentionHours", "Architecture", "MemorySize", "LogLevel"):
+        assert name in params
+
+
+def test_outputs() -> None:
+    outputs = translated()["Outputs"]
+    assert outputs["ApiUrl"]["Value"] == {
+        "Fn::Sub": "https://${Api}.execute-api.${AWS::Region}.${AWS::URLSuffix}/${StageName}/v1"
+    }
+    assert outputs["TableName"]["Value"] == {"Ref": "JournalTable"}
+    assert outputs["WorkerFunctionName"]["Value"] == {"Ref": "WorkerFunction"}
+
+
+# --- lint -------------------------------------------------------------------------------------------------------
+
+
+def _cfn_lint() -> list[str]:
+    sibling = Path(sys.executable).with_name("cfn-lint")
+    exe = str(sibling) if sibling.exists() else shutil.which("cfn-lint")
+    if exe is None:
+        pytest.fail("cfn-lint is not installed (it is a dev dependency)")
+    return [exe]
+
+
+def test_cfn_lint_reports_nothing(tmp_path: Path) -> None:
+    env = {**os.environ, "AWS_DEFAULT_REGION": "us-east-1"}
+    res = subprocess.run([*_cfn_lint(), str(TEMPLATE)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip() == ""
+    # The translated template too: what CloudFormation deploys after the transform.
+    out = tmp_path / "translated.json"
+    out.write_text(json.dumps(translated()), encoding="utf-8")
+    res = subprocess.run([*_cfn_lint(), str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
