@@ -485,3 +485,19 @@ async def test_gemini3_calls_without_signature_get_the_documented_sentinel(http:
     assert "thoughtSignature" not in calls[1]  # only the first call of a turn carries one
     body = await _sent(http, fake, GenerationRequest(model="m", items=items), model="gemini-2.5-flash")
     assert all("thoughtSignature" not in p for p in body["contents"][1]["parts"])
+
+
+async def test_dropped_fields_are_logged_by_name_only(http: httpx.AsyncClient, fake: GeminiFake,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    request = GenerationRequest(
+        model="m",
+        items=[Message("user", [TextPart("my secret prompt"), ImagePart(f"data:image/png;base64,{PNG_B64}", "high")]),
+               FunctionCall("call_1", "f", '{"cut": "in the mid'), FunctionCallOutput("call_1", "x")],
+        tools=[FunctionTool("f", strict=True)], parallel_tool_calls=False)
+    with caplog.at_level("WARNING", logger="unbroken.providers.gemini"):
+        body = await _sent(http, fake, request)
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    for field in ("parallel_tool_calls", "tools[].strict", "input_image.detail", "function_call.arguments"):
+        assert field in messages
+    assert "secret" not in messages and "in the mid" not in messages
+    assert body["contents"][1]["parts"][0]["functionCall"] == {"name": "f", "args": {}}

@@ -61,7 +61,7 @@ _STATUS_KIND: dict[str, ErrorKind] = {
     "UNAUTHENTICATED": "auth",
     "NOT_FOUND": "not_found",
 }
-_TOKEN_LIMIT = re.compile(r"token count|tokens? (allowed|limit)|exceeds the maximum number of tokens|context",
+_TOKEN_LIMIT = re.compile(r"input token count|tokens? (allowed|limit)|maximum number of tokens|context (window|length)",
                           re.IGNORECASE)
 # reasoning_effort → thinkingLevel (Gemini 3) and thinkingBudget (Gemini 2.x); `options.reasoning_map` overrides.
 _LEVELS = {"none": "minimal", "minimal": "minimal", "low": "low", "medium": "medium", "high": "high",
@@ -272,7 +272,14 @@ class GeminiProvider(Provider):
         m = re.search(r"gemini-(\d+)", self._model)
         return m is not None and int(m.group(1)) >= 3
 
+    def _dropped(self, field: str) -> None:
+        """A request field Gemini has no equivalent for. Names the field, never its value (may hold user data)."""
+        log.warning("request field %s dropped: not supported by gemini (deployment %s)", field,
+                    self.deployment.name)
+
     def _image(self, part: ImagePart) -> dict[str, Any]:
+        if part.detail not in ("auto", ""):
+            self._dropped("input_image.detail")
         if part.is_data_url:
             head, sep, data = part.url[5:].partition(";base64,")
             if not sep:
@@ -329,8 +336,8 @@ class GeminiProvider(Provider):
                 try:
                     args = json.loads(item.arguments) if item.arguments.strip() else {}
                 except ValueError:
-                    log.warning("function_call.arguments is not JSON; sent as an empty object (deployment %s)",
-                                self.deployment.name)
+                    # A call cut by max_tokens: keep the history sendable.
+                    self._dropped("function_call.arguments (not JSON; sent as {})")
                     args = {}
                 if not isinstance(args, dict):
                     args = {"value": args}
@@ -403,7 +410,9 @@ class GeminiProvider(Provider):
                 config["streamFunctionCallArguments"] = True
             body["toolConfig"] = {"functionCallingConfig": config}
             if request.parallel_tool_calls is False:
-                log.warning("dropped field: parallel_tool_calls (deployment %s)", self.deployment.name)
+                self._dropped("parallel_tool_calls")
+            if any(t.strict for t in request.tools):
+                self._dropped("tools[].strict")
         gen: dict[str, Any] = {}
         if request.max_output_tokens is not None:
             gen["maxOutputTokens"] = request.max_output_tokens
