@@ -3,6 +3,13 @@
 Every implementation (memory, SQLite, DynamoDB) passes the same contract suite (tests/contract/test_store_contract.py).
 The header carries the fencing state: `owner_epoch` (bumped by a takeover), `lease_expires_at` (renewed by the
 producer while it generates) and `last_seq` (the sequence number of the last committed event, -1 before any).
+
+Rules every implementation keeps (the contract suite checks each):
+- `append` is atomic: the events and the header update land together or not at all.
+- `read_events` returns exactly the dicts that were appended (same keys, values and `sequence_number`s), dense.
+- After `take_over` no append with an older epoch succeeds, so nothing a zombie writes becomes visible.
+- A terminal status is final: `take_over` refuses a terminal response, and the owner stops after its terminal commit.
+- Expired data (`expires_at` in the past) is invisible to every read, even before it is physically removed.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ class StoreError(Exception):
 
 class Fenced(StoreError):
     """A conditional write lost: another writer owns the response now (epoch moved) or `last_seq` moved."""
+
+
+class NotFound(Fenced):
+    """The response is not there (never created, deleted or expired). A `Fenced` so a writer stops on it too."""
 
 
 class AlreadyExists(StoreError):
@@ -50,9 +61,33 @@ class ResponseHeader:
     cancel_requested: bool = False
     background: bool = False
 
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """What a store instance wrote, for benchmarks and for tests that check item sizes. Counted on success only."""
+
+    commits: int = 0  # write requests: transactions / SQL transactions / conditional updates
+    items_written: int = 0  # rows or items put or updated
+    bytes_written: int = 0  # payload bytes of those items (DynamoDB: the item size as AWS meters it)
+    wru: int = 0  # DynamoDB write request units (1 per KB rounded up per item, x2 in a transaction); 0 elsewhere
+    max_item_bytes: int = 0  # the largest single item / row written
+
+    def add_item(self, size: int, *, wru_factor: int = 0) -> None:
+        self.items_written += 1
+        self.bytes_written += size
+        self.wru += wru_factor * max(1, -(-size // 1024))
+        if size > self.max_item_bytes:
+            self.max_item_bytes = size
+
 
 class Store(ABC):
     """All methods are async; implementations on blocking clients run them in a thread."""
+
+    stats: StoreStats  # set by every implementation's __init__
 
     @abstractmethod
     async def create(self, header: ResponseHeader) -> None:
@@ -60,8 +95,9 @@ class Store(ABC):
         the tenant already has a live response under that key."""
 
     @abstractmethod
-    async def get(self, response_id: str) -> ResponseHeader | None:
-        """The header, or None if absent or expired."""
+    async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
+        """The header, or None if absent or expired. With `snapshots=False` the (possibly large) `request` and
+        `response` snapshots are not loaded: `request` is {} and `response` None; cheaper for lease/status checks."""
 
     @abstractmethod
     async def find_by_idempotency_key(self, tenant: str, key: str) -> ResponseHeader | None:
@@ -77,11 +113,13 @@ class Store(ABC):
         lease_expires_at: float | None = None,
         status: str | None = None,
         response: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> bool:
         """Commit a batch atomically: the events (whose `sequence_number`s must continue densely from
         `last_seq + 1`) plus the header update (new `last_seq`, optional lease / status / response snapshot).
-        Conditional on `owner_epoch == epoch` and on `last_seq` being what it was; raises `Fenced` otherwise.
-        `events` may be empty (a header-only update such as a lease renewal or status change)."""
+        Conditional on `owner_epoch == epoch` and on `last_seq` being what it was; raises `Fenced` otherwise
+        (`NotFound` if the response is gone). `events` may be empty (a header-only update such as a lease renewal or
+        status change; conditional on the epoch only). Events not dense among themselves raise `ValueError`.
+        Returns `cancel_requested` as of this commit, so the owner learns of a cancel at its next commit."""
 
     @abstractmethod
     async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
@@ -90,11 +128,12 @@ class Store(ABC):
     @abstractmethod
     async def take_over(self, response_id: str, expected_epoch: int, lease_expires_at: float) -> int:
         """Become the owner: bump `owner_epoch` from `expected_epoch` and set the lease. Returns the new epoch.
-        Raises `Fenced` if the epoch is no longer `expected_epoch`."""
+        Raises `Fenced` if the epoch is no longer `expected_epoch` or the response is terminal (a finished response
+        is never continued), `NotFound` if it is gone."""
 
     @abstractmethod
-    async def request_cancel(self, response_id: str) -> None:
-        """Set `cancel_requested`; the owner sees it at its next commit or lease renewal."""
+    async def request_cancel(self, response_id: str) -> bool:
+        """Set `cancel_requested`; the owner sees it at its next commit or lease renewal. False if not found."""
 
     @abstractmethod
     async def delete(self, response_id: str) -> bool:

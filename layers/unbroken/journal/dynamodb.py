@@ -1,0 +1,837 @@
+"""DynamoDB store: one on-demand table, `pk` (S) + `sk` (N), TTL on `expires_at`.
+
+Items of one response, all under `pk = resp#<id>`:
+- `sk = 0`: the header. Kept small (it is rewritten by every commit and a write costs 1 WRU per KB), so request and
+  response snapshots live inline only when tiny and otherwise in snapshot items.
+- `sk = (last_seq + 1) * 1000 + piece`: event batches. A batch is one compressed blob (see codec.py) cut into pieces
+  of at most `PIECE_BYTES`; every piece carries `first_seq`, `last_seq` and `pieces`. Keying by `last_seq` lets a
+  resume after N start its Query at the first batch holding N + 1, without an index.
+- `sk = -(nonce * 1000 + i + 1)`: piece i of a snapshot blob. The nonce is random per snapshot write, so the pieces
+  are written (plain, cheaper writes) before the header that references them, and never overwrite a live snapshot.
+  A superseded snapshot is left for TTL / `delete` rather than deleted, so a reader can never see a half-gone one.
+Plus the idempotency item `pk = idem#<len(tenant)>:<tenant>#<key>`, `sk = 0`, written with the header on create.
+
+A commit of events is one `TransactWriteItems`: Put of each piece (`attribute_not_exists(pk)`) + Update of the header
+conditional on `owner_epoch` and `last_seq`, so a zombie writer can never make anything visible. Transactions carry a
+`ClientRequestToken`, so retrying after an ambiguous failure (timeout, 5xx) cannot apply a commit twice. Every item
+carries `expires_at` (epoch seconds, integer); reads drop expired items because TTL deletion is lazy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import random
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from unbroken.journal.codec import check_dense, decode_events, decode_json, encode_events, encode_json
+from unbroken.journal.store import (
+    TERMINAL_STATUSES,
+    AlreadyExists,
+    Fenced,
+    NotFound,
+    ResponseHeader,
+    Store,
+    StoreError,
+    StoreStats,
+    StoreUnavailable,
+)
+
+PIECE_BYTES = 64 * 1024  # cap on one item's payload: far below the 400 KB item limit
+SEQ_STRIDE = 1000  # sk of a batch piece = (last_seq + 1) * SEQ_STRIDE + piece index
+SNAP_STRIDE = 1000
+# A transaction holds at most 100 actions and 4 MB; keep headroom for the header update and attribute overhead.
+TXN_MAX_PIECES = 90
+TXN_MAX_BYTES = 3_500_000
+# Snapshots up to this size stay inline in the header; bigger ones would make every header rewrite cost more.
+INLINE_SNAPSHOT_MAX = 256
+_MAX_PAGES = 100_000  # bound on Query pagination (1 MB per page)
+
+# Error codes worth another attempt: throttling, server-side trouble, transaction races.
+_RETRY_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalServerError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "TransactionInProgressException",
+        "TransactionConflictException",
+    }
+)
+_RETRY_REASONS = frozenset(
+    {"ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded", "TransactionConflict"}
+)
+_TERMINAL = sorted(TERMINAL_STATUSES)
+
+
+class _CallFailed(Exception):
+    """A non-retryable ClientError, with whether an earlier attempt of the same call may have been applied."""
+
+    def __init__(self, error: Any, ambiguous: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.ambiguous = ambiguous
+
+    @property
+    def code(self) -> str:
+        return str(self.error.response.get("Error", {}).get("Code", ""))
+
+    @property
+    def reasons(self) -> list[dict[str, Any]]:
+        return list(self.error.response.get("CancellationReasons") or [])
+
+
+def _n(value: int | float) -> dict[str, str]:
+    return {"N": repr(value) if isinstance(value, float) else str(value)}
+
+
+def _num(attr: dict[str, Any] | None, default: float = 0) -> float:
+    return float(attr["N"]) if attr else default
+
+
+def _int(attr: dict[str, Any] | None, default: int = 0) -> int:
+    return int(attr["N"]) if attr else default
+
+
+def _cut(blob: bytes, size: int = PIECE_BYTES) -> list[bytes]:
+    return [blob[i : i + size] for i in range(0, len(blob), size)] or [b""]
+
+
+def item_size(item: dict[str, dict[str, Any]]) -> int:
+    """An item's size as DynamoDB meters it (attribute names + values), close enough for WRU accounting."""
+    total = 0
+    for name, value in item.items():
+        total += len(name.encode())
+        if "S" in value:
+            total += len(value["S"].encode("utf-8", "surrogatepass"))
+        elif "N" in value:
+            total += len(value["N"]) // 2 + 2
+        elif "B" in value:
+            total += len(value["B"])
+        else:
+            total += 1
+    return total
+
+
+def _idem_pk(tenant: str, key: str) -> str:
+    # Length-prefixed so that tenant "a#b" + key "c" and tenant "a" + key "b#c" never collide.
+    return f"idem#{len(tenant)}:{tenant}#{key}"
+
+
+class DynamoDBStore(Store):
+    def __init__(
+        self,
+        table: str,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        *,
+        client: Any = None,
+        max_attempts: int = 8,
+        backoff_base: float = 0.025,
+        backoff_cap: float = 1.0,
+        max_workers: int = 16,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.stats = StoreStats()
+        self._clock = clock  # epoch seconds, for expiry checks; tests move it forward
+        self.table = table
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self._client = client
+        self._client_lock = threading.Lock()
+        self._max_attempts = max(1, max_attempts)
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._max_workers = max_workers
+        self._executor: ThreadPoolExecutor | None = None
+        # Per-response facts this instance learnt, to avoid a read per commit. Cleared when large.
+        self._expires: dict[str, int] = {}
+        self._header_size: dict[str, int] = {}
+        self._cancel_seen: set[tuple[str, int]] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------------------------------
+
+    def _make_client(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                # Imported here: boto3 costs ~100 ms to import, and only a dynamodb:// deployment needs it.
+                import boto3
+                from botocore.config import Config
+
+                session = boto3.session.Session()
+                extra: dict[str, str] = {}
+                if self.endpoint_url and session.get_credentials() is None:
+                    # DynamoDB Local accepts any credentials but botocore refuses to sign without some.
+                    extra = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+                self._client = session.client(
+                    "dynamodb",
+                    region_name=self.region or session.region_name or "us-east-1",
+                    endpoint_url=self.endpoint_url,
+                    # Retries are ours (bounded, token-aware); botocore's would hide ambiguity from us.
+                    config=Config(
+                        retries={"total_max_attempts": 1},
+                        connect_timeout=3,
+                        read_timeout=10,
+                        max_pool_connections=self._max_workers,
+                        tcp_keepalive=True,
+                    ),
+                    **extra,
+                )
+            return self._client
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="unbroken-ddb")
+        return self._executor
+
+    async def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
+        """One client call with bounded exponential backoff and full jitter. Raises `StoreUnavailable` when the
+        attempts run out, `_CallFailed` for an error retrying cannot fix."""
+        from botocore.exceptions import ClientError, HTTPClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        loop = asyncio.get_running_loop()
+        pool = self._pool()
+        client = self._client if self._client is not None else await loop.run_in_executor(pool, self._make_client)
+        method = functools.partial(getattr(client, op), **kwargs)
+        ambiguous = False
+        last: Exception | None = None
+        for attempt in range(self._max_attempts):
+            try:
+                return await loop.run_in_executor(pool, method)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
+                retry = code in _RETRY_CODES or status >= 500
+                if code == "TransactionCanceledException":
+                    codes = {r.get("Code") for r in exc.response.get("CancellationReasons") or []} - {None, "None"}
+                    retry = bool(codes) and codes <= _RETRY_REASONS
+                if not retry:
+                    raise _CallFailed(exc, ambiguous) from exc
+                ambiguous = ambiguous or status >= 500
+                last = exc
+            except (BotoConnectionError, HTTPClientError) as exc:
+                ambiguous = True  # the request may have reached DynamoDB and been applied
+                last = exc
+            if attempt + 1 < self._max_attempts:
+                await asyncio.sleep(random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt)))
+        raise StoreUnavailable(f"dynamodb {op} failed {self._max_attempts} times: {last}") from last
+
+    def _key(self, response_id: str, sk: int = 0) -> dict[str, dict[str, str]]:
+        return {"pk": {"S": f"resp#{response_id}"}, "sk": {"N": str(sk)}}
+
+    def _remember(self, response_id: str, item: dict[str, Any]) -> None:
+        if len(self._expires) > 4096:
+            self._expires.clear()
+            self._header_size.clear()
+            self._cancel_seen.clear()
+        if "expires_at" in item:
+            self._expires[response_id] = _int(item["expires_at"])
+        self._header_size[response_id] = item_size(item)
+
+    async def _query(self, **kwargs: Any) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        for _ in range(_MAX_PAGES):
+            page = await self._call("query", TableName=self.table, ConsistentRead=True, **kwargs)
+            items.extend(page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return items
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        raise StoreError("query did not finish within the page bound")
+
+    async def _batch_write(self, requests: list[dict[str, Any]]) -> None:
+        """BatchWriteItem in groups of 25, retrying unprocessed items with the same bound as `_call`."""
+        for start in range(0, len(requests), 25):
+            pending: dict[str, Any] = {self.table: requests[start : start + 25]}
+            for attempt in range(self._max_attempts):
+                result = await self._call("batch_write_item", RequestItems=pending)
+                pending = result.get("UnprocessedItems") or {}
+                if not pending:
+                    break
+                await asyncio.sleep(random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt)))
+            else:
+                raise StoreUnavailable("dynamodb batch_write_item: items left unprocessed past the retry bound")
+
+    async def _write_snapshot(self, response_id: str, blob: bytes, expires: int) -> dict[str, dict[str, Any]]:
+        """Header attributes referencing a snapshot: inline when tiny, else pieces written first under a fresh nonce."""
+        if len(blob) <= INLINE_SNAPSHOT_MAX:
+            return {"inline": {"B": blob}}
+        nonce = secrets.randbits(40)
+        pieces = _cut(blob)
+        puts = []
+        for i, piece in enumerate(pieces):
+            sk = -(nonce * SNAP_STRIDE + i + 1)
+            item = {**self._key(response_id, sk), "d": {"B": piece}, "expires_at": _n(expires)}
+            puts.append({"PutRequest": {"Item": item}})
+        await self._batch_write(puts)
+        self.stats.commits += 1
+        for put in puts:
+            self.stats.add_item(item_size(put["PutRequest"]["Item"]), wru_factor=1)
+        return {"nonce": _n(nonce), "pieces": _n(len(pieces))}
+
+    async def _read_snapshot(self, response_id: str, header: dict[str, Any], prefix: str) -> Any:
+        if f"{prefix}_inline" in header:
+            return decode_json(header[f"{prefix}_inline"]["B"])
+        if f"{prefix}_nonce" not in header:
+            return None
+        nonce = _int(header[f"{prefix}_nonce"])
+        count = _int(header[f"{prefix}_pieces"])
+        items = await self._query(
+            KeyConditionExpression="pk = :p AND sk BETWEEN :lo AND :hi",
+            ExpressionAttributeValues={
+                ":p": {"S": f"resp#{response_id}"},
+                ":lo": _n(-(nonce * SNAP_STRIDE + count)),
+                ":hi": _n(-(nonce * SNAP_STRIDE + 1)),
+            },
+        )
+        if len(items) != count:
+            raise StoreError(f"snapshot of {response_id} has {len(items)} of {count} pieces")
+        items.sort(key=lambda it: -int(it["sk"]["N"]))
+        return decode_json(b"".join(it["d"]["B"] for it in items))
+
+    async def _expires_for(self, response_id: str) -> int:
+        expires = self._expires.get(response_id)
+        if expires is None:
+            got = await self._call(
+                "get_item",
+                TableName=self.table,
+                Key=self._key(response_id),
+                ConsistentRead=True,
+                ProjectionExpression="expires_at",
+            )
+            if "Item" not in got:
+                raise NotFound(f"response {response_id} not found")
+            expires = _int(got["Item"]["expires_at"])
+            self._expires[response_id] = expires
+        return expires
+
+    async def _current_header(self, failure: _CallFailed, index: int, response_id: str) -> dict[str, Any] | None:
+        """The header as of a failed conditional write: from ALL_OLD in the error if the backend gave it, else read."""
+        if failure.code == "ConditionalCheckFailedException" and "Item" in failure.error.response:
+            return failure.error.response["Item"]
+        reasons = failure.reasons
+        if index < len(reasons) and "Item" in reasons[index]:
+            return reasons[index]["Item"]
+        got = await self._call("get_item", TableName=self.table, Key=self._key(response_id), ConsistentRead=True)
+        return got.get("Item")
+
+    # -- Store ------------------------------------------------------------------------------------------------------
+
+    async def create(self, header: ResponseHeader) -> None:
+        expires = math.ceil(header.expires_at)
+        item: dict[str, dict[str, Any]] = {
+            **self._key(header.id),
+            "tenant": {"S": header.tenant},
+            "created_at": _n(header.created_at),
+            "expires_at": _n(expires),
+            "expires_exact": _n(float(header.expires_at)),
+            "status": {"S": header.status},
+            "owner_epoch": _n(header.owner_epoch),
+            "lease_expires_at": _n(float(header.lease_expires_at)),
+            "last_seq": _n(header.last_seq),
+            "background": {"BOOL": header.background},
+        }
+        if header.cancel_requested:
+            item["cancel_requested"] = {"BOOL": True}
+        if header.idempotency_key is not None:
+            item["idempotency_key"] = {"S": header.idempotency_key}
+        if header.body_hash is not None:
+            item["body_hash"] = {"S": header.body_hash}
+        for prefix, value in (("req", header.request), ("resp", header.response)):
+            if value is not None:
+                for name, attr in (await self._write_snapshot(header.id, encode_json(value), expires)).items():
+                    item[f"{prefix}_{name}"] = attr
+        put_header = {
+            "TableName": self.table,
+            "Item": item,
+            "ConditionExpression": "attribute_not_exists(pk)",
+        }
+        try:
+            if header.idempotency_key is None:
+                await self._call("put_item", **put_header)
+                self.stats.add_item(item_size(item), wru_factor=1)
+            else:
+                idem = {
+                    "pk": {"S": _idem_pk(header.tenant, header.idempotency_key)},
+                    "sk": {"N": "0"},
+                    "response_id": {"S": header.id},
+                    "expires_at": _n(expires),
+                }
+                await self._call(
+                    "transact_write_items",
+                    TransactItems=[
+                        {"Put": put_header},
+                        {
+                            "Put": {
+                                "TableName": self.table,
+                                "Item": idem,
+                                # A lapsed key (TTL not yet run) may be reused.
+                                "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now",
+                                "ExpressionAttributeValues": {":now": _n(int(self._clock()))},
+                            }
+                        },
+                    ],
+                    ClientRequestToken=str(uuid.uuid4()),
+                )
+                self.stats.add_item(item_size(item), wru_factor=2)
+                self.stats.add_item(item_size(idem), wru_factor=2)
+        except _CallFailed as failure:
+            if failure.code == "ConditionalCheckFailedException":
+                raise AlreadyExists(f"response {header.id} exists") from None
+            if failure.code == "TransactionCanceledException":
+                reasons = [r.get("Code") for r in failure.reasons]
+                what = "response id" if reasons and reasons[0] == "ConditionalCheckFailed" else "idempotency key"
+                raise AlreadyExists(f"{what} already used ({header.id})") from None
+            raise StoreError(f"dynamodb create: {failure}") from failure.error
+        self.stats.commits += 1
+        self._remember(header.id, item)
+
+    async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
+        try:
+            got = await self._call("get_item", TableName=self.table, Key=self._key(response_id), ConsistentRead=True)
+        except _CallFailed as failure:
+            raise StoreError(f"dynamodb get: {failure}") from failure.error
+        item = got.get("Item")
+        if item is None or _num(item.get("expires_exact")) <= self._clock():
+            return None
+        self._remember(response_id, item)
+        request: Any = {}
+        response: Any = None
+        if snapshots:
+            try:
+                request = await self._read_snapshot(response_id, item, "req")
+                response = await self._read_snapshot(response_id, item, "resp")
+            except _CallFailed as failure:
+                raise StoreError(f"dynamodb get: {failure}") from failure.error
+        return ResponseHeader(
+            id=response_id,
+            tenant=item["tenant"]["S"],
+            created_at=_num(item.get("created_at")),
+            expires_at=_num(item.get("expires_exact")),
+            status=item["status"]["S"],
+            owner_epoch=_int(item.get("owner_epoch")),
+            lease_expires_at=_num(item.get("lease_expires_at")),
+            last_seq=_int(item.get("last_seq"), -1),
+            request=request if request is not None else {},
+            response=response,
+            idempotency_key=item["idempotency_key"]["S"] if "idempotency_key" in item else None,
+            body_hash=item["body_hash"]["S"] if "body_hash" in item else None,
+            cancel_requested=bool(item.get("cancel_requested", {}).get("BOOL", False)),
+            background=bool(item.get("background", {}).get("BOOL", False)),
+        )
+
+    async def find_by_idempotency_key(self, tenant: str, key: str) -> ResponseHeader | None:
+        try:
+            got = await self._call(
+                "get_item",
+                TableName=self.table,
+                Key={"pk": {"S": _idem_pk(tenant, key)}, "sk": {"N": "0"}},
+                ConsistentRead=True,
+            )
+        except _CallFailed as failure:
+            raise StoreError(f"dynamodb get: {failure}") from failure.error
+        item = got.get("Item")
+        if item is None or _int(item.get("expires_at")) <= self._clock():
+            return None
+        header = await self.get(item["response_id"]["S"])
+        if header is None or header.tenant != tenant or header.idempotency_key != key:
+            return None
+        return header
+
+    def _header_update(
+        self,
+        lease_expires_at: float | None,
+        status: str | None,
+        snapshot: dict[str, dict[str, Any]] | None,
+    ) -> tuple[list[str], list[str], dict[str, str], dict[str, Any]]:
+        sets: list[str] = []
+        removes: list[str] = []
+        names: dict[str, str] = {"#ep": "owner_epoch", "#xx": "expires_exact"}
+        values: dict[str, Any] = {}
+        if lease_expires_at is not None:
+            sets.append("#le = :le")
+            names["#le"] = "lease_expires_at"
+            values[":le"] = _n(float(lease_expires_at))
+        if status is not None:
+            sets.append("#st = :st")
+            names["#st"] = "status"
+            values[":st"] = {"S": status}
+        if snapshot is not None:
+            names.update({"#ri": "resp_inline", "#rn": "resp_nonce", "#rp": "resp_pieces"})
+            if "inline" in snapshot:
+                sets.append("#ri = :ri")
+                values[":ri"] = snapshot["inline"]
+                removes += ["#rn", "#rp"]
+            else:
+                sets += ["#rn = :rn", "#rp = :rp"]
+                values[":rn"] = snapshot["nonce"]
+                values[":rp"] = snapshot["pieces"]
+                removes.append("#ri")
+        return sets, removes, names, values
+
+    async def append(
+        self,
+        response_id: str,
+        epoch: int,
+        events: list[dict[str, Any]],
+        *,
+        lease_expires_at: float | None = None,
+        status: str | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> bool:
+        span = check_dense(events) if events else None
+        snapshot = None
+        if response is not None:
+            snapshot = await self._write_snapshot(
+                response_id, encode_json(response), await self._expires_for(response_id)
+            )
+        if span is None:
+            return await self._update_header_only(response_id, epoch, lease_expires_at, status, snapshot)
+        expires = await self._expires_for(response_id)
+        groups = _split(events)
+        cancel = False
+        for index, (group, blob) in enumerate(groups):
+            last = index == len(groups) - 1
+            cancel = await self._commit_batch(
+                response_id,
+                epoch,
+                group,
+                blob,
+                expires,
+                lease_expires_at=lease_expires_at,
+                status=status if last else None,
+                snapshot=snapshot if last else None,
+            )
+        return cancel
+
+    async def _update_header_only(
+        self,
+        response_id: str,
+        epoch: int,
+        lease_expires_at: float | None,
+        status: str | None,
+        snapshot: dict[str, dict[str, Any]] | None,
+    ) -> bool:
+        sets, removes, names, values = self._header_update(lease_expires_at, status, snapshot)
+        if not sets:
+            sets.append("#ep = :e")  # nothing to change: still a fenced round trip that reports the cancel flag
+        values[":e"] = _n(epoch)
+        values[":now"] = _n(self._clock())
+        expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+        try:
+            result = await self._call(
+                "update_item",
+                TableName=self.table,
+                Key=self._key(response_id),
+                UpdateExpression=expression,
+                ConditionExpression="#ep = :e AND #xx > :now",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except _CallFailed as failure:
+            if failure.code != "ConditionalCheckFailedException":
+                raise StoreError(f"dynamodb update: {failure}") from failure.error
+            current = await self._current_header(failure, 0, response_id)
+            if current is None or _num(current.get("expires_exact")) <= self._clock():
+                raise NotFound(f"response {response_id} not found") from None
+            raise Fenced(f"epoch {epoch} fenced by {_int(current.get('owner_epoch'))}") from None
+        item = result.get("Attributes", {})
+        self._remember(response_id, item)
+        self.stats.commits += 1
+        self.stats.add_item(item_size(item), wru_factor=1)
+        return bool(item.get("cancel_requested", {}).get("BOOL", False))
+
+    async def _commit_batch(
+        self,
+        response_id: str,
+        epoch: int,
+        events: list[dict[str, Any]],
+        blob: bytes,
+        expires: int,
+        *,
+        lease_expires_at: float | None,
+        status: str | None,
+        snapshot: dict[str, dict[str, Any]] | None,
+    ) -> bool:
+        first, last = events[0]["sequence_number"], events[-1]["sequence_number"]
+        pieces = _cut(blob)
+        puts = []
+        for i, piece in enumerate(pieces):
+            item = {
+                **self._key(response_id, (last + 1) * SEQ_STRIDE + i),
+                "first_seq": _n(first),
+                "last_seq": _n(last),
+                "pieces": _n(len(pieces)),
+                "ev": {"B": piece},
+                "expires_at": _n(expires),
+            }
+            puts.append(item)
+        sets, removes, names, values = self._header_update(lease_expires_at, status, snapshot)
+        sets.append("#ls = :new")
+        names.update({"#ls": "last_seq", "#cx": "cancel_requested"})
+        values.update({":new": _n(last), ":prev": _n(first - 1), ":e": _n(epoch), ":now": _n(self._clock())})
+        expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+        # While no cancel has been seen, the header condition also requires the flag to be absent: a commit then
+        # fails exactly when a cancel arrived, which is how the owner learns of it without an extra read.
+        cancel_known = (response_id, epoch) in self._cancel_seen
+        ambiguous = False
+        for _ in range(3):  # at most: cancel discovered, then the plain commit
+            condition = "#ep = :e AND #ls = :prev AND #xx > :now"
+            if not cancel_known:
+                condition += " AND attribute_not_exists(#cx)"
+            used_names = dict(names)
+            if cancel_known:
+                del used_names["#cx"]
+            actions: list[dict[str, Any]] = [
+                {"Put": {"TableName": self.table, "Item": item, "ConditionExpression": "attribute_not_exists(pk)"}}
+                for item in puts
+            ]
+            actions.append(
+                {
+                    "Update": {
+                        "TableName": self.table,
+                        "Key": self._key(response_id),
+                        "UpdateExpression": expression,
+                        "ConditionExpression": condition,
+                        "ExpressionAttributeNames": used_names,
+                        "ExpressionAttributeValues": values,
+                        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                    }
+                }
+            )
+            try:
+                await self._call("transact_write_items", TransactItems=actions, ClientRequestToken=str(uuid.uuid4()))
+            except _CallFailed as failure:
+                ambiguous = ambiguous or failure.ambiguous
+                if failure.code != "TransactionCanceledException":
+                    raise StoreError(f"dynamodb transact_write_items: {failure}") from failure.error
+                current = await self._current_header(failure, len(puts), response_id)
+                if current is None or _num(current.get("expires_exact")) <= self._clock():
+                    raise NotFound(f"response {response_id} not found") from None
+                current_epoch = _int(current.get("owner_epoch"))
+                current_last = _int(current.get("last_seq"), -1)
+                if current_epoch != epoch:
+                    raise Fenced(f"epoch {epoch} fenced by {current_epoch}") from None
+                if ambiguous and current_last == last:
+                    break  # an earlier attempt of this very commit went through
+                if current_last != first - 1:
+                    raise Fenced(f"batch starts at {first} but last_seq is {current_last}") from None
+                if not cancel_known and "cancel_requested" in current:
+                    cancel_known = True
+                    self._cancel_seen.add((response_id, epoch))
+                    continue
+                raise Fenced(f"commit of {first}..{last} refused: {failure.reasons}") from None
+            else:
+                break
+        else:
+            raise StoreError("dynamodb commit did not settle")
+        self.stats.commits += 1
+        for item in puts:
+            self.stats.add_item(item_size(item), wru_factor=2)
+        self.stats.add_item(self._header_size.get(response_id, 300), wru_factor=2)
+        return cancel_known
+
+    async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        try:
+            items = await self._query(
+                KeyConditionExpression="pk = :p AND sk >= :lo",
+                ExpressionAttributeValues={
+                    ":p": {"S": f"resp#{response_id}"},
+                    ":lo": _n((after_seq + 2) * SEQ_STRIDE),
+                },
+            )
+        except _CallFailed as failure:
+            raise StoreError(f"dynamodb query: {failure}") from failure.error
+        now = self._clock()
+        out: list[dict[str, Any]] = []
+        expected = after_seq + 1
+        index = 0
+        while index < len(items):
+            head = items[index]
+            if _int(head.get("expires_at")) <= now:
+                return []  # every item of a response shares its expiry: the response is gone
+            count = _int(head["pieces"])
+            group = items[index : index + count]
+            block = int(head["sk"]["N"]) // SEQ_STRIDE
+            # Query is read-committed, not a snapshot: it may see part of a transaction that commits meanwhile.
+            # Stop at the first incomplete or non-contiguous batch; the caller gets the rest on its next read.
+            if len(group) != count or any(int(it["sk"]["N"]) != block * SEQ_STRIDE + i for i, it in enumerate(group)):
+                break
+            first, last = _int(head["first_seq"]), _int(head["last_seq"])
+            if not first <= expected <= last:
+                break
+            events = decode_events(b"".join(it["ev"]["B"] for it in group))
+            out.extend(events[expected - first :])
+            expected = last + 1
+            index += count
+        return out
+
+    async def take_over(self, response_id: str, expected_epoch: int, lease_expires_at: float) -> int:
+        names = {"#ep": "owner_epoch", "#le": "lease_expires_at", "#st": "status", "#xx": "expires_exact"}
+        values: dict[str, Any] = {
+            ":exp": _n(expected_epoch),
+            ":new": _n(expected_epoch + 1),
+            ":le": _n(float(lease_expires_at)),
+            ":now": _n(self._clock()),
+        }
+        terminal = []
+        for i, status in enumerate(_TERMINAL):
+            values[f":t{i}"] = {"S": status}
+            terminal.append(f":t{i}")
+        try:
+            result = await self._call(
+                "update_item",
+                TableName=self.table,
+                Key=self._key(response_id),
+                UpdateExpression="SET #ep = :new, #le = :le",
+                ConditionExpression=f"#ep = :exp AND #xx > :now AND NOT (#st IN ({', '.join(terminal)}))",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except _CallFailed as failure:
+            if failure.code != "ConditionalCheckFailedException":
+                raise StoreError(f"dynamodb take_over: {failure}") from failure.error
+            current = await self._current_header(failure, 0, response_id)
+            if current is None or _num(current.get("expires_exact")) <= self._clock():
+                raise NotFound(f"response {response_id} not found") from None
+            current_epoch = _int(current.get("owner_epoch"))
+            if (
+                failure.ambiguous
+                and current_epoch == expected_epoch + 1
+                and _num(current.get("lease_expires_at")) == float(lease_expires_at)
+            ):
+                return current_epoch  # our own earlier attempt went through
+            if current_epoch != expected_epoch:
+                raise Fenced(f"epoch is {current_epoch}, not {expected_epoch}") from None
+            raise Fenced(f"response {response_id} is {current.get('status', {}).get('S')}") from None
+        item = result.get("Attributes", {})
+        self._remember(response_id, item)
+        self.stats.commits += 1
+        self.stats.add_item(item_size(item), wru_factor=1)
+        return expected_epoch + 1
+
+    async def request_cancel(self, response_id: str) -> bool:
+        try:
+            await self._call(
+                "update_item",
+                TableName=self.table,
+                Key=self._key(response_id),
+                UpdateExpression="SET #cx = :t",
+                ConditionExpression="attribute_exists(pk) AND #xx > :now",
+                ExpressionAttributeNames={"#cx": "cancel_requested", "#xx": "expires_exact"},
+                ExpressionAttributeValues={":t": {"BOOL": True}, ":now": _n(self._clock())},
+            )
+        except _CallFailed as failure:
+            if failure.code == "ConditionalCheckFailedException":
+                return False
+            raise StoreError(f"dynamodb request_cancel: {failure}") from failure.error
+        self.stats.commits += 1
+        self.stats.add_item(self._header_size.get(response_id, 300), wru_factor=1)
+        return True
+
+    async def delete(self, response_id: str) -> bool:
+        try:
+            got = await self._call(
+                "delete_item", TableName=self.table, Key=self._key(response_id), ReturnValues="ALL_OLD"
+            )
+            header = got.get("Attributes")
+            # The header went first, so a writer still running is fenced (NotFound) from here on.
+            keys = await self._query(
+                KeyConditionExpression="pk = :p",
+                ExpressionAttributeValues={":p": {"S": f"resp#{response_id}"}},
+                ProjectionExpression="pk, sk",
+            )
+            await self._batch_write([{"DeleteRequest": {"Key": key}} for key in keys])
+            if header is not None and "idempotency_key" in header:
+                try:
+                    await self._call(
+                        "delete_item",
+                        TableName=self.table,
+                        Key={
+                            "pk": {"S": _idem_pk(header["tenant"]["S"], header["idempotency_key"]["S"])},
+                            "sk": {"N": "0"},
+                        },
+                        ConditionExpression="response_id = :r",
+                        ExpressionAttributeValues={":r": {"S": response_id}},
+                    )
+                except _CallFailed as failure:
+                    if failure.code != "ConditionalCheckFailedException":
+                        raise
+        except _CallFailed as failure:
+            raise StoreError(f"dynamodb delete: {failure}") from failure.error
+        self._expires.pop(response_id, None)
+        self._header_size.pop(response_id, None)
+        return header is not None or bool(keys)
+
+    async def create_table_if_missing(self, *, wait_seconds: float = 120.0) -> bool:
+        """Create the table (on-demand, TTL on `expires_at`) unless it exists. True if it was created here."""
+        created = True
+        try:
+            await self._call(
+                "create_table",
+                TableName=self.table,
+                AttributeDefinitions=[
+                    {"AttributeName": "pk", "AttributeType": "S"},
+                    {"AttributeName": "sk", "AttributeType": "N"},
+                ],
+                KeySchema=[
+                    {"AttributeName": "pk", "KeyType": "HASH"},
+                    {"AttributeName": "sk", "KeyType": "RANGE"},
+                ],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        except _CallFailed as failure:
+            if failure.code != "ResourceInUseException":
+                raise StoreError(f"dynamodb create_table: {failure}") from failure.error
+            created = False
+        deadline = time.monotonic() + wait_seconds
+        while True:  # bounded by the deadline
+            described = await self._call("describe_table", TableName=self.table)
+            if described["Table"].get("TableStatus") == "ACTIVE":
+                break
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"table {self.table} not ACTIVE after {wait_seconds} s")
+            await asyncio.sleep(0.5)
+        try:
+            await self._call(
+                "update_time_to_live",
+                TableName=self.table,
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
+            )
+        except _CallFailed as failure:
+            # Already enabled (or being enabled): UpdateTimeToLive refuses a repeat with a ValidationException.
+            if failure.code != "ValidationException":
+                raise StoreError(f"dynamodb update_time_to_live: {failure}") from failure.error
+        return created
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+        client, self._client = self._client, None
+        if client is not None and hasattr(client, "close"):
+            client.close()
+
+
+def _split(events: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], bytes]]:
+    """Events grouped so that each group's blob fits one transaction; groups keep the order. Usually one group."""
+    blob = encode_events(events)
+    if len(blob) <= TXN_MAX_BYTES and -(-len(blob) // PIECE_BYTES) <= TXN_MAX_PIECES:
+        return [(events, blob)]
+    if len(events) == 1:
+        raise StoreError(f"event {events[0].get('sequence_number')} is {len(blob)} bytes compressed: too large")
+    middle = len(events) // 2
+    return _split(events[:middle]) + _split(events[middle:])

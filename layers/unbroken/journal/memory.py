@@ -1,0 +1,170 @@
+"""Process-local store for tests and `memory://`.
+
+Each method body runs without awaiting, so on one event loop it is atomic: no locks needed. Batches and snapshots go
+through the storage codec like in the durable stores, so the contract suite checks the codec on the fast path too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from unbroken.journal.codec import check_dense, decode_events, decode_json, encode_events, encode_json
+from unbroken.journal.store import (
+    AlreadyExists,
+    Fenced,
+    NotFound,
+    ResponseHeader,
+    Store,
+    StoreStats,
+)
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    header: ResponseHeader  # request/response kept encoded below, not in here
+    request: bytes
+    response: bytes | None
+    batches: list[tuple[int, int, bytes]]  # (first_seq, last_seq, blob)
+
+
+class MemoryStore(Store):
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.stats = StoreStats()
+        self._clock = clock  # epoch seconds; tests move it forward to check expiry
+        self._entries: dict[str, _Entry] = {}
+        self._idem: dict[tuple[str, str], tuple[str, float]] = {}  # (tenant, key) -> (response_id, expires_at)
+
+    def _live(self, response_id: str) -> _Entry | None:
+        entry = self._entries.get(response_id)
+        if entry is None or entry.header.expires_at <= self._clock():
+            return None
+        return entry
+
+    def _count(self, *sizes: int) -> None:
+        self.stats.commits += 1
+        for size in sizes:
+            self.stats.add_item(size)
+
+    async def create(self, header: ResponseHeader) -> None:
+        now = self._clock()
+        if header.id in self._entries:
+            raise AlreadyExists(f"response {header.id} exists")
+        idem_key = (header.tenant, header.idempotency_key) if header.idempotency_key is not None else None
+        if idem_key is not None:
+            held = self._idem.get(idem_key)
+            if held is not None and held[1] > now:
+                raise AlreadyExists(f"idempotency key already used by {held[0]}")
+        request = encode_json(header.request)
+        response = encode_json(header.response) if header.response is not None else None
+        stored = dataclasses.replace(header, request={}, response=None)
+        self._entries[header.id] = _Entry(stored, request, response, [])
+        if idem_key is not None:
+            self._idem[idem_key] = (header.id, header.expires_at)
+        self._count(len(request) + len(response or b""))
+
+    async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
+        entry = self._live(response_id)
+        if entry is None:
+            return None
+        if not snapshots:
+            return dataclasses.replace(entry.header, request={}, response=None)
+        response = decode_json(entry.response) if entry.response is not None else None
+        return dataclasses.replace(entry.header, request=decode_json(entry.request), response=response)
+
+    async def find_by_idempotency_key(self, tenant: str, key: str) -> ResponseHeader | None:
+        held = self._idem.get((tenant, key))
+        if held is None or held[1] <= self._clock():
+            return None
+        header = await self.get(held[0])
+        if header is None or header.tenant != tenant or header.idempotency_key != key:
+            return None
+        return header
+
+    async def append(
+        self,
+        response_id: str,
+        epoch: int,
+        events: list[dict[str, Any]],
+        *,
+        lease_expires_at: float | None = None,
+        status: str | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> bool:
+        span = check_dense(events) if events else None
+        entry = self._live(response_id)
+        if entry is None:
+            raise NotFound(f"response {response_id} not found")
+        header = entry.header
+        if header.owner_epoch != epoch:
+            raise Fenced(f"epoch {epoch} fenced by {header.owner_epoch}")
+        if span is not None and span[0] != header.last_seq + 1:
+            raise Fenced(f"batch starts at {span[0]} but last_seq is {header.last_seq}")
+        # Encode everything before changing anything, so a bad value leaves the entry untouched.
+        blob = encode_events(events) if span is not None else b""
+        snap = encode_json(response) if response is not None else None
+        if span is not None:
+            entry.batches.append((span[0], span[1], blob))
+            header.last_seq = span[1]
+        if lease_expires_at is not None:
+            header.lease_expires_at = lease_expires_at
+        if status is not None:
+            header.status = status
+        if snap is not None:
+            entry.response = snap
+        self._count(len(blob) + len(snap or b""))
+        return header.cancel_requested
+
+    async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        entry = self._live(response_id)
+        if entry is None:
+            return []
+        out: list[dict[str, Any]] = []
+        for _first, last, blob in entry.batches:
+            if last > after_seq:
+                out.extend(e for e in decode_events(blob) if e["sequence_number"] > after_seq)
+        return out
+
+    async def take_over(self, response_id: str, expected_epoch: int, lease_expires_at: float) -> int:
+        entry = self._live(response_id)
+        if entry is None:
+            raise NotFound(f"response {response_id} not found")
+        header = entry.header
+        if header.owner_epoch != expected_epoch:
+            raise Fenced(f"epoch is {header.owner_epoch}, not {expected_epoch}")
+        if header.terminal:
+            raise Fenced(f"response {response_id} is {header.status}")
+        header.owner_epoch += 1
+        header.lease_expires_at = lease_expires_at
+        self._count(0)
+        return header.owner_epoch
+
+    async def request_cancel(self, response_id: str) -> bool:
+        entry = self._live(response_id)
+        if entry is None:
+            return False
+        entry.header.cancel_requested = True
+        self._count(0)
+        return True
+
+    async def delete(self, response_id: str) -> bool:
+        entry = self._entries.pop(response_id, None)
+        if entry is None:
+            return False
+        key = entry.header.idempotency_key
+        if key is not None and self._idem.get((entry.header.tenant, key), ("",))[0] == response_id:
+            del self._idem[(entry.header.tenant, key)]
+        return True
+
+    def purge_expired(self) -> int:
+        """Drop expired responses (memory never frees them otherwise). Returns how many went."""
+        now = self._clock()
+        gone = [rid for rid, e in self._entries.items() if e.header.expires_at <= now]
+        for rid in gone:
+            entry = self._entries.pop(rid)
+            key = entry.header.idempotency_key
+            if key is not None and self._idem.get((entry.header.tenant, key), ("",))[0] == rid:
+                del self._idem[(entry.header.tenant, key)]
+        return len(gone)

@@ -1,0 +1,360 @@
+"""Embedded store: one SQLite file, the default of `unbroken serve`.
+
+WAL mode lets readers run while a writer commits; every conditional write is one `BEGIN IMMEDIATE` transaction
+(check the header, write the batch, update the header), which takes the file's write lock first, so fencing holds
+between processes sharing the file, not only between threads. `synchronous=NORMAL`: a commit survives a crash of the
+process (the case that matters: a killed server), not necessarily a power cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from unbroken.journal.codec import check_dense, decode_events, decode_json, encode_events, encode_json
+from unbroken.journal.store import (
+    TERMINAL_STATUSES,
+    AlreadyExists,
+    Fenced,
+    NotFound,
+    ResponseHeader,
+    Store,
+    StoreStats,
+    StoreUnavailable,
+)
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    owner_epoch INTEGER NOT NULL,
+    lease_expires_at REAL NOT NULL,
+    last_seq INTEGER NOT NULL,
+    request BLOB NOT NULL,
+    response BLOB,
+    idempotency_key TEXT,
+    body_hash TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    background INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS responses_expires_at ON responses (expires_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    response_id TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (tenant, key)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    response_id TEXT NOT NULL,
+    last_seq INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (response_id, last_seq)
+);
+"""
+
+_HEADER_COLUMNS = (
+    "id, tenant, created_at, expires_at, status, owner_epoch, lease_expires_at, last_seq, "
+    "idempotency_key, body_hash, cancel_requested, background"
+)
+# Purge expired rows now and then on create, so a long-lived file does not grow without bound.
+_PURGE_EVERY = 256
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self.stats = StoreStats()
+        self._clock = clock  # epoch seconds; tests move it forward to check expiry
+        self.path = str(path)
+        self._busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        # One connection per store, used from worker threads one call at a time.
+        self._lock = threading.Lock()
+        self._creates = 0
+
+    # -- plumbing ---------------------------------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            # Schema creation under the write lock: two processes opening a new file at once do not trip over it.
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+            self._conn = conn
+        return self._conn
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        with self._lock:
+            try:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    result = fn(conn)
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
+            except sqlite3.OperationalError as exc:
+                # "database is locked" after the busy timeout, disk I/O errors: the store is not usable now.
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+        return await asyncio.to_thread(self._call, fn, write=write)
+
+    @staticmethod
+    def _header(row: tuple[Any, ...], request: dict[str, Any], response: dict[str, Any] | None) -> ResponseHeader:
+        return ResponseHeader(
+            id=row[0],
+            tenant=row[1],
+            created_at=row[2],
+            expires_at=row[3],
+            status=row[4],
+            owner_epoch=row[5],
+            lease_expires_at=row[6],
+            last_seq=row[7],
+            request=request,
+            response=response,
+            idempotency_key=row[8],
+            body_hash=row[9],
+            cancel_requested=bool(row[10]),
+            background=bool(row[11]),
+        )
+
+    def _count(self, *sizes: int) -> None:
+        self.stats.commits += 1
+        for size in sizes:
+            self.stats.add_item(size)
+
+    # -- Store ------------------------------------------------------------------------------------------------------
+
+    async def create(self, header: ResponseHeader) -> None:
+        request = encode_json(header.request)
+        response = encode_json(header.response) if header.response is not None else None
+        self._creates += 1
+        purge = self._creates % _PURGE_EVERY == 0
+
+        def run(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            if purge:
+                _purge(conn, now)
+            if conn.execute("SELECT 1 FROM responses WHERE id = ?", (header.id,)).fetchone():
+                raise AlreadyExists(f"response {header.id} exists")
+            if header.idempotency_key is not None:
+                held = conn.execute(
+                    "SELECT response_id FROM idempotency WHERE tenant = ? AND key = ? AND expires_at > ?",
+                    (header.tenant, header.idempotency_key, now),
+                ).fetchone()
+                if held:
+                    raise AlreadyExists(f"idempotency key already used by {held[0]}")
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency (tenant, key, response_id, expires_at) VALUES (?, ?, ?, ?)",
+                    (header.tenant, header.idempotency_key, header.id, header.expires_at),
+                )
+            conn.execute(
+                "INSERT INTO responses (id, tenant, created_at, expires_at, status, owner_epoch, lease_expires_at,"
+                " last_seq, request, response, idempotency_key, body_hash, cancel_requested, background)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    header.id,
+                    header.tenant,
+                    header.created_at,
+                    header.expires_at,
+                    header.status,
+                    header.owner_epoch,
+                    header.lease_expires_at,
+                    header.last_seq,
+                    request,
+                    response,
+                    header.idempotency_key,
+                    header.body_hash,
+                    int(header.cancel_requested),
+                    int(header.background),
+                ),
+            )
+
+        await self._run(run, write=True)
+        self._count(len(request) + len(response or b""))
+
+    async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
+        columns = _HEADER_COLUMNS + (", request, response" if snapshots else "")
+
+        def run(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+            return conn.execute(
+                f"SELECT {columns} FROM responses WHERE id = ? AND expires_at > ?", (response_id, self._clock())
+            ).fetchone()
+
+        row = await self._run(run, write=False)
+        if row is None:
+            return None
+        if not snapshots:
+            return self._header(row, {}, None)
+        response = decode_json(row[13]) if row[13] is not None else None
+        return self._header(row, decode_json(row[12]), response)
+
+    async def find_by_idempotency_key(self, tenant: str, key: str) -> ResponseHeader | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT response_id FROM idempotency WHERE tenant = ? AND key = ? AND expires_at > ?",
+                (tenant, key, self._clock()),
+            ).fetchone()
+            return row[0] if row else None
+
+        response_id = await self._run(run, write=False)
+        if response_id is None:
+            return None
+        header = await self.get(response_id)
+        if header is None or header.tenant != tenant or header.idempotency_key != key:
+            return None
+        return header
+
+    async def append(
+        self,
+        response_id: str,
+        epoch: int,
+        events: list[dict[str, Any]],
+        *,
+        lease_expires_at: float | None = None,
+        status: str | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> bool:
+        span = check_dense(events) if events else None
+        # Encode outside the lock: CPU work should not hold the file's write lock.
+        blob = encode_events(events) if span is not None else None
+        snap = encode_json(response) if response is not None else None
+
+        def run(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT owner_epoch, last_seq, cancel_requested FROM responses WHERE id = ? AND expires_at > ?",
+                (response_id, self._clock()),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"response {response_id} not found")
+            if row[0] != epoch:
+                raise Fenced(f"epoch {epoch} fenced by {row[0]}")
+            sets: list[str] = []
+            params: list[Any] = []
+            if span is not None:
+                if span[0] != row[1] + 1:
+                    raise Fenced(f"batch starts at {span[0]} but last_seq is {row[1]}")
+                conn.execute(
+                    "INSERT INTO batches (response_id, last_seq, first_seq, data) VALUES (?, ?, ?, ?)",
+                    (response_id, span[1], span[0], blob),
+                )
+                sets.append("last_seq = ?")
+                params.append(span[1])
+            if lease_expires_at is not None:
+                sets.append("lease_expires_at = ?")
+                params.append(lease_expires_at)
+            if status is not None:
+                sets.append("status = ?")
+                params.append(status)
+            if snap is not None:
+                sets.append("response = ?")
+                params.append(snap)
+            if sets:
+                conn.execute(f"UPDATE responses SET {', '.join(sets)} WHERE id = ?", (*params, response_id))
+            return bool(row[2])
+
+        cancel = await self._run(run, write=True)
+        self._count(len(blob or b"") + len(snap or b""))
+        return cancel
+
+    async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        def run(conn: sqlite3.Connection) -> list[bytes]:
+            if not conn.execute(
+                "SELECT 1 FROM responses WHERE id = ? AND expires_at > ?", (response_id, self._clock())
+            ).fetchone():
+                return []
+            rows = conn.execute(
+                "SELECT data FROM batches WHERE response_id = ? AND last_seq > ? ORDER BY last_seq",
+                (response_id, after_seq),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        out: list[dict[str, Any]] = []
+        for blob in await self._run(run, write=False):
+            out.extend(e for e in decode_events(blob) if e["sequence_number"] > after_seq)
+        return out
+
+    async def take_over(self, response_id: str, expected_epoch: int, lease_expires_at: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT owner_epoch, status FROM responses WHERE id = ? AND expires_at > ?",
+                (response_id, self._clock()),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"response {response_id} not found")
+            if row[0] != expected_epoch:
+                raise Fenced(f"epoch is {row[0]}, not {expected_epoch}")
+            if row[1] in TERMINAL_STATUSES:
+                raise Fenced(f"response {response_id} is {row[1]}")
+            conn.execute(
+                "UPDATE responses SET owner_epoch = ?, lease_expires_at = ? WHERE id = ?",
+                (expected_epoch + 1, lease_expires_at, response_id),
+            )
+            return expected_epoch + 1
+
+        epoch = await self._run(run, write=True)
+        self._count(0)
+        return epoch
+
+    async def request_cancel(self, response_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE responses SET cancel_requested = 1 WHERE id = ? AND expires_at > ?",
+                (response_id, self._clock()),
+            )
+            return cur.rowcount > 0
+
+        found = await self._run(run, write=True)
+        if found:
+            self._count(0)
+        return found
+
+    async def delete(self, response_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            conn.execute("DELETE FROM batches WHERE response_id = ?", (response_id,))
+            conn.execute("DELETE FROM idempotency WHERE response_id = ?", (response_id,))
+            return cur.rowcount > 0
+
+        return await self._run(run, write=True)
+
+    async def purge_expired(self) -> None:
+        """Physically remove expired rows (reads already ignore them)."""
+        await self._run(lambda conn: _purge(conn, self._clock()), write=True)
+
+    async def close(self) -> None:
+        def run() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await asyncio.to_thread(run)
+
+
+def _purge(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute("DELETE FROM batches WHERE response_id IN (SELECT id FROM responses WHERE expires_at <= ?)", (now,))
+    conn.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
+    conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
