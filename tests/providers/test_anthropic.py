@@ -315,8 +315,10 @@ async def test_connection_reset_mid_stream(fake: FakeAnthropic) -> None:
     deltas, err, _ = await run(fake, stream_script(text_frames(), reset_after=6))
     assert err is not None and err.kind == "connection" and err.mid_stream
     sent = fixture_payloads(ANTHROPIC_FIXTURES / TEXT_FIXTURE)[:6]
-    assert summarize(deltas)["text"] == "".join(p["delta"]["text"] for p in sent if p["type"] ==
-                                                "content_block_delta")
+    # A TCP reset discards whatever the client had not read yet, so only a prefix is certain to arrive.
+    assert "".join(p["delta"]["text"] for p in sent if p["type"] == "content_block_delta").startswith(
+        summarize(deltas)["text"])
+    assert not any(isinstance(d, Finish) for d in deltas)
 
 
 async def test_missing_message_stop_is_truncated(fake: FakeAnthropic) -> None:
@@ -590,3 +592,14 @@ async def test_malformed_frame_constant_is_not_json() -> None:
     data = MALFORMED_FRAME.decode().split("data: ", 1)[1].strip()
     with pytest.raises(ValueError):
         json.loads(data)
+
+
+async def test_thinking_dropped_when_last_tool_turn_is_unsigned(fake: FakeAnthropic) -> None:
+    """History from another provider: the tool-calling turn has no thinking block, which Claude would 400 on."""
+    loop = [user("t?"), FunctionCall("c1", "get_time", "{}"), FunctionCallOutput("c1", "noon")]
+    body = await body_for(fake, simple_request(items=loop, tools=TOOLS, reasoning_effort="low"), thinking=True)
+    assert "thinking" not in body
+    signed = [user("t?"), Reasoning(text="hm", signature="sig", provider="anthropic"), *loop[1:]]
+    body = await body_for(fake, simple_request(items=signed, tools=TOOLS, reasoning_effort="low"), thinking=True)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert body["messages"][1]["content"][0]["type"] == "thinking"

@@ -85,7 +85,7 @@ ERROR_TYPES: dict[str, ErrorKind] = {
     "billing_error": "quota",
 }
 
-_CONTEXT_MARKERS = ("prompt is too long", "exceed context limit", "context window", "too many tokens")
+_CONTEXT_MARKERS = ("prompt is too long", "exceed context limit", "context window")
 
 
 def _refine_message(kind: ErrorKind, message: str) -> ErrorKind:
@@ -315,6 +315,11 @@ class AnthropicProvider(Provider):
         if budget is not None and tool_choice is not None and tool_choice["type"] in ("any", "tool"):
             warn_dropped("reasoning.effort", "extended thinking cannot be combined with a forced tool choice")
             budget = None
+        if budget is not None and _unsigned_tool_turn(body["messages"]):
+            # With thinking on, Claude requires the last tool-calling turn to open with its (signed) thinking;
+            # history from another provider has none to give.
+            warn_dropped("reasoning.effort", "the last tool-calling turn carries no Anthropic thinking block")
+            budget = None
         if request.reasoning_effort and request.reasoning_effort != "none" and not opts.get("thinking"):
             log.debug("reasoning effort ignored: thinking is not enabled for this deployment")
         default_max = int(opts.get("max_tokens", DEFAULT_MAX_TOKENS))
@@ -478,6 +483,14 @@ async def parse_stream(events: AsyncIterator[Any], plan: _Plan | None = None) ->
             raise stream_error(data)
         # Unknown event types are ignored, as the SDKs do.
     raise ProviderError("truncated", "upstream stream ended before message_stop", mid_stream=True)
+
+
+def _unsigned_tool_turn(messages: list[dict[str, Any]]) -> bool:
+    """The last assistant turn calls a tool but does not start with a thinking block."""
+    last = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
+    if last is None or not any(b.get("type") == "tool_use" for b in last["content"]):
+        return False
+    return last["content"][0].get("type") not in ("thinking", "redacted_thinking")
 
 
 def _take_usage(acc: dict[str, int], usage: Any) -> None:
