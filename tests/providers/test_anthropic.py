@@ -603,3 +603,10 @@ async def test_thinking_dropped_when_last_tool_turn_is_unsigned(fake: FakeAnthro
     body = await body_for(fake, simple_request(items=signed, tools=TOOLS, reasoning_effort="low"), thinking=True)
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
     assert body["messages"][1]["content"][0]["type"] == "thinking"
+
+
+async def test_literal_prefill_turn_carries_no_thinking(fake: FakeAnthropic) -> None:
+    """The cut answer's own signed thinking (a completed item) cannot ride along with a prefill."""
+    items = [user("Hi"), Reasoning(text="hm", signature="sig", provider="anthropic")]
+    body = await body_for(fake, simple_request(items=items, continuation=Continuation("Half way", literal=True)))
+    assert body["messages"][-1] == {"role": "assistant", "content": [{"type": "text", "text": "Half way"}]}

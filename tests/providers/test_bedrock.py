@@ -642,3 +642,9 @@ async def test_thinking_dropped_when_last_tool_turn_is_unsigned(fake: FakeBedroc
     signed = [user("t?"), Reasoning(text="hm", signature="sig", provider="bedrock"), *loop[1:]]
     body = await body_for(fake, simple_request(items=signed, tools=tools, reasoning_effort="low"), thinking=True)
     assert body["additionalModelRequestFields"] == {"thinking": {"type": "enabled", "budget_tokens": 2048}}
+
+
+async def test_literal_prefill_turn_carries_no_reasoning(fake: FakeBedrock) -> None:
+    items = [user("Hi"), Reasoning(text="hm", signature="sig", provider="bedrock")]
+    body = await body_for(fake, simple_request(items=items, continuation=Continuation("Half way", literal=True)))
+    assert body["messages"][-1] == {"role": "assistant", "content": [{"text": "Half way"}]}

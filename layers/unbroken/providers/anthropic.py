@@ -178,6 +178,14 @@ class _Turns:
         else:
             self.messages.append({"role": role, "content": list(blocks)})
 
+    def strip_last_assistant(self, block_types: set[str]) -> None:
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            kept = [b for b in self.messages[-1]["content"] if b.get("type") not in block_types]
+            if kept:
+                self.messages[-1]["content"] = kept
+            else:
+                self.messages.pop()
+
     def finish(self) -> list[dict[str, Any]]:
         for msg in self.messages:
             if msg["role"] == "user":
@@ -296,6 +304,8 @@ class AnthropicProvider(Provider):
                 # A tool input cannot be prefilled: the document is generated again and the sent part skipped.
                 plan.skip = PrefixSkip(cont.text)
             elif cont.literal:
+                # Prefill and thinking exclude each other: the prefilled turn keeps no thinking blocks.
+                turns.strip_last_assistant({"thinking", "redacted_thinking"})
                 # Anthropic 400s on a final assistant turn ending in whitespace; the client already has it.
                 turns.add("assistant", [{"type": "text", "text": kept}] if kept else [])
                 plan.join = WhitespaceJoin(stripped if kept else "")

@@ -253,6 +253,14 @@ class _Turns:
         else:
             self.messages.append({"role": role, "content": list(blocks)})
 
+    def strip_last_assistant(self, key: str) -> None:
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            kept = [b for b in self.messages[-1]["content"] if key not in b]
+            if kept:
+                self.messages[-1]["content"] = kept
+            else:
+                self.messages.pop()
+
     def finish(self) -> list[dict[str, Any]]:
         for msg in self.messages:
             if msg["role"] == "user":
@@ -359,6 +367,7 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
         if plan.json_tool is not None:
             plan.skip = PrefixSkip(cont.text)
         elif cont.literal:
+            turns.strip_last_assistant("reasoningContent")  # prefill and thinking exclude each other
             turns.add("assistant", [{"text": kept}] if kept else [])
             plan.join = WhitespaceJoin(stripped if kept else "")
         else:
