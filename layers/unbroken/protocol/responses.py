@@ -45,6 +45,7 @@ class _OpenItem:
     text: list[str] = field(default_factory=list)
     tool_index: int | None = None
     held_args: list[str] = field(default_factory=list)
+    deferred: bool = False  # a held function call: announced only when complete
 
 
 def usage_object(usage: Usage) -> dict[str, Any]:
@@ -162,8 +163,9 @@ class ResponseEmitter:
             return []
         text = "".join(cur.text)
         cur.text = []
-        idx = len(cur.item["content"]) - 1
-        part = cur.item["content"][idx]
+        parts = cur.item["summary"] if cur.part_kind == "summary_text" else cur.item["content"]
+        idx = len(parts) - 1
+        part = parts[idx]
         common = {"item_id": cur.item["id"], "output_index": cur.output_index}
         events: list[Event] = []
         if cur.kind == "message":
@@ -236,7 +238,12 @@ class ResponseEmitter:
         events = self.close_open()
         item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": start.call_id,
                 "name": start.name, "arguments": ""}
-        cur = self._open_item("function_call", item, events)
+        if self.hold_tool_arguments:
+            # Nothing of the call goes out until it is complete: a cut call then leaves no trace to take back.
+            cur = _OpenItem("function_call", -1, item, deferred=True)
+            self.open = cur
+        else:
+            cur = self._open_item("function_call", item, events)
         cur.tool_index = start.index
         self.calls[start.index] = cur
         return events
@@ -272,6 +279,12 @@ class ResponseEmitter:
             return []
         self.open = None
         events = self._close_part(cur)
+        if cur.deferred:
+            cur.deferred = False
+            self.output.append(cur.item)
+            cur.output_index = len(self.output) - 1
+            events.append(self._event("response.output_item.added", output_index=cur.output_index,
+                                      item={**cur.item, "arguments": ""}))
         common = {"item_id": cur.item["id"], "output_index": cur.output_index}
         if cur.kind == "function_call":
             if cur.held_args:
@@ -287,13 +300,16 @@ class ResponseEmitter:
         return events
 
     def drop_open_tool_call(self) -> list[Event]:
-        """Forget a function call cut in half whose arguments were held (nothing of it went out but its
-        `output_item.added`): close it as incomplete with no arguments, so the next attempt redoes it."""
+        """A function call cut in half: if it was held, nothing of it went out and it is forgotten (the next
+        attempt redoes it); if it was streamed, it is closed as incomplete."""
         cur = self.open
         if cur is None or cur.kind != "function_call":
             return []
-        cur.held_args = []
-        cur.item["arguments"] = ""
+        if cur.deferred:
+            self.open = None
+            if cur.tool_index is not None:
+                self.calls.pop(cur.tool_index, None)
+            return []
         return self.close_open(status="incomplete")
 
     def open_message_text(self) -> str | None:

@@ -21,6 +21,7 @@ from unbroken.config import Deployment, ServerSettings
 from unbroken.ir import (
     Continuation,
     Delta,
+    Finish,
     FunctionCall,
     GenerationRequest,
     Item,
@@ -28,8 +29,11 @@ from unbroken.ir import (
     Reasoning,
     ReasoningDelta,
     ReasoningSeal,
+    RefusalDelta,
     TextDelta,
     TextPart,
+    ToolCallDelta,
+    ToolCallStart,
     Usage,
 )
 from unbroken.protocol.reasoning_codec import decode_reasoning
@@ -233,6 +237,9 @@ class Generation:
                     if err.retry_after > self._remaining(t0):
                         excluded.add(deployment.name)
                     retry_after_hint = max(retry_after_hint, err.retry_after)
+                # A held call cut in half was never shown: forget it whatever else happened.
+                for ev in self.emitter.drop_open_tool_call():
+                    yield ev
                 if self.emitter.has_output:
                     for ev in self._interrupted(deployment, err):
                         yield ev
@@ -281,7 +288,9 @@ class Generation:
                 items.append(Reasoning(text="".join(p.get("text", "") for p in out.get("content", [])),
                                        signature=sealed.signature, encrypted_content=sealed.encrypted_content,
                                        provider=sealed.provider))
-        if emitter.open is None and emitter.output and emitter.output[-1]["type"] == "function_call":
+        last = emitter.output[-1] if emitter.output else None
+        if emitter.open is None and last is not None and last["type"] == "function_call" \
+                and last["status"] == "completed":
             return None
         return replace(self.request, items=items)
 
@@ -343,11 +352,13 @@ class Generation:
                         if not decided:
                             continue
                         delta = TextDelta(seam(partial, text))
-                    else:  # something other than text comes first: what is held is all the overlap there is
+                        overlap_pending = False
+                    elif isinstance(delta, _ENDS_OVERLAP_WINDOW):
+                        # Other output (or the end) comes first: what is held is all the overlap there is.
                         for ev in self._emit(TextDelta(seam(partial, strip_overlap(partial, held_text,
                                                                                    final=True)[0]))):
                             yield ev
-                    overlap_pending = False
+                        overlap_pending = False
                 for ev in self._emit(delta):
                     yield ev
             if overlap_pending and held_text:
@@ -422,6 +433,9 @@ class Generation:
                 "served_by": self.attempts[-1].deployment,
                 "cost_usd": round(sum(a.cost for a in self.attempts), 8),
             }
+
+
+_ENDS_OVERLAP_WINDOW = (ToolCallStart, ToolCallDelta, RefusalDelta, Finish)
 
 
 class _Cancelled(Exception):
