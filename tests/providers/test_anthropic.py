@@ -610,3 +610,16 @@ async def test_literal_prefill_turn_carries_no_thinking(fake: FakeAnthropic) -> 
     items = [user("Hi"), Reasoning(text="hm", signature="sig", provider="anthropic")]
     body = await body_for(fake, simple_request(items=items, continuation=Continuation("Half way", literal=True)))
     assert body["messages"][-1] == {"role": "assistant", "content": [{"type": "text", "text": "Half way"}]}
+
+
+async def test_dropped_fields_are_logged_by_name_not_value(fake: FakeAnthropic,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    secret = "SECRET-PROMPT-TEXT"
+    request = simple_request(items=[Message("user", [TextPart(secret), ImagePart("https://x/y.png", detail="high")])],
+                             tools=[FunctionTool("f", secret, {"type": "object"}, strict=True)],
+                             reasoning_effort="high", temperature=0.5)
+    with caplog.at_level("WARNING", logger="unbroken.providers"):
+        await body_for(fake, request, thinking=True)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "tools[].strict" in logged and "input_image.detail" in logged and "temperature" in logged
+    assert secret not in logged and "sk-ant-test" not in logged

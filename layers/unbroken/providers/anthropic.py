@@ -158,6 +158,8 @@ def _content_blocks(msg: Message) -> list[dict[str, Any]]:
             if part.text:
                 blocks.append({"type": "text", "text": part.text})
         elif msg.role == "user":
+            if part.detail != "auto":
+                warn_dropped("input_image.detail", "Anthropic has no image detail setting")
             blocks.append(_image_block(part))
         else:
             warn_dropped("input_image", "Anthropic accepts images in user turns only")
@@ -263,6 +265,8 @@ class AnthropicProvider(Provider):
             for t in request.tools
             if request.tool_choice.allowed is None or t.name in request.tool_choice.allowed
         ]
+        if any(t.strict for t in request.tools):
+            warn_dropped("tools[].strict", "not sent to Anthropic")
         tool_choice: dict[str, Any] | None = None
         if tools:
             choice = request.tool_choice

@@ -290,6 +290,8 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
                     if part.text:  # Bedrock rejects blank text blocks
                         blocks.append({"text": part.text})
                 elif item.role == "user":
+                    if part.detail != "auto":
+                        warn_dropped("input_image.detail", "Converse has no image detail setting")
                     blocks.append(_image_block(part))
                 else:
                     warn_dropped("input_image", "images are accepted in user turns only")
@@ -322,6 +324,8 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
         for t in request.tools
         if choice.allowed is None or t.name in choice.allowed
     ]
+    if any(t.strict for t in request.tools):
+        warn_dropped("tools[].strict", "not sent to Converse")
     tool_choice: dict[str, Any] | None = None
     if tools:
         if choice.name:
