@@ -99,6 +99,7 @@ class RouterProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
+        self.banner = ""
 
     def __enter__(self) -> RouterProcess:
         self.proc = subprocess.Popen(
@@ -109,6 +110,8 @@ class RouterProcess:
         line = _readline_with_timeout(self.proc, START_TIMEOUT)
         assert line.startswith("unbroken ready on "), f"unexpected first line: {line!r}"
         self.base_url = line.split()[3]
+        self.banner = line + _readline_with_timeout(self.proc, START_TIMEOUT) + _readline_with_timeout(
+            self.proc, START_TIMEOUT)
         threading.Thread(target=self._drain, daemon=True).start()
         return self
 
