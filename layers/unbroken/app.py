@@ -43,9 +43,11 @@ def create_app(config: Config, store: Any = None) -> FastAPI:
                   description="Open Responses router whose streams do not break")
     app.state.runtime = runtime
 
-    from unbroken.api import models, responses
+    from unbroken.api import chat, compact, models, responses
 
     app.include_router(responses.router)
+    app.include_router(compact.router)
+    app.include_router(chat.router)
     app.include_router(models.router)
 
     @app.exception_handler(APIError)

@@ -1,0 +1,386 @@
+"""`POST /v1/chat/completions` through a real uvicorn router in front of the simulated upstream, read with the official
+`openai` SDK and, for the exact wire shape, with a strict raw reader: text and tool calls, usage, errors, failover
+before output and continuation after a mid-stream cut (same attempt loop as /v1/responses)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.support.client import TIMEOUT, headers
+from tests.support.server import API_KEY, RouterThread, base_config, sim_model
+from unbroken.providers.simulated_upstream import input_key_of, simulated_tokens
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                                       "required": ["zone"]}}}
+
+
+def expected_text(messages: list[dict[str, Any]], *, seed: str = "7", length: int = 40) -> str:
+    """The simulated upstream's fault-free answer, from its own generator (the router is what is under test)."""
+    return "".join(simulated_tokens(seed, input_key_of(messages), length))
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[RouterThread]:
+    config = base_config(sim_model("demo"),
+                         sim_model("frail", deployments=1, max_retries=0),
+                         sim_model("slow", deployments=1, tps=20, length=10),
+                         heartbeat_seconds=0.02)
+    with RouterThread(config) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(router: RouterThread) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=router.base_url, api_key=API_KEY, max_retries=0, timeout=30.0) as c:
+        yield c
+
+
+# -- a strict reader of the raw chat stream ----------------------------------------------------------------------
+
+
+@dataclass
+class ChatStream:
+    chunks: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    done: bool = False
+    heartbeats: int = 0
+
+    def text(self) -> str:
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in self.chunks if c["choices"])
+
+    def finish_reasons(self) -> list[str]:
+        return [c["choices"][0]["finish_reason"] for c in self.chunks
+                if c["choices"] and c["choices"][0]["finish_reason"] is not None]
+
+
+def read_chat_stream(raw: bytes) -> ChatStream:
+    """`data:`-only frames, `\\n` line endings, chunks of one id, then `[DONE]` or an error object as the last frame."""
+    text = raw.decode()
+    assert "\r" not in text
+    blocks = text.split("\n\n")
+    assert blocks[-1] == "", "the stream does not end with a blank line"
+    out = ChatStream()
+    for block in blocks[:-1]:
+        if block.startswith(":"):
+            out.heartbeats += 1
+            continue
+        assert not out.done and out.error is None, "data after the end of the stream"
+        assert block.startswith("data: ") and "\n" not in block, f"unexpected frame {block[:80]!r}"
+        data = block[6:]
+        if data == "[DONE]":
+            out.done = True
+            continue
+        obj = json.loads(data)
+        if "error" in obj:
+            out.error = obj["error"]
+            continue
+        assert obj["object"] == "chat.completion.chunk"
+        out.chunks.append(obj)
+    assert out.done != (out.error is not None), "a stream ends with either [DONE] or an error"
+    ids = {c["id"] for c in out.chunks}
+    assert len(ids) <= 1 and all(i.startswith("chatcmpl-") for i in ids)
+    return out
+
+
+def post_chat_stream(base_url: str, body: dict[str, Any]) -> tuple[httpx.Response, ChatStream | None]:
+    with httpx.Client(timeout=TIMEOUT) as c, c.stream("POST", f"{base_url}/chat/completions",
+                                                      json={**body, "stream": True}, headers=headers()) as r:
+        raw = r.read()
+    if r.status_code != 200:
+        return r, None
+    assert r.headers["content-type"].startswith("text/event-stream")
+    return r, read_chat_stream(raw)
+
+
+def tool_calls_of(chunks: list[Any]) -> dict[int, dict[str, str]]:
+    """Accumulate streamed tool calls by index, the way clients do (strings concatenated)."""
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for tc in choice.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+                entry["id"] += tc.id or ""
+                if tc.function is not None:
+                    entry["name"] += tc.function.name or ""
+                    entry["arguments"] += tc.function.arguments or ""
+    return calls
+
+
+# -- text ---------------------------------------------------------------------------------------------------------
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+def test_sdk_stream_text(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="demo", messages=HELLO, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_text(HELLO)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].delta.content is None
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert all(c.object == "chat.completion.chunk" and c.model == "demo" and c.created > 0 for c in chunks)
+    assert all(c.usage is None for c in chunks)
+
+
+def test_raw_stream_wire_shape(router: RouterThread) -> None:
+    response, stream = post_chat_stream(router.base_url, {"model": "demo", "messages": HELLO})
+    assert response.status_code == 200 and stream is not None and stream.done
+    assert stream.text() == expected_text(HELLO)
+    assert stream.chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all("usage" not in c for c in stream.chunks)  # only with stream_options.include_usage
+
+
+def test_sdk_non_stream_text(client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]}]
+    completion = client.chat.completions.create(model="demo", messages=messages)
+    assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.role == "assistant"
+    assert choice.message.content == expected_text([{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "Hello there"}])
+    assert choice.message.tool_calls is None
+    usage = completion.usage
+    assert usage is not None and usage.completion_tokens == 40
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_include_usage_puts_usage_in_a_final_chunk(client: openai.OpenAI, router: RouterThread) -> None:
+    chunks = list(client.chat.completions.create(model="demo", messages=HELLO, stream=True,
+                                                 stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens == 40
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 40
+    assert last.usage.prompt_tokens_details is not None and last.usage.prompt_tokens_details.cached_tokens == 0
+    assert last.usage.completion_tokens_details is not None
+    assert last.usage.completion_tokens_details.reasoning_tokens == 0
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    _, stream = post_chat_stream(router.base_url, {"model": "demo", "messages": HELLO,
+                                                   "stream_options": {"include_usage": True}})
+    assert stream is not None
+    assert all(c["usage"] is None for c in stream.chunks[:-1]) and stream.chunks[-1]["choices"] == []
+
+
+def test_max_tokens_finishes_with_length(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="demo", messages=HELLO, stream=True, max_tokens=5))
+    assert chunks[-1].choices[0].finish_reason == "length"
+    tokens = simulated_tokens("7", input_key_of(HELLO), 40)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(tokens[:5])
+    completion = client.chat.completions.create(model="demo", messages=HELLO, max_completion_tokens=5)
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_json_schema_response_format(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    completion = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "A person"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    content = completion.choices[0].message.content
+    assert content is not None
+    jsonschema.validate(json.loads(content), schema)
+
+
+def test_heartbeat_comments_while_the_upstream_is_quiet(router: RouterThread) -> None:
+    # 20 tokens/s upstream and a 20 ms heartbeat interval, as in the /v1/responses heartbeat test.
+    _, stream = post_chat_stream(router.base_url, {"model": "slow", "messages": HELLO})
+    assert stream is not None and stream.done
+    assert stream.heartbeats >= 1
+    assert stream.text() == expected_text(HELLO, length=10)
+
+
+# -- tool calls ---------------------------------------------------------------------------------------------------
+
+WEATHER_Q = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_sdk_stream_tool_call(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="demo", messages=WEATHER_Q, tools=[WEATHER_TOOL],
+                                                 tool_choice="required", stream=True))
+    calls = tool_calls_of(chunks)
+    assert list(calls) == [0]
+    call = calls[0]
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    jsonschema.validate(json.loads(call["arguments"]), WEATHER_TOOL["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The header chunk announces id, type and name with empty arguments; fragments follow at the same index.
+    header = next(c for c in chunks if c.choices[0].delta.tool_calls)
+    tc = header.choices[0].delta.tool_calls[0]  # type: ignore[index]
+    assert tc.type == "function" and tc.function is not None and tc.function.arguments == ""
+
+
+def test_sdk_stream_helper_accumulates_tool_calls(client: openai.OpenAI) -> None:
+    # The SDK's own accumulator concatenates every string per index: a repeated header would corrupt the call.
+    with client.chat.completions.stream(model="demo", messages=WEATHER_Q, tools=[WEATHER_TOOL],
+                                        tool_choice={"type": "function", "function": {"name": "get_weather"}}) as s:
+        final = s.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert calls is not None and len(calls) == 1
+    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(calls[0].function.arguments),  # type: ignore[union-attr]
+                        WEATHER_TOOL["function"]["parameters"])
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_parallel_tool_calls_get_consecutive_indexes(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="demo", messages=WEATHER_Q, tools=[WEATHER_TOOL, TIME_TOOL],
+                                                 tool_choice="required", stream=True,
+                                                 metadata={"sim_parallel_tools": "true"}))
+    calls = tool_calls_of(chunks)
+    assert [calls[i]["name"] for i in sorted(calls)] == ["get_weather", "get_time"]
+    assert all(json.loads(c["arguments"]) for c in calls.values())
+    assert len({c["id"] for c in calls.values()}) == 2
+
+
+def test_non_stream_tool_call_and_tool_result_round_trip(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(model="demo", messages=WEATHER_Q, tools=[WEATHER_TOOL],
+                                           tool_choice="required")
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert calls is not None and calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    history = [*WEATHER_Q,
+               {"role": "assistant", "content": None, "tool_calls": [calls[0].model_dump()]},
+               {"role": "tool", "tool_call_id": calls[0].id, "content": "21C and sunny"}]
+    second = client.chat.completions.create(model="demo", messages=history, tools=[WEATHER_TOOL])
+    assert second.choices[0].finish_reason == "stop"
+    # What the upstream saw is the same conversation: its answer is keyed on roles and texts.
+    assert second.choices[0].message.content == expected_text([
+        *WEATHER_Q, {"role": "assistant", "content": ""}, {"role": "tool", "content": "21C and sunny"}])
+
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "demo"}, "messages"),
+    ({"messages": HELLO}, "model"),
+    ({"model": "demo", "messages": HELLO, "n": 2}, "n"),
+    ({"model": "demo", "messages": HELLO, "stop": ["\n"]}, "stop"),
+    ({"model": "demo", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"model": "demo", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages[0].content[1].image_url.url"),
+    ({"model": "demo", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+     "messages[0].content[0].type"),
+    ({"model": "demo", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"model": "demo", "messages": HELLO, "temperature": 3}, "temperature"),
+    ({"model": "demo", "messages": HELLO, "tool_choice": "required"}, "tool_choice"),
+    ({"model": "demo", "messages": HELLO, "tools": [WEATHER_TOOL],
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
+    ({"model": "demo", "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema.schema"),
+])
+def test_bad_input_is_400_with_param(router: RouterThread, body: dict[str, Any], param: str) -> None:
+    with httpx.Client(timeout=TIMEOUT) as c:
+        r = c.post(f"{router.base_url}/chat/completions", json=body, headers=headers())
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_sdk_sees_400_401_404(router: RouterThread, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="demo", messages=HELLO, n=2)
+    assert bad.value.status_code == 400 and bad.value.param == "n"
+    with openai.OpenAI(base_url=router.base_url, api_key="sk-wrong", max_retries=0, timeout=30.0) as wrong, \
+            pytest.raises(openai.AuthenticationError) as auth:
+        wrong.chat.completions.create(model="demo", messages=HELLO, stream=True)
+    assert auth.value.status_code == 401
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="no-such-model", messages=HELLO, stream=True)
+    assert missing.value.code == "model_not_found" and missing.value.param == "model"
+
+
+def test_missing_key_is_401(router: RouterThread) -> None:
+    with httpx.Client(timeout=TIMEOUT) as c:
+        r = c.post(f"{router.base_url}/chat/completions", json={"model": "demo", "messages": HELLO})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+
+
+def test_upstream_error_before_output_is_an_http_error_when_nothing_can_answer(router: RouterThread) -> None:
+    # One deployment, no retries: the 503 is all there is, and it is an honest HTTP status, not a broken stream.
+    response, _ = post_chat_stream(router.base_url, {"model": "frail", "messages": HELLO,
+                                                     "metadata": {"sim_fault": "http:503", "sim_fault_attempts": "9"}})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_unavailable"
+
+
+# -- resilience ---------------------------------------------------------------------------------------------------
+
+
+def test_failover_before_output_is_invisible(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="demo", messages=HELLO, stream=True,
+                                                 metadata={"sim_fault": "http:503"}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_text(HELLO)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    completion = client.chat.completions.create(model="demo", messages=HELLO, metadata={"sim_fault": "http:503"})
+    assert completion.choices[0].message.content == expected_text(HELLO)
+
+
+@pytest.mark.parametrize("fault", ["cut:5", "reset:12", "error:3"])
+def test_mid_stream_failure_is_continued_seamlessly(client: openai.OpenAI, router: RouterThread, fault: str) -> None:
+    chunks = list(client.chat.completions.create(model="demo", messages=HELLO, stream=True,
+                                                 metadata={"sim_fault": fault}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected_text(HELLO)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+    _, stream = post_chat_stream(router.base_url, {"model": "demo", "messages": HELLO,
+                                                   "metadata": {"sim_fault": fault}})
+    assert stream is not None and stream.done and stream.text() == expected_text(HELLO)
+
+
+def test_unrepairable_cut_ends_with_an_error_chunk_not_a_finish_reason(client: openai.OpenAI,
+                                                                        router: RouterThread) -> None:
+    body = {"model": "frail", "messages": HELLO, "metadata": {"sim_fault": "cut:5", "sim_fault_attempts": "9"}}
+    _, stream = post_chat_stream(router.base_url, body)
+    assert stream is not None and not stream.done and stream.error is not None
+    assert stream.error["code"] == "upstream_unavailable" and stream.error["type"] == "server_error"
+    assert stream.finish_reasons() == []
+    assert expected_text(HELLO).startswith(stream.text()) and stream.text()
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(model="frail", messages=HELLO, stream=True,
+                                                metadata=body["metadata"]):
+            pass
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="frail", messages=HELLO, metadata=body["metadata"])
+    assert exc.value.status_code == 503
+
+
+def test_cut_inside_a_tool_call_shows_one_complete_call(client: openai.OpenAI) -> None:
+    # The upstream dies two argument fragments into the call; the attempt loop drops the half call and redoes it.
+    # A chat client must see one call at index 0 with complete arguments, never the dropped one.
+    chunks = list(client.chat.completions.create(model="demo", messages=WEATHER_Q, tools=[WEATHER_TOOL],
+                                                 tool_choice="required", stream=True,
+                                                 metadata={"sim_fault": "cut:2"}))
+    calls = tool_calls_of(chunks)
+    assert list(calls) == [0] and calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER_TOOL["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_arguments_stream_in_fragments_when_not_held() -> None:
+    with RouterThread(base_config(sim_model("demo"), hold_tool_arguments=False)) as server, \
+            openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=30.0) as c:
+        chunks = list(c.chat.completions.create(model="demo", messages=WEATHER_Q, tools=[WEATHER_TOOL],
+                                                tool_choice="required", stream=True))
+    fragments = [tc.function.arguments for ch in chunks for tc in ch.choices[0].delta.tool_calls or []
+                 if tc.function is not None and tc.function.arguments]
+    assert len(fragments) > 1
+    calls = tool_calls_of(chunks)
+    assert list(calls) == [0] and json.loads(calls[0]["arguments"]) and calls[0]["arguments"] == "".join(fragments)
