@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from tests.fakes.sse_replay import frame_payloads
 from unbroken.config import Deployment
 from unbroken.ir import (
     Delta,
@@ -28,8 +30,6 @@ from unbroken.ir import (
 )
 from unbroken.providers import provider_class
 from unbroken.providers.base import Provider, ProviderError
-
-from tests.fakes.sse_replay import frame_payloads
 
 
 @dataclass

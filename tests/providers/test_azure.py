@@ -9,9 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from unbroken.ir import Continuation, Delta, GenerationRequest, Message, Reasoning, TextPart
-from unbroken.providers.azure import AzureChatProvider, AzureOpenAIProvider, AzureResponsesProvider
-from unbroken.providers.base import Provider, ProviderError
 
 from tests.fakes.azure import AZURE_FIXTURES, AzureFake, azure_recordings, is_responses
 from tests.fakes.sse_replay import data_frame, stream
@@ -25,6 +22,9 @@ from tests.providers.sse_support import (
     simple_request,
     usage_dict,
 )
+from unbroken.ir import Continuation, Delta, GenerationRequest, Message, Reasoning, TextPart
+from unbroken.providers.azure import AzureChatProvider, AzureOpenAIProvider, AzureResponsesProvider
+from unbroken.providers.base import Provider, ProviderError
 
 RECORDINGS = azure_recordings()
 CHAT = "azure-model-router.1.chunks.txt"

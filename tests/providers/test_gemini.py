@@ -10,6 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.fakes.gemini import GEMINI_FIXTURES, GeminiFake, gemini_recordings
+from tests.fakes.sse_replay import data_frame, frame_payloads, stream
+from tests.providers.sse_support import Expected, fold, make_provider, run, simple_request, usage_dict
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
     Continuation,
@@ -26,10 +30,6 @@ from unbroken.ir import (
     ToolChoice,
 )
 from unbroken.providers.base import Provider, ProviderError
-
-from tests.fakes.gemini import GEMINI_FIXTURES, GeminiFake, gemini_recordings
-from tests.fakes.sse_replay import data_frame, frame_payloads, stream
-from tests.providers.sse_support import Expected, fold, make_provider, run, simple_request, usage_dict
 
 RECORDINGS = gemini_recordings()
 MODEL = "gemini-3-pro-preview"

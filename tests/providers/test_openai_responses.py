@@ -10,6 +10,18 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
+
+from tests.fakes.openai_responses import RESPONSES_FIXTURES, ResponsesFake, responses_recordings
+from tests.fakes.sse_replay import data_frame, frame_payloads, json_error, stream
+from tests.fakes.upstream import Script
+from tests.providers.sse_support import (
+    expected_responses,
+    fold,
+    make_provider,
+    run,
+    simple_request,
+    usage_dict,
+)
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
     Continuation,
@@ -26,18 +38,6 @@ from unbroken.ir import (
     ToolChoice,
 )
 from unbroken.providers.base import ProviderError
-
-from tests.fakes.openai_responses import RESPONSES_FIXTURES, ResponsesFake, responses_recordings
-from tests.fakes.sse_replay import data_frame, frame_payloads, json_error, stream
-from tests.fakes.upstream import Script
-from tests.providers.sse_support import (
-    expected_responses,
-    fold,
-    make_provider,
-    run,
-    simple_request,
-    usage_dict,
-)
 
 RECORDINGS = responses_recordings()
 PNG = "data:image/png;base64,iVBORw0KGgo="

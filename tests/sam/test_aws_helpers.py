@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import boto3
 import pytest
 from moto import mock_aws
+
 from unbroken.aws import SecretsError, load_secrets_into_env, read_config_text_from_ssm
 
 REGION = "us-east-1"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from starlette.datastructures import Headers
+
 from unbroken.api.identity import (
     DEFAULT_SAFETY_MARGIN_SECONDS,
     context_deadline,

@@ -13,6 +13,7 @@ import httpx
 import jsonschema
 import pytest
 import pytest_asyncio
+
 from unbroken.ir import CONTINUE_INSTRUCTION
 from unbroken.providers.simulated_upstream import (
     PREFILL_REJECTED_MESSAGE,
