@@ -1,0 +1,329 @@
+"""Write-ahead group commit: the only way the API layer writes a response's events.
+
+The producer calls `emit` per event; that only appends to the open batch (no I/O, no serialisation of text deltas),
+which is what keeps the per-token cost low. A batch closes at `batch_bytes`, `batch_ms` after its first event, at
+`boundary()` or at the terminal event; one committer task appends closed batches to the store in order, one at a
+time, and calls `on_commit(events)` only after the store has committed them: the API layer sends events to clients
+from there, so nothing leaves the process before it is durable. While a commit is in flight, new events gather in the
+next batch (group commit). The same task renews the lease when no commit did so for `lease_seconds / 3`.
+
+A store failure (`Fenced`, `StoreUnavailable`, anything) stops the writer for good: what was pending is dropped, never
+written, and the error is raised from the next `emit` / `boundary` / `finish` / `set_status` / `flush`.
+Always end a writer with `finish` or `aclose` (or use it as an async context manager): its task renews the lease
+until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from unbroken.journal.codec import TEXT_DELTA
+from unbroken.journal.feed import LOCAL_FEEDS, LocalFeeds
+from unbroken.journal.store import Store
+
+log = logging.getLogger("unbroken.journal")
+
+OnCommit = Callable[[list[dict[str, Any]]], Awaitable[None] | None]
+
+# Approximate serialized size of a text delta without its text: keys, ids, indices. Text deltas are the hot path, so
+# their size is estimated rather than measured by serialising them.
+_DELTA_OVERHEAD = 130
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+class WriterClosed(RuntimeError):
+    """The writer was finished or closed; nothing more can be written through it."""
+
+
+class _Batch:
+    __slots__ = ("done", "events", "final", "response", "size", "status")
+
+    def __init__(
+        self,
+        events: list[dict[str, Any]],
+        size: int,
+        *,
+        status: str | None = None,
+        response: dict[str, Any] | None = None,
+        final: bool = False,
+    ) -> None:
+        self.events = events
+        self.size = size
+        self.status = status
+        self.response = response
+        self.final = final
+        self.done: list[asyncio.Future[None]] = []
+
+
+def _event_size(event: dict[str, Any]) -> int:
+    if event.get("type") == TEXT_DELTA:
+        delta = event.get("delta")
+        if type(delta) is str:
+            return len(delta) + _DELTA_OVERHEAD
+    return len(_compact(event))
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+        future.add_done_callback(lambda f: f.exception())  # nobody may be waiting: no "never retrieved" noise
+
+
+class JournalWriter:
+    def __init__(
+        self,
+        store: Store,
+        response_id: str,
+        epoch: int,
+        *,
+        batch_bytes: int = 4096,
+        batch_ms: float = 50.0,
+        lease_seconds: float = 30.0,
+        on_commit: OnCommit | None = None,
+        feeds: LocalFeeds | None = None,
+        max_pending_bytes: int | None = None,
+    ) -> None:
+        self._store = store
+        self.response_id = response_id
+        self.epoch = epoch
+        self._batch_bytes = batch_bytes
+        self._batch_s = batch_ms / 1000.0
+        self._lease_seconds = lease_seconds
+        self._renew_every = lease_seconds / 3.0
+        self._on_commit = on_commit
+        self._feeds = LOCAL_FEEDS if feeds is None else feeds
+        # Backpressure: a producer faster than the store waits once this much is closed but not yet committed.
+        self._max_pending = max_pending_bytes if max_pending_bytes is not None else max(64 * batch_bytes, 256 * 1024)
+        self._loop = asyncio.get_running_loop()
+
+        self._open: list[dict[str, Any]] = []
+        self._open_bytes = 0
+        self._open_since = 0.0
+        self._ready: deque[_Batch] = deque()
+        self._ready_bytes = 0
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._error: BaseException | None = None
+        self._finishing = False
+        self._stopped = False
+        self._cancel = False
+        self._committed_seq: int | None = None
+        self._lease_due = self._loop.time() + self._renew_every
+        self._feeds.writer_started(response_id)
+        self._task = self._loop.create_task(self._run(), name=f"journal-writer-{response_id}")
+
+    # -- producer side ----------------------------------------------------------------------------------------------
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether a cancel was requested, as seen at the last commit or lease renewal."""
+        return self._cancel
+
+    @property
+    def committed_seq(self) -> int | None:
+        """The sequence number of the last event this writer committed (None before its first commit)."""
+        return self._committed_seq
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._finishing or self._stopped:
+            raise WriterClosed(f"journal writer of {self.response_id} is finished")
+
+    async def emit(self, event: dict[str, Any]) -> None:
+        """Queue one event (it must carry the next `sequence_number`; do not mutate it afterwards)."""
+        if self._error is not None or self._finishing or self._stopped:
+            self._check()
+        if not self._open:
+            self._open_since = self._loop.time()
+            self._wake.set()  # the committer arms this batch's deadline
+        self._open.append(event)
+        self._open_bytes += _event_size(event)
+        if self._open_bytes >= self._batch_bytes:
+            self._close_open()
+            if self._ready_bytes > self._max_pending:
+                await self._wait_for_space()
+
+    async def boundary(self) -> None:
+        """An item boundary: close the open batch now so that it commits without waiting for size or time."""
+        self._check()
+        if self._open:
+            self._close_open()
+
+    async def flush(self) -> None:
+        """Wait until everything emitted so far is committed (and passed to on_commit)."""
+        self._check()
+        if self._open:
+            batch = self._close_open()
+        elif self._ready:
+            batch = self._ready[-1]
+        else:
+            return
+        await self._wait_for(batch)
+
+    async def set_status(self, status: str, response: dict[str, Any] | None = None) -> None:
+        """Commit a status (and optionally a response snapshot) after what was emitted so far; waits for it."""
+        self._check()
+        await self._wait_for(self._close_open(status=status, response=response))
+
+    async def finish(self, terminal_event: dict[str, Any], *, status: str, response: dict[str, Any]) -> None:
+        """Commit everything pending plus the terminal event, with the final status and response, atomically in the
+        last batch. Returns once it is committed and passed to on_commit; the writer is then closed."""
+        self._check()
+        if not self._open:
+            self._open_since = self._loop.time()
+        self._open.append(terminal_event)
+        self._open_bytes += _event_size(terminal_event)
+        batch = self._close_open(status=status, response=response, final=True)
+        self._finishing = True
+        try:
+            await self._wait_for(batch)
+            await self._task
+        finally:
+            self._stop()
+
+    async def aclose(self) -> None:
+        """Stop at once. Nothing pending is committed (a commit already in flight may still land)."""
+        if not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._drop(self._error or WriterClosed(f"journal writer of {self.response_id} was closed"))
+        self._stop()
+
+    async def __aenter__(self) -> JournalWriter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- internals --------------------------------------------------------------------------------------------------
+
+    def _close_open(
+        self, *, status: str | None = None, response: dict[str, Any] | None = None, final: bool = False
+    ) -> _Batch:
+        batch = _Batch(self._open, self._open_bytes, status=status, response=response, final=final)
+        self._open = []
+        self._open_bytes = 0
+        self._ready.append(batch)
+        self._ready_bytes += batch.size
+        self._wake.set()
+        return batch
+
+    async def _wait_for(self, batch: _Batch) -> None:
+        future: asyncio.Future[None] = self._loop.create_future()
+        batch.done.append(future)
+        if self._error is not None:  # failed between closing the batch and now
+            _settle(future, self._error)
+        await future
+
+    async def _wait_for_space(self) -> None:
+        while self._ready_bytes > self._max_pending and self._error is None and not self._stopped:
+            self._space.clear()
+            await self._space.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._feeds.writer_stopped(self.response_id)
+
+    def _drop(self, error: BaseException) -> None:
+        self._open = []
+        self._open_bytes = 0
+        while self._ready:
+            for future in self._ready.popleft().done:
+                _settle(future, error)
+        self._ready_bytes = 0
+        self._space.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._drop(error)
+        self._stop()
+
+    async def _run(self) -> None:
+        loop = self._loop
+        try:
+            while True:  # ends at the final batch, on an error, or when cancelled by aclose
+                if self._ready:
+                    batch = self._ready[0]
+                    await self._commit(batch)
+                    self._ready.popleft()
+                    self._ready_bytes -= batch.size
+                    if self._ready_bytes <= self._max_pending:
+                        self._space.set()
+                    for future in batch.done:
+                        _settle(future, None)
+                    if batch.final:
+                        return
+                    continue
+                now = loop.time()
+                timeout = self._lease_due - now
+                if self._open:
+                    age_left = self._open_since + self._batch_s - now
+                    if age_left <= 0:
+                        self._close_open()
+                        continue
+                    timeout = min(timeout, age_left)
+                if timeout <= 0:
+                    await self._renew()
+                    continue
+                self._wake.clear()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("journal writer of %s stopped: %r", self.response_id, exc)
+            self._fail(exc)
+
+    async def _commit(self, batch: _Batch) -> None:
+        self._cancel = await self._store.append(
+            self.response_id,
+            self.epoch,
+            batch.events,
+            lease_expires_at=time.time() + self._lease_seconds,
+            status=batch.status,
+            response=batch.response,
+        )
+        self._lease_due = self._loop.time() + self._renew_every
+        if not batch.events:
+            return
+        self._committed_seq = batch.events[-1]["sequence_number"]
+        self._feeds.publish(self.response_id, batch.events)
+        if self._on_commit is not None:
+            try:
+                result = self._on_commit(batch.events)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                # The batch is durable whatever the consumer did with it; a resume will replay it.
+                log.exception("on_commit of %s failed", self.response_id)
+
+    async def _renew(self) -> None:
+        self._cancel = await self._store.append(
+            self.response_id, self.epoch, [], lease_expires_at=time.time() + self._lease_seconds
+        )
+        self._lease_due = self._loop.time() + self._renew_every
