@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+
 from unbroken.journal.ddb_local import DynamoDBLocal, DynamoDBLocalMissing
 from unbroken.journal.store import Store
 
@@ -65,6 +66,7 @@ async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: object
         await store.close()
     elif kind == "moto":
         from moto import mock_aws
+
         from unbroken.journal.dynamodb import DynamoDBStore
 
         with mock_aws():

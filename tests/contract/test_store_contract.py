@@ -11,6 +11,8 @@ import uuid
 from typing import Any
 
 import pytest
+
+from tests.contract.conftest import Clock
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.sqlite import SQLiteStore
 from unbroken.journal.store import (
@@ -20,8 +22,6 @@ from unbroken.journal.store import (
     ResponseHeader,
     Store,
 )
-
-from tests.contract.conftest import Clock
 
 
 def new_header(clock: Clock, *, tenant: str = "tenant-a", ttl: float = 3600.0, **fields: Any) -> ResponseHeader:

@@ -1,0 +1,466 @@
+"""JournalWriter (group commit, fencing, failures, lease) and follow() (local push and cross-process polling).
+
+The store wrapper below lets a test hold a commit (gate), fail it, or see each attempt and commit through queues, so
+every wait is on an event with a bound, never on wall-clock time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from unbroken.journal.feed import LocalFeeds, follow, is_terminal_event
+from unbroken.journal.memory import MemoryStore
+from unbroken.journal.sqlite import SQLiteStore
+from unbroken.journal.store import Fenced, NotFound, ResponseHeader, Store, StoreUnavailable
+from unbroken.journal.writer import JournalWriter, WriterClosed
+
+BOUND = 10.0  # seconds: an upper bound on waits that normally take milliseconds; never a performance assertion
+NEVER = 3_600_000.0  # batch_ms that never fires during a test
+
+
+@dataclass
+class Call:
+    events: list[dict[str, Any]]
+    lease_expires_at: float | None
+    status: str | None
+    response: dict[str, Any] | None
+
+
+class ControlledStore(Store):
+    """Wraps a store; `append` can be held (`gate`), made to fail (`fail_with`), and is observable (queues)."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.stats = inner.stats
+        self.gate: asyncio.Event | None = None
+        self.fail_with: BaseException | None = None
+        self.attempted: asyncio.Queue[Call] = asyncio.Queue()
+        self.committed: asyncio.Queue[Call] = asyncio.Queue()
+        self.failures: asyncio.Queue[BaseException] = asyncio.Queue()
+        self.commits: list[Call] = []
+
+    async def next_commit(self) -> Call:
+        return await asyncio.wait_for(self.committed.get(), BOUND)
+
+    async def next_attempt(self) -> Call:
+        return await asyncio.wait_for(self.attempted.get(), BOUND)
+
+    async def append(
+        self,
+        response_id: str,
+        epoch: int,
+        events: list[dict[str, Any]],
+        *,
+        lease_expires_at: float | None = None,
+        status: str | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> bool:
+        call = Call(list(events), lease_expires_at, status, response)
+        self.attempted.put_nowait(call)
+        if self.gate is not None:
+            await asyncio.wait_for(self.gate.wait(), BOUND)
+        try:
+            if self.fail_with is not None:
+                raise self.fail_with
+            result = await self.inner.append(
+                response_id, epoch, events, lease_expires_at=lease_expires_at, status=status, response=response
+            )
+        except BaseException as exc:
+            # Seen by the test in the same loop step in which the writer handles the error.
+            self.failures.put_nowait(exc)
+            raise
+        self.commits.append(call)
+        self.committed.put_nowait(call)
+        return result
+
+    async def create(self, header: ResponseHeader) -> None:
+        await self.inner.create(header)
+
+    async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
+        return await self.inner.get(response_id, snapshots=snapshots)
+
+    async def find_by_idempotency_key(self, tenant: str, key: str) -> ResponseHeader | None:
+        return await self.inner.find_by_idempotency_key(tenant, key)
+
+    async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        return await self.inner.read_events(response_id, after_seq)
+
+    async def take_over(self, response_id: str, expected_epoch: int, lease_expires_at: float) -> int:
+        return await self.inner.take_over(response_id, expected_epoch, lease_expires_at)
+
+    async def request_cancel(self, response_id: str) -> bool:
+        return await self.inner.request_cancel(response_id)
+
+    async def delete(self, response_id: str) -> bool:
+        return await self.inner.delete(response_id)
+
+
+def delta(seq: int, text: str = "tok") -> dict[str, Any]:
+    return {
+        "type": "response.output_text.delta",
+        "sequence_number": seq,
+        "item_id": "msg_1",
+        "output_index": 0,
+        "content_index": 0,
+        "delta": text,
+        "logprobs": [],
+    }
+
+
+def completed(seq: int) -> dict[str, Any]:
+    return {"type": "response.completed", "sequence_number": seq, "response": {"status": "completed"}}
+
+
+async def new_response(store: Store, rid: str = "resp_w") -> str:
+    now = time.time()
+    await store.create(ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600))
+    return rid
+
+
+@pytest.fixture
+async def store() -> ControlledStore:
+    return ControlledStore(MemoryStore())
+
+
+@pytest.fixture
+def feeds() -> LocalFeeds:
+    return LocalFeeds()
+
+
+# -- commit ordering -------------------------------------------------------------------------------------------------
+
+
+async def test_on_commit_only_after_the_store_committed(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    seen: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
+
+    async def on_commit(events: list[dict[str, Any]]) -> None:
+        # At callback time every event handed over is already readable from the store.
+        stored = await store.inner.read_events(rid)
+        assert [e["sequence_number"] for e in stored][-len(events) :] == [e["sequence_number"] for e in events]
+        seen.put_nowait(events)
+
+    store.gate = asyncio.Event()
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, on_commit=on_commit, feeds=feeds)
+    for seq in range(3):
+        await writer.emit(delta(seq))
+    await writer.boundary()
+    attempt = await store.next_attempt()  # the commit is in flight, held by the gate
+    assert [e["sequence_number"] for e in attempt.events] == [0, 1, 2]
+    assert seen.empty() and await store.inner.read_events(rid) == []
+    await writer.emit(delta(3))  # gathers in the next batch meanwhile
+    store.gate.set()
+    assert await asyncio.wait_for(seen.get(), BOUND) == [delta(0), delta(1), delta(2)]
+    await writer.finish(completed(4), status="completed", response={"status": "completed"})
+    assert await asyncio.wait_for(seen.get(), BOUND) == [delta(3), completed(4)]
+    assert seen.empty()
+
+
+async def test_sync_on_commit_callback(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    got: list[int] = []
+    writer = JournalWriter(
+        store, rid, 0, batch_ms=NEVER, on_commit=lambda evs: got.extend(e["sequence_number"] for e in evs), feeds=feeds
+    )
+    await writer.emit(delta(0))
+    await writer.finish(completed(1), status="completed", response={})
+    assert got == [0, 1]
+
+
+async def test_batch_closes_at_size(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    text = "x" * 100  # estimated at ~230 bytes per event: three of them cross 500 bytes
+    writer = JournalWriter(store, rid, 0, batch_bytes=500, batch_ms=NEVER, feeds=feeds)
+    for seq in range(20):
+        await writer.emit(delta(seq, text))
+    sizes = [len((await store.next_commit()).events) for _ in range(6)]
+    assert sizes == [3] * 6
+    assert store.committed.empty()  # two events still open: neither size nor time reached
+    await writer.boundary()
+    assert len((await store.next_commit()).events) == 2
+    assert await store.inner.read_events(rid) == [delta(s, text) for s in range(20)]
+    await writer.aclose()
+
+
+async def test_batch_closes_at_time(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_bytes=1 << 30, batch_ms=5, feeds=feeds)
+    await writer.emit(delta(0))
+    # Nothing but the batch_ms deadline can close this batch: no size, no boundary, no terminal.
+    assert (await store.next_commit()).events == [delta(0)]
+    await writer.emit(delta(1))
+    await writer.emit(delta(2))
+    assert (await store.next_commit()).events == [delta(1), delta(2)]
+    await writer.aclose()
+
+
+async def test_batch_closes_at_boundary_and_terminal(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_bytes=1 << 30, batch_ms=NEVER, feeds=feeds)
+    for seq in range(3):
+        await writer.emit(delta(seq))
+    assert store.attempted.empty()
+    await writer.boundary()
+    assert [e["sequence_number"] for e in (await store.next_commit()).events] == [0, 1, 2]
+    await writer.boundary()  # nothing open: no empty commit
+    await writer.emit(delta(3))
+    await writer.emit(delta(4))
+    response = {"id": rid, "status": "completed"}
+    await writer.finish(completed(5), status="completed", response=response)
+    last = await store.next_commit()
+    assert [e["sequence_number"] for e in last.events] == [3, 4, 5]
+    assert (last.status, last.response) == ("completed", response)
+    assert store.committed.empty()
+    header = await store.get(rid)
+    assert header is not None and header.status == "completed" and header.response == response
+    assert header.last_seq == 5
+    with pytest.raises(WriterClosed):
+        await writer.emit(delta(6))
+
+
+async def test_set_status_and_flush(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds)
+    await writer.emit(delta(0))
+    await writer.set_status("in_progress", {"status": "in_progress"})
+    call = await store.next_commit()
+    assert (call.events, call.status, call.response) == ([delta(0)], "in_progress", {"status": "in_progress"})
+    await writer.set_status("queued")
+    call = await store.next_commit()
+    assert (call.events, call.status) == ([], "queued")
+    await writer.emit(delta(1))
+    await writer.flush()
+    assert writer.committed_seq == 1
+    assert await store.inner.read_events(rid) == [delta(0), delta(1)]
+    await writer.aclose()
+
+
+# -- failures --------------------------------------------------------------------------------------------------------
+
+
+async def test_fenced_writer_stops_and_nothing_it_wrote_later_appears(
+    store: ControlledStore, feeds: LocalFeeds
+) -> None:
+    rid = await new_response(store)
+    sent: list[int] = []
+    zombie = JournalWriter(
+        store, rid, 0, batch_ms=NEVER, on_commit=lambda evs: sent.extend(e["sequence_number"] for e in evs), feeds=feeds
+    )
+    for seq in range(3):
+        await zombie.emit(delta(seq, "old"))
+    await zombie.flush()
+    # Another process takes over while the zombie has a batch in flight.
+    store.gate = asyncio.Event()
+    for seq in range(3, 6):
+        await zombie.emit(delta(seq, "zombie"))
+    await zombie.boundary()
+    await store.next_attempt()
+    assert await store.take_over(rid, 0, time.time() + 30) == 1
+    store.gate.set()
+    with pytest.raises(Fenced):
+        await zombie.flush()
+    for attempt in (zombie.emit(delta(6, "zombie")), zombie.boundary(), zombie.set_status("failed")):
+        with pytest.raises(Fenced):
+            await attempt
+    with pytest.raises(Fenced):
+        await zombie.finish(completed(6), status="completed", response={})
+    assert sent == [0, 1, 2]
+    # The new owner continues densely from what was committed.
+    owner = JournalWriter(store, rid, 1, batch_ms=NEVER, feeds=feeds)
+    for seq in range(3, 5):
+        await owner.emit(delta(seq, "new"))
+    await owner.finish(completed(5), status="completed", response={})
+    events = await store.read_events(rid)
+    assert [e["sequence_number"] for e in events] == list(range(6))
+    assert not any(e.get("delta") == "zombie" for e in events)
+    await zombie.aclose()
+
+
+async def test_fenced_on_lease_renewal(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    await store.take_over(rid, 0, time.time() + 30)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, lease_seconds=0.03, feeds=feeds)
+    call = await store.next_attempt()
+    assert call.events == [] and call.lease_expires_at is not None  # a renewal, not a batch
+    assert isinstance(await asyncio.wait_for(store.failures.get(), BOUND), Fenced)
+    assert isinstance(writer.error, Fenced)
+    with pytest.raises(Fenced):
+        await writer.emit(delta(0))
+    assert await store.read_events(rid) == []
+    assert not feeds.has_writer(rid)
+
+
+async def test_store_unavailable_surfaces_to_the_producer(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    sent: list[dict[str, Any]] = []
+    store.fail_with = StoreUnavailable("throttled past the retry bound")
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, on_commit=sent.extend, feeds=feeds)
+    await writer.emit(delta(0))
+    with pytest.raises(StoreUnavailable):
+        await writer.flush()
+    with pytest.raises(StoreUnavailable):
+        await writer.emit(delta(1))
+    with pytest.raises(StoreUnavailable):
+        await writer.finish(completed(1), status="completed", response={})
+    assert sent == [] and await store.read_events(rid) == []
+    await writer.aclose()
+
+
+async def test_unavailable_during_finish(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds)
+    await writer.emit(delta(0))
+    store.fail_with = StoreUnavailable("down")
+    with pytest.raises(StoreUnavailable):
+        await writer.finish(completed(1), status="completed", response={})
+    header = await store.get(rid)
+    assert header is not None and header.status == "queued" and await store.read_events(rid) == []
+
+
+# -- lease, cancel, backpressure, close ------------------------------------------------------------------------------
+
+
+async def test_lease_is_renewed_while_idle(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    before = time.time()
+    writer = JournalWriter(store, rid, 0, lease_seconds=0.03, feeds=feeds)
+    renewals = [await store.next_commit() for _ in range(2)]
+    assert all(c.events == [] and c.lease_expires_at is not None for c in renewals)
+    header = await store.get(rid)
+    assert header is not None and header.lease_expires_at >= before
+    await writer.aclose()
+
+
+async def test_cancel_request_seen_at_next_commit(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds)
+    await writer.emit(delta(0))
+    await writer.flush()
+    assert writer.cancel_requested is False
+    await store.request_cancel(rid)
+    await writer.emit(delta(1))
+    await writer.flush()
+    assert writer.cancel_requested is True
+    await writer.finish({"type": "response.cancelled", "sequence_number": 2}, status="cancelled", response={})
+    header = await store.get(rid)
+    assert header is not None and header.status == "cancelled"
+
+
+async def test_backpressure_holds_a_producer_ahead_of_the_store(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    store.gate = asyncio.Event()
+    writer = JournalWriter(store, rid, 0, batch_bytes=200, batch_ms=NEVER, max_pending_bytes=1000, feeds=feeds)
+
+    async def produce() -> None:
+        for seq in range(40):
+            await writer.emit(delta(seq, "y" * 100))
+
+    producer = asyncio.create_task(produce())
+    await store.next_attempt()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not producer.done()  # blocked: the store holds the first commit
+    store.gate.set()
+    await asyncio.wait_for(producer, BOUND)
+    await writer.flush()
+    assert [e["sequence_number"] for e in await store.read_events(rid)] == list(range(40))
+    await writer.aclose()
+
+
+async def test_aclose_drops_what_is_pending(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds)
+    await writer.emit(delta(0))
+    await writer.aclose()
+    assert await store.read_events(rid) == []
+    with pytest.raises(WriterClosed):
+        await writer.emit(delta(1))
+    assert not feeds.has_writer(rid)
+
+
+# -- follow ----------------------------------------------------------------------------------------------------------
+
+
+def test_is_terminal_event() -> None:
+    for kind in ("response.completed", "response.incomplete", "response.failed", "response.cancelled"):
+        assert is_terminal_event({"type": kind})
+    for kind in ("response.created", "error", "response.output_text.delta", "router:recovery"):
+        assert not is_terminal_event({"type": kind})
+
+
+async def _produce(writer: JournalWriter, count: int, *, flush_every: int = 7) -> list[dict[str, Any]]:
+    sent = []
+    for seq in range(count):
+        event = delta(seq, f"t{seq} ")
+        sent.append(event)
+        await writer.emit(event)
+        if seq % flush_every == 0:
+            await writer.flush()  # let followers interleave with commits
+    terminal = completed(count)
+    sent.append(terminal)
+    await writer.finish(terminal, status="completed", response={"status": "completed"})
+    return sent
+
+
+async def _collect(store: Store, rid: str, after: int = -1, **kwargs: Any) -> list[dict[str, Any]]:
+    return [event async for event in follow(store, rid, after, max_wait=BOUND, **kwargs)]
+
+
+async def test_follow_a_local_writer(feeds: LocalFeeds) -> None:
+    store = ControlledStore(MemoryStore())
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds)
+    await writer.emit(delta(0, "t0 "))
+    await writer.flush()  # one commit before the follower subscribes: it must read it from the store
+    early = asyncio.create_task(_collect(store, rid, feeds=feeds, poll_interval=BOUND))
+    late = asyncio.create_task(_collect(store, rid, 0, feeds=feeds, poll_interval=BOUND))
+    for _ in range(5):
+        await asyncio.sleep(0)  # let both subscribe before the rest is produced
+    rest = []
+    for seq in range(1, 60):
+        rest.append(delta(seq, f"t{seq} "))
+        await writer.emit(rest[-1])
+        if seq % 9 == 0:
+            await writer.flush()
+    rest.append(completed(60))
+    await writer.finish(rest[-1], status="completed", response={})
+    everything = [delta(0, "t0 "), *rest]
+    assert await asyncio.wait_for(early, BOUND) == everything
+    assert await asyncio.wait_for(late, BOUND) == everything[1:]
+    # After the end: replay from any point, and stop at the terminal event.
+    assert await _collect(store, rid, 30, feeds=feeds) == everything[31:]
+    assert await _collect(store, rid, 60, feeds=feeds) == []  # resuming after the terminal event ends at once
+
+
+async def test_follow_across_two_sqlite_instances(tmp_path: Any) -> None:
+    path = f"{tmp_path}/j.db"
+    producer_store, reader_store = SQLiteStore(path), SQLiteStore(path)
+    try:
+        rid = await new_response(producer_store)
+        # Separate registries: the follower cannot be pushed to and must poll the file, like another process.
+        writer = JournalWriter(producer_store, rid, 0, batch_ms=5, feeds=LocalFeeds())
+        follower = asyncio.create_task(_collect(reader_store, rid, feeds=LocalFeeds(), poll_interval=0.005))
+        sent = await _produce(writer, 80)
+        got = await asyncio.wait_for(follower, BOUND)
+        assert got == sent
+        assert [e["sequence_number"] for e in got] == list(range(81))
+    finally:
+        await producer_store.close()
+        await reader_store.close()
+
+
+async def test_follow_reports_missing_and_times_out(feeds: LocalFeeds) -> None:
+    store = MemoryStore()
+    with pytest.raises(NotFound):
+        await _collect(store, "resp_nope", feeds=feeds)
+    rid = await new_response(store)
+    await store.append(rid, 0, [delta(0), delta(1)])
+    got: list[dict[str, Any]] = []
+    with pytest.raises(TimeoutError):
+        async for event in follow(store, rid, max_wait=0.02, poll_interval=0.005, feeds=feeds):
+            got.append(event)
+    assert got == [delta(0), delta(1)]
