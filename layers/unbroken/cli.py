@@ -49,7 +49,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(config, store)
     # Bind first, then announce: a client that reads the ready line can connect at once (and --port 0 works).
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then (else Nagle + delayed ACK
+    # add tens of milliseconds to small writes such as SSE frames).
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))

@@ -46,7 +46,7 @@ class RouterThread:
     def __init__(self, config: Config | dict[str, Any], store: Any = None) -> None:
         self.config = config if isinstance(config, Config) else config_from(config)
         self.app = create_app(self.config, store)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)

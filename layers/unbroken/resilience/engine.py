@@ -313,22 +313,29 @@ class Generation:
                 until_deadline = self.deadline - time.time()
                 if until_deadline <= 0:
                     raise _DeadlineReached
-                pending = asyncio.ensure_future(stream.__anext__())
+                wait = max(0.0, min(limit, until_deadline))
                 try:
-                    if first and not self.started and self.header_hold_seconds < min(limit, until_deadline):
+                    if first and not self.started and self.header_hold_seconds < wait:
                         # Nothing to show yet: after a short hold the response is committed to streaming (200 +
                         # start events) so the client is not left without a byte while a slow model thinks.
+                        pending = asyncio.ensure_future(stream.__anext__())
                         done, _ = await asyncio.wait({pending}, timeout=self.header_hold_seconds)
                         if not done:
                             for ev in self._ensure_started():
                                 yield ev
                             limit -= self.header_hold_seconds
-                            until_deadline = self.deadline - time.time()
-                    delta = await asyncio.wait_for(asyncio.shield(pending), max(0.0, min(limit, until_deadline)))
+                        wait = max(0.0, min(limit, self.deadline - time.time()))
+                        try:
+                            delta = await asyncio.wait_for(pending, wait)
+                        finally:
+                            pending.cancel()
+                    else:
+                        # The per-token path: a timer handle, not a task per token (the CPU budget is here).
+                        async with asyncio.timeout(wait):
+                            delta = await stream.__anext__()
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    pending.cancel()
                     if time.time() >= self.deadline:
                         raise _DeadlineReached from None
                     what = "first token" if first else "next token"
