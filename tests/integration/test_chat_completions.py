@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -384,3 +385,203 @@ def test_tool_arguments_stream_in_fragments_when_not_held() -> None:
     assert len(fragments) > 1
     calls = tool_calls_of(chunks)
     assert list(calls) == [0] and json.loads(calls[0]["arguments"]) and calls[0]["arguments"] == "".join(fragments)
+
+
+# -- every provider adapter, through the router, to a chat client ------------------------------------------------
+#
+# Each case replays one recorded stream from shared/fixtures through that provider's fake upstream (tests/fakes) and
+# the router's adapter for it; a chat client must get exactly the recording's text and tool calls. Expected values
+# are read from the recorded payloads here, by small parsers of each wire, never through the adapter.
+
+LAYERS = Path(__file__).resolve().parents[2] / "layers" / "unbroken" / "providers"
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+
+
+@dataclass
+class Recorded:
+    text: str = ""
+    calls: list[tuple[str | None, str, Any]] = field(default_factory=list)  # (call id, name, parsed arguments)
+
+
+def _sse_payloads(frames: list[bytes]) -> list[dict[str, Any]]:
+    out = []
+    for frame in frames:
+        data = [ln[5:].strip() for ln in frame.decode().split("\n") if ln.startswith("data:")]
+        if data and data[0] != "[DONE]":
+            out.append(json.loads("\n".join(data)))
+    return out
+
+
+def recorded_anthropic(payloads: list[dict[str, Any]]) -> Recorded:
+    rec, args = Recorded(), {}
+    for p in payloads:
+        if p.get("type") == "content_block_start" and p["content_block"]["type"] == "tool_use":
+            block = p["content_block"]
+            rec.calls.append((block["id"], block["name"], None))
+            args[len(rec.calls) - 1] = ""
+        elif p.get("type") == "content_block_delta":
+            delta = p["delta"]
+            if delta["type"] == "text_delta":
+                rec.text += delta["text"]
+            elif delta["type"] == "input_json_delta":
+                args[len(rec.calls) - 1] += delta["partial_json"]
+    rec.calls = [(cid, name, json.loads(args[i] or "{}")) for i, (cid, name, _) in enumerate(rec.calls)]
+    return rec
+
+
+def recorded_bedrock(payloads: list[dict[str, Any]]) -> Recorded:
+    rec, args = Recorded(), []
+    for p in payloads:
+        if "contentBlockStart" in p and "toolUse" in p["contentBlockStart"]["start"]:
+            use = p["contentBlockStart"]["start"]["toolUse"]
+            rec.calls.append((use["toolUseId"], use["name"], None))
+            args.append("")
+        elif "contentBlockDelta" in p:
+            delta = p["contentBlockDelta"]["delta"]
+            rec.text += delta.get("text", "")
+            if "toolUse" in delta:
+                args[-1] += delta["toolUse"]["input"]
+    rec.calls = [(cid, name, json.loads(args[i] or "{}")) for i, (cid, name, _) in enumerate(rec.calls)]
+    return rec
+
+
+def recorded_gemini(payloads: list[dict[str, Any]]) -> Recorded:
+    rec = Recorded()
+    for p in payloads:
+        for cand in p.get("candidates") or []:
+            for part in (cand.get("content") or {}).get("parts") or []:
+                if "text" in part and not part.get("thought"):
+                    rec.text += part["text"]
+                if "functionCall" in part:
+                    rec.calls.append((None, part["functionCall"]["name"], part["functionCall"].get("args") or {}))
+    return rec
+
+
+def recorded_responses(payloads: list[dict[str, Any]]) -> Recorded:
+    rec = Recorded()
+    for p in payloads:
+        if p.get("type") == "response.output_text.delta":
+            rec.text += p["delta"]
+        elif p.get("type") == "response.output_item.done" and p["item"]["type"] == "function_call":
+            item = p["item"]
+            rec.calls.append((item["call_id"], item["name"], json.loads(item["arguments"] or "{}")))
+    return rec
+
+
+def recorded_chat(payloads: list[dict[str, Any]]) -> Recorded:
+    rec, calls = Recorded(), {}
+    for p in payloads:
+        for choice in p.get("choices") or []:
+            delta = choice.get("delta") or {}
+            rec.text += delta.get("content") or ""
+            for tc in delta.get("tool_calls") or []:
+                entry = calls.setdefault(tc["index"], {"id": "", "name": "", "arguments": ""})
+                entry["id"] = entry["id"] or tc.get("id") or ""
+                entry["name"] = entry["name"] or (tc.get("function") or {}).get("name") or ""
+                entry["arguments"] += (tc.get("function") or {}).get("arguments") or ""
+    rec.calls = [(c["id"], c["name"], json.loads(c["arguments"] or "{}")) for _, c in sorted(calls.items())]
+    return rec
+
+
+@dataclass
+class ProviderCase:
+    id: str
+    provider: str  # config provider name
+    module: str  # adapter module under layers/unbroken/providers
+    fake_module: str  # tests/fakes module
+    fixture: str
+
+
+PROVIDER_CASES = [
+    ProviderCase("anthropic-text", "anthropic", "anthropic", "anthropic", "anthropic-text.chunks.txt"),
+    ProviderCase("anthropic-tool", "anthropic", "anthropic", "anthropic", "tool_use_response.txt"),
+    ProviderCase("bedrock-text", "bedrock", "bedrock", "bedrock", "amazon-bedrock-text.chunks.txt"),
+    ProviderCase("bedrock-tool", "bedrock", "bedrock", "bedrock", "amazon-bedrock-tool-call.1.chunks.txt"),
+    ProviderCase("azure-chat-text", "azure", "azure", "azure", "azure-model-router.1.chunks.txt"),
+    ProviderCase("azure-responses-text", "azure", "azure", "azure", "azure-text.1.chunks.txt"),
+    ProviderCase("azure-responses-tool", "azure", "azure", "azure", "azure-tool-call.1.chunks.txt"),
+    ProviderCase("gemini-text", "gemini", "gemini", "gemini", "google-text.chunks.txt"),
+    ProviderCase("gemini-tool", "gemini", "gemini", "gemini", "google-tool-call.chunks.txt"),
+    ProviderCase("openai-responses-text", "openai_responses", "openai_responses", "openai_responses",
+                 "github-copilot-id-rotation.1.chunks.txt"),
+    ProviderCase("openai-responses-tool", "openai_responses", "openai_responses", "openai_responses",
+                 "test_openai_responses_stream.yaml#0"),
+]
+
+
+def _fake_and_deployment(case: ProviderCase) -> tuple[Any, dict[str, Any], Recorded]:
+    """(a started-on-enter fake serving the recording, the deployment for it, what the recording holds)."""
+    common = {"name": "d", "provider": case.provider, "api_key": "k", "options": {"max_retries": 0}}
+    if case.provider == "anthropic":
+        from tests.fakes.anthropic import ANTHROPIC_FIXTURES, FakeAnthropic, fixture_frames, stream_script
+
+        frames = fixture_frames(ANTHROPIC_FIXTURES / case.fixture)
+        fake: Any = FakeAnthropic(stream_script(frames))
+        return fake, {**common, "model": "claude-test"}, recorded_anthropic(_sse_payloads(frames))
+    if case.provider == "bedrock":
+        from tests.fakes.bedrock import BEDROCK_FIXTURES, FakeBedrock
+        from tests.fakes.bedrock import fixture_frames as bedrock_frames
+        from tests.fakes.bedrock import stream_script as bedrock_script
+
+        path = BEDROCK_FIXTURES / case.fixture
+        fake = FakeBedrock(bedrock_script(bedrock_frames(path)))
+        payloads = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        # No api_key (a present but empty one switches a deployment off): SigV4 with the test environment's dummy
+        # credentials (tests/conftest.py).
+        keyless = {k: v for k, v in common.items() if k != "api_key"}
+        return fake, {**keyless, "model": "us.anthropic.claude-test-v1:0", "region": "us-east-1"}, \
+            recorded_bedrock(payloads)
+    if case.provider == "azure":
+        from tests.fakes.azure import AzureFake, is_responses
+        from tests.fakes.sse_replay import FIXTURES
+
+        frames = AzureFake.frames(case.fixture)
+        responses = is_responses(FIXTURES / "azure" / case.fixture)
+        fake = AzureFake()
+        fake.serve(fake.replay(case.fixture))
+        parse = recorded_responses if responses else recorded_chat
+        return fake, {**common, "model": "my-gpt5", "options": {"max_retries": 0,
+                                                                 "api": "responses" if responses else "chat"}}, \
+            parse(_sse_payloads(frames))
+    if case.provider == "gemini":
+        from tests.fakes.gemini import GeminiFake
+
+        frames = GeminiFake.frames(case.fixture)
+        fake = GeminiFake()
+        fake.serve(fake.replay(case.fixture))
+        return fake, {**common, "model": "gemini-3-pro-preview"}, recorded_gemini(_sse_payloads(frames))
+    from tests.fakes.openai_responses import ResponsesFake
+
+    frames = ResponsesFake.frames(case.fixture)
+    fake = ResponsesFake()
+    fake.serve(fake.replay(case.fixture))
+    return fake, {**common, "model": "gpt-5"}, recorded_responses(_sse_payloads(frames))
+
+
+@pytest.mark.parametrize("case", PROVIDER_CASES, ids=[c.id for c in PROVIDER_CASES])
+def test_chat_stream_through_each_provider_adapter(case: ProviderCase) -> None:
+    if not (LAYERS / f"{case.module}.py").exists():
+        pytest.skip(f"no {case.module} adapter under layers/unbroken/providers yet")
+    if not (FAKES / f"{case.fake_module}.py").exists():
+        pytest.skip(f"no fake upstream tests/fakes/{case.fake_module}.py yet")
+    fake, deployment, recorded = _fake_and_deployment(case)
+    assert recorded.text or recorded.calls, "the recording holds neither text nor tool calls"
+    with fake:
+        base = fake.base_url + ("/v1" if case.provider == "openai_responses" else "")
+        model = {"name": "m", "deployments": [{**deployment, "base_url": base}]}
+        tools = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
+                 for name in dict.fromkeys(name for _, name, _ in recorded.calls)]
+        with RouterThread(base_config(model)) as server, \
+                openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=30.0) as c:
+            extra: dict[str, Any] = {"tools": tools} if tools else {}
+            chunks = list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                    stream=True, **extra))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == recorded.text
+    calls = tool_calls_of(chunks)
+    assert sorted(calls) == list(range(len(recorded.calls)))
+    for index, (call_id, name, arguments) in enumerate(recorded.calls):
+        got = calls[index]
+        assert got["name"] == name and json.loads(got["arguments"] or "{}") == arguments
+        assert got["id"] == call_id if call_id else got["id"]
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == ["tool_calls" if recorded.calls else "stop"]

@@ -4,7 +4,7 @@ attempt loop emits → Chat Completions chunks (streaming) or one `chat.completi
 Chat clients ride the same IR, routing and attempt loop as Open Responses clients, so failover and mid-stream
 continuation apply to them unchanged: the translation happens after the loop, on its events.
 
-Decisions (documented in README "Chat Completions"):
+Decisions (what a chat client should know):
 - `n` must be 1 (one choice per request: the attempt loop continues one answer, not several).
 - `stop` is rejected with 400 when non-empty: no adapter enforces stop sequences on every provider, and a sequence
   could straddle the seam of a continued answer; silently ignoring it would change the output's meaning.
