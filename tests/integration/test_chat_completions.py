@@ -17,6 +17,8 @@ import pytest
 
 from tests.support.client import TIMEOUT, headers
 from tests.support.server import API_KEY, RouterThread, base_config, sim_model
+from unbroken.api.errors import APIError
+from unbroken.protocol.chat import ChatChunker, completion_from_response
 from unbroken.providers.simulated_upstream import input_key_of, simulated_tokens
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -585,3 +587,80 @@ def test_chat_stream_through_each_provider_adapter(case: ProviderCase) -> None:
         assert got["id"] == call_id if call_id else got["id"]
     finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finishes == ["tool_calls" if recorded.calls else "stop"]
+
+
+# -- the event → chunk translation on its own ----------------------------------------------------------------------
+
+
+def _response(status: str, **extra: Any) -> dict[str, Any]:
+    return {"status": status, "output": [], "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5,
+                                                      "input_tokens_details": {"cached_tokens": 1},
+                                                      "output_tokens_details": {"reasoning_tokens": 1}}, **extra}
+
+
+def _deltas(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+
+
+def test_chunker_maps_refusal_reasoning_and_content_filter() -> None:
+    chunker = ChatChunker("chatcmpl-x", 1, "m", include_usage=True)
+    out: list[dict[str, Any]] = []
+    for event in [{"type": "response.created"}, {"type": "response.reasoning.delta", "delta": "think"},
+                  {"type": "response.reasoning_summary_text.delta", "delta": "sum"},
+                  {"type": "response.refusal.delta", "delta": "no"},
+                  {"type": "response.incomplete",
+                   "response": _response("incomplete", incomplete_details={"reason": "content_filter"})}]:
+        out += chunker.feed(event)
+    assert _deltas(out) == [{"role": "assistant", "content": ""}, {"reasoning_content": "think"},
+                            {"reasoning_content": "sum"}, {"refusal": "no"}, {}]
+    assert out[-2]["choices"][0]["finish_reason"] == "content_filter" and out[-2]["usage"] is None
+    assert out[-1]["choices"] == [] and out[-1]["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5, "prompt_tokens_details": {"cached_tokens": 1},
+        "completion_tokens_details": {"reasoning_tokens": 1}}
+    assert chunker.finished and chunker.error is None
+
+
+def test_chunker_never_shows_a_dropped_call_and_numbers_shown_calls_densely() -> None:
+    chunker = ChatChunker("chatcmpl-x", 1, "m")
+    def item(item_id: str, call_id: str, status: str) -> dict[str, Any]:
+        return {"id": item_id, "type": "function_call", "call_id": call_id, "name": "f", "arguments": "",
+                "status": status}
+
+    events = [
+        {"type": "response.created"},
+        {"type": "response.output_item.added", "item": item("fc_1", "c1", "in_progress")},
+        {"type": "response.output_item.done", "item": item("fc_1", "c1", "incomplete")},
+        {"type": "response.output_item.added", "item": item("fc_2", "c2", "in_progress")},
+        {"type": "response.function_call_arguments.delta", "item_id": "fc_2", "delta": "{}"},
+        {"type": "response.output_item.done", "item": item("fc_2", "c2", "completed")},
+        {"type": "response.output_item.added", "item": item("fc_3", "c3", "in_progress")},
+        {"type": "response.output_item.done", "item": item("fc_3", "c3", "completed")},
+        {"type": "response.completed", "response": _response("completed")},
+    ]
+    out = [chunk for event in events for chunk in chunker.feed(event)]
+    calls = [tc for d in _deltas(out) for tc in d.get("tool_calls", [])]
+    assert calls == [
+        {"index": 0, "id": "c2", "type": "function", "function": {"name": "f", "arguments": ""}},
+        {"index": 0, "function": {"arguments": "{}"}},
+        {"index": 1, "id": "c3", "type": "function", "function": {"name": "f", "arguments": ""}},
+    ]
+    assert out[-1]["choices"][0]["finish_reason"] == "tool_calls" and "usage" not in out[-1]
+
+
+@pytest.mark.parametrize(("final", "code", "etype"), [
+    (_response("failed", error={"code": "upstream_error", "message": "boom"}), "upstream_error", "server_error"),
+    (_response("incomplete", incomplete_details={"reason": "stream_deadline"}), "stream_deadline", "server_error"),
+])
+def test_chunker_turns_a_bad_ending_into_an_error(final: dict[str, Any], code: str, etype: str) -> None:
+    chunker = ChatChunker("chatcmpl-x", 1, "m", include_usage=True)
+    chunker.feed({"type": "response.created"})
+    chunker.feed({"type": "response.output_text.delta", "delta": "partial"})
+    if final["status"] == "failed":
+        chunker.feed({"type": "error", "error": {"type": etype, "code": code, "message": "boom", "param": None}})
+    out = chunker.feed({"type": "response.failed" if final["status"] == "failed" else "response.incomplete",
+                        "response": final})
+    assert out == [] and chunker.finished
+    assert chunker.error is not None and chunker.error["code"] == code and chunker.error["type"] == etype
+    with pytest.raises(APIError) as exc:
+        completion_from_response(final, "chatcmpl-x", 1, "m")
+    assert exc.value.code == code and exc.value.status >= 500
