@@ -174,7 +174,8 @@ async def test_sync_on_commit_callback(store: ControlledStore, feeds: LocalFeeds
 async def test_batch_closes_at_size(store: ControlledStore, feeds: LocalFeeds) -> None:
     rid = await new_response(store)
     text = "x" * 100  # estimated at ~230 bytes per event: three of them cross 500 bytes
-    writer = JournalWriter(store, rid, 0, batch_bytes=500, batch_ms=NEVER, feeds=feeds)
+    # max_append_bytes = batch_bytes: no merging of queued batches, so each closed batch is one append.
+    writer = JournalWriter(store, rid, 0, batch_bytes=500, batch_ms=NEVER, max_append_bytes=500, feeds=feeds)
     for seq in range(20):
         await writer.emit(delta(seq, text))
     sizes = [len((await store.next_commit()).events) for _ in range(6)]
@@ -220,6 +221,33 @@ async def test_batch_closes_at_boundary_and_terminal(store: ControlledStore, fee
     assert header.last_seq == 5
     with pytest.raises(WriterClosed):
         await writer.emit(delta(6))
+
+
+async def test_batches_queued_behind_a_slow_store_go_out_together(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    store.gate = asyncio.Event()
+    text = "x" * 100  # ~230 bytes per event as estimated: batches of three (~690 bytes)
+    writer = JournalWriter(store, rid, 0, batch_bytes=500, batch_ms=NEVER, max_append_bytes=1500, feeds=feeds)
+    for seq in range(3):
+        await writer.emit(delta(seq, text))
+    assert len((await store.next_attempt()).events) == 3  # in flight, held by the gate
+    for seq in range(3, 15):  # four more batches close and queue up meanwhile
+        await writer.emit(delta(seq, text))
+    status = asyncio.create_task(writer.set_status("in_progress"))
+    await asyncio.sleep(0)  # one loop turn: the status update queues behind them
+    store.gate.set()
+    appends = [await store.next_commit() for _ in range(3)]
+    # Merged while within max_append_bytes; the header update keeps its place, at the end of the last merge.
+    assert [[e["sequence_number"] for e in a.events] for a in appends] == [
+        [0, 1, 2],
+        list(range(3, 9)),
+        list(range(9, 15)),
+    ]
+    assert [a.status for a in appends] == [None, None, "in_progress"]
+    await asyncio.wait_for(status, BOUND)
+    assert store.committed.empty()
+    assert [e["sequence_number"] for e in await store.read_events(rid)] == list(range(15))
+    await writer.aclose()
 
 
 async def test_set_status_and_flush(store: ControlledStore, feeds: LocalFeeds) -> None:

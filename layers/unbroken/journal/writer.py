@@ -2,10 +2,11 @@
 
 The producer calls `emit` per event; that only appends to the open batch (no I/O, no serialisation of text deltas),
 which is what keeps the per-token cost low. A batch closes at `batch_bytes`, `batch_ms` after its first event, at
-`boundary()` or at the terminal event; one committer task appends closed batches to the store in order, one at a
-time, and calls `on_commit(events)` only after the store has committed them: the API layer sends events to clients
-from there, so nothing leaves the process before it is durable. While a commit is in flight, new events gather in the
-next batch (group commit). The same task renews the lease when no commit did so for `lease_seconds / 3`.
+`boundary()` or at the terminal event; one committer task appends closed batches to the store in order, one append
+at a time, and calls `on_commit(events)` only after the store has committed them: the API layer sends events to
+clients from there, so nothing leaves the process before it is durable. While a commit is in flight, new events
+gather in the next batch, and closed batches that queue up behind a slow store go out together in one append (group
+commit). The same task renews the lease when no commit did so for `lease_seconds / 3`.
 
 A store failure (`Fenced`, `StoreUnavailable`, anything) stops the writer for good: what was pending is dropped, never
 written, and the error is raised from the next `emit` / `boundary` / `finish` / `set_status` / `flush`.
@@ -93,6 +94,7 @@ class JournalWriter:
         on_commit: OnCommit | None = None,
         feeds: LocalFeeds | None = None,
         max_pending_bytes: int | None = None,
+        max_append_bytes: int | None = None,
     ) -> None:
         self._store = store
         self.response_id = response_id
@@ -105,13 +107,17 @@ class JournalWriter:
         self._feeds = LOCAL_FEEDS if feeds is None else feeds
         # Backpressure: a producer faster than the store waits once this much is closed but not yet committed.
         self._max_pending = max_pending_bytes if max_pending_bytes is not None else max(64 * batch_bytes, 256 * 1024)
+        # Group commit: when the store falls behind, closed batches waiting their turn go out in one append, up to
+        # this size (one store write instead of many; the DynamoDB store still cuts items at 64 KB compressed).
+        self._max_append = max_append_bytes if max_append_bytes is not None else 16 * batch_bytes
         self._loop = asyncio.get_running_loop()
 
         self._open: list[dict[str, Any]] = []
         self._open_bytes = 0
         self._open_since = 0.0
         self._ready: deque[_Batch] = deque()
-        self._ready_bytes = 0
+        self._ready_bytes = 0  # closed and not yet committed, the batch in flight included
+        self._inflight: _Batch | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
         self._error: BaseException | None = None
@@ -172,6 +178,8 @@ class JournalWriter:
             batch = self._close_open()
         elif self._ready:
             batch = self._ready[-1]
+        elif self._inflight is not None:
+            batch = self._inflight
         else:
             return
         await self._wait_for(batch)
@@ -249,6 +257,10 @@ class JournalWriter:
     def _drop(self, error: BaseException) -> None:
         self._open = []
         self._open_bytes = 0
+        if self._inflight is not None:
+            for future in self._inflight.done:
+                _settle(future, error)
+            self._inflight = None
         while self._ready:
             for future in self._ready.popleft().done:
                 _settle(future, error)
@@ -265,9 +277,9 @@ class JournalWriter:
         try:
             while True:  # ends at the final batch, on an error, or when cancelled by aclose
                 if self._ready:
-                    batch = self._ready[0]
+                    batch = self._inflight = self._take()
                     await self._commit(batch)
-                    self._ready.popleft()
+                    self._inflight = None
                     self._ready_bytes -= batch.size
                     if self._ready_bytes <= self._max_pending:
                         self._space.set()
@@ -298,6 +310,24 @@ class JournalWriter:
         except Exception as exc:
             log.warning("journal writer of %s stopped: %r", self.response_id, exc)
             self._fail(exc)
+
+    def _take(self) -> _Batch:
+        """The next append: the oldest closed batch, merged with the ones behind it while they fit. A batch carrying
+        a status / response / the terminal event ends the merge, so header updates keep their place."""
+        batch = self._ready.popleft()
+        if not self._ready or batch.status is not None or batch.response is not None or batch.final:
+            return batch
+        merged = _Batch(list(batch.events), batch.size)
+        merged.done = list(batch.done)
+        while self._ready and merged.size + self._ready[0].size <= self._max_append:
+            nxt = self._ready.popleft()
+            merged.events += nxt.events
+            merged.size += nxt.size
+            merged.done += nxt.done
+            if nxt.status is not None or nxt.response is not None or nxt.final:
+                merged.status, merged.response, merged.final = nxt.status, nxt.response, nxt.final
+                break
+        return merged
 
     async def _commit(self, batch: _Batch) -> None:
         self._cancel = await self._store.append(
