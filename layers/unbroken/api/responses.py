@@ -19,6 +19,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from unbroken.api.auth import authenticate
+from unbroken.api.compact import expand_compaction_for
 from unbroken.api.errors import APIError
 from unbroken.api.request import CreateResponseBody, generation_request, items_from_input, response_skeleton
 from unbroken.protocol import sse
@@ -64,7 +65,7 @@ async def create_response(
     if model is None:
         raise APIError(404, f"The model '{body.model}' does not exist or you do not have access to it.",
                        param="model", code="model_not_found")
-    items = items_from_input(body.input)
+    items = items_from_input(body.input, expand_compaction=expand_compaction_for(tenant, runtime))
     if not items and body.previous_response_id is None:
         raise APIError(400, "Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
     gen_request = generation_request(body, items)
