@@ -111,6 +111,8 @@ class ServerSettings(_Strict):
     # How long a response may keep generating into the journal after its client went away.
     detached_cap_seconds: float = Field(default=300.0, ge=0)
     retention_seconds: int = Field(default=24 * 3600, gt=0)
+    # A producer renews its lease every third of this; a reader that finds it expired takes the response over.
+    lease_seconds: float = Field(default=15.0, gt=0)
     # Group commit: a journal batch closes at this many bytes or after this many milliseconds.
     journal_batch_bytes: int = Field(default=4096, gt=0)
     journal_batch_ms: float = Field(default=50.0, gt=0, le=1000)

@@ -331,9 +331,10 @@ class ResponseEmitter:
         self.closed = True
         return events
 
-    def end_incomplete(self, reason: str) -> list[Event]:
+    def end_incomplete(self, reason: str, *, status: str = "incomplete") -> list[Event]:
+        """`status` is "cancelled" for a cancel: OpenAI's status, carried by the spec's `response.incomplete`."""
         events = self.close_open(status="incomplete")
-        self._finalise("incomplete")
+        self._finalise(status)
         self.response["incomplete_details"] = {"reason": reason}
         events.append(self._event("response.incomplete", response=self.snapshot()))
         self.closed = True
@@ -369,3 +370,63 @@ def _copy_item(item: dict[str, Any]) -> dict[str, Any]:
     if "summary" in out:
         out["summary"] = [dict(p) for p in out["summary"]]
     return out
+
+
+def restore_emitter(events: list[Event], *, hold_tool_arguments: bool = False) -> ResponseEmitter:
+    """Rebuild an emitter from the events a response has committed, so another process can go on where a dead
+    producer stopped: same response object, same open item and text so far, next `sequence_number`."""
+    import copy
+
+    base = next((e["response"] for e in reversed(events) if e["type"] in ("response.in_progress",
+                                                                        "response.queued", "response.created")),
+                None)
+    if base is None:
+        raise ValueError("no response.created event to restore from")
+    emitter = ResponseEmitter(copy.deepcopy(base), hold_tool_arguments=hold_tool_arguments)
+    emitter.response["output"] = []
+    emitter.response["status"] = "in_progress"
+    by_index: dict[int, _OpenItem] = {}
+    for e in events:
+        etype = e["type"]
+        if etype == "response.output_item.added":
+            item = copy.deepcopy(e["item"])
+            kind = item["type"]
+            emitter.output.append(item)
+            cur = _OpenItem(kind, len(emitter.output) - 1, item)
+            by_index[cur.output_index] = cur
+            emitter.open = cur
+        elif etype == "response.content_part.added" or etype == "response.reasoning_summary_part.added":
+            cur = by_index[e["output_index"]]
+            part = dict(e["part"])
+            if etype == "response.reasoning_summary_part.added":
+                cur.item["summary"].append(part)
+                cur.part_kind = "summary_text"
+            else:
+                cur.item.setdefault("content", []).append(part)
+                cur.part_kind = part["type"]
+            cur.text = []
+        elif etype in ("response.output_text.delta", "response.refusal.delta", "response.reasoning.delta",
+                       "response.reasoning_summary_text.delta"):
+            by_index[e["output_index"]].text.append(e["delta"])
+        elif etype in ("response.content_part.done", "response.reasoning_summary_part.done"):
+            cur = by_index[e["output_index"]]
+            parts = cur.item["summary"] if etype == "response.reasoning_summary_part.done" else cur.item["content"]
+            parts[-1] = dict(e["part"])
+            cur.part_kind = None
+            cur.text = []
+        elif etype == "response.function_call_arguments.delta":
+            by_index[e["output_index"]].item["arguments"] += e["delta"]
+        elif etype == "response.output_item.done":
+            emitter.output[e["output_index"]] = copy.deepcopy(e["item"])
+            if emitter.open is not None and emitter.open.output_index == e["output_index"]:
+                emitter.open = None
+        elif etype in TERMINAL_EVENT_TYPES:
+            emitter.closed = True
+        emitter.seq = e["sequence_number"] + 1
+    if emitter.open is not None:
+        # The open item's dict is the one in `output`; keep them the same object so closing updates both.
+        emitter.open.item = emitter.output[emitter.open.output_index]
+        if emitter.open.kind == "function_call":
+            emitter.calls[-1] = emitter.open
+            emitter.open.tool_index = -1
+    return emitter

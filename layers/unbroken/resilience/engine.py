@@ -134,7 +134,8 @@ class Generation:
         self.recovery_events = recovery_events
         self.attempts: list[Attempt] = []
         self.resumed_from: str | None = None  # set after an interruption, until the next attempt's first delta
-        self.started = False
+        # An emitter rebuilt from a journal (takeover) has already sent its start events.
+        self.started = emitter.seq > 0
         self.error: ProviderError | None = None
 
     # -- public --------------------------------------------------------------------------------------------------
@@ -155,6 +156,20 @@ class Generation:
         tries: dict[str, int] = {}
         continuation_mode: dict[str, bool] = {}  # deployment -> literal? (a prefill rejection flips it)
         request = self.request
+        if self.emitter.seq > 0:
+            # Taking over a response another process started: what it sent stands; go on from there.
+            for ev in self.emitter.drop_open_tool_call():
+                yield ev
+            if self.emitter.open is not None and self.emitter.open.kind == "reasoning":
+                for ev in self.emitter.close_open():
+                    yield ev
+            continued = self._continuation_base()
+            if continued is None:
+                async for ev in self._finish_ok():
+                    yield ev
+                return
+            request = continued
+            self.resumed_from = "takeover"
         rounds = 0
         while True:
             usable = [d for d in self.candidates if d.name not in excluded]
@@ -196,9 +211,8 @@ class Generation:
                 attempt.outcome = "cancelled"
                 for ev in self._ensure_started():
                     yield ev
-                for ev in self.emitter.end_incomplete("cancelled"):
+                for ev in self.emitter.end_incomplete("cancelled", status="cancelled"):
                     yield ev
-                self.emitter.response["status"] = "cancelled"
                 return
             except _DeadlineReached:
                 attempt.outcome = "deadline"

@@ -1,0 +1,254 @@
+"""The journal through the API: read and resume from any sequence number (and from another process), disconnects
+that lose nothing, cancel, delete, tenancy, Idempotency-Key, previous_response_id, background mode, store failure."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.test_responses_api import expected_text
+from tests.support.client import TIMEOUT, headers, post_json, post_stream
+from tests.support.server import RouterProcess, RouterThread, base_config, sim_model
+from tests.support.sse import assert_well_formed, parse_sse
+from unbroken.journal.memory import MemoryStore
+from unbroken.journal.store import StoreUnavailable, open_store
+from unbroken.providers.simulated_upstream import SimulatedUpstream
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Any]:
+    with SimulatedUpstream.start_in_thread() as handle:
+        yield handle
+
+
+def journal_config(sim_url: str, **server: Any) -> dict[str, Any]:
+    model = sim_model("demo", deployments=1, length=40)
+    model["deployments"][0]["base_url"] = sim_url
+    slow = sim_model("slow", deployments=1, length=60, tps=40)
+    slow["deployments"][0]["base_url"] = sim_url
+    return base_config(model, slow, lease_seconds=1.0, **server)
+
+
+@pytest.fixture(scope="module")
+def router(sim: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterThread]:
+    db = tmp_path_factory.mktemp("journal") / "journal.db"
+    with RouterThread(journal_config(sim.base_url), store=open_store(f"sqlite:///{db}")) as server:
+        yield server
+
+
+def get(router: RouterThread, path: str, key: str = "sk-test", **params: Any) -> httpx.Response:
+    with httpx.Client(timeout=TIMEOUT) as client:
+        return client.get(f"{router.base_url}{path}", params=params, headers=headers(key))
+
+
+def resume(base_url: str, response_id: str, after: int | None = None, extra: dict[str, str] | None = None,
+           **params: Any) -> bytes:
+    query = {"stream": "true", **params}
+    if after is not None:
+        query["starting_after"] = str(after)
+    with httpx.Client(timeout=TIMEOUT) as client, client.stream(
+            "GET", f"{base_url}/responses/{response_id}", params=query, headers=headers(**(extra or {}))) as r:
+        assert r.status_code == 200, r.read()
+        return r.read()
+
+
+def test_resume_replays_exactly_the_events_after_the_cursor(router: RouterThread) -> None:
+    _, stream = post_stream(router.base_url, {"model": "demo", "input": "journal me"})
+    assert_well_formed(stream)
+    response_id = stream.response["id"]
+    assert len(response_id) >= len("resp_") + 32  # 128 random bits, hex
+    for cursor in (-1, 0, 5, len(stream.events) - 2):
+        replay = parse_sse(resume(router.base_url, response_id, cursor), first_seq=cursor + 1)
+        assert replay.events == stream.events[cursor + 1:]
+        assert replay.done
+    after_end = parse_sse(resume(router.base_url, response_id, len(stream.events) - 1), first_seq=None)
+    assert after_end.events == [] and after_end.done
+    snapshot = get(router, f"/responses/{response_id}").json()
+    assert snapshot == stream.response
+
+
+def test_last_event_id_is_a_cursor_and_ids_only_on_request(router: RouterThread) -> None:
+    _, stream = post_stream(router.base_url, {"model": "demo", "input": "ids"})
+    response_id = stream.response["id"]
+    plain = resume(router.base_url, response_id, extra={"last-event-id": "3"})
+    assert b"\nid: " not in plain and not plain.startswith(b"id: ")
+    assert parse_sse(plain, first_seq=4).events == stream.events[4:]
+    with_ids = resume(router.base_url, response_id, 10, include_event_ids="true")
+    assert with_ids.startswith(b"id: 11\n")
+
+
+def test_a_client_that_leaves_loses_nothing(router: RouterThread) -> None:
+    body = {"model": "slow", "input": "leave early", "stream": True}
+    with httpx.Client(timeout=TIMEOUT) as client, client.stream("POST", f"{router.base_url}/responses", json=body,
+                                                                headers=headers()) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        while not first.startswith("data: "):
+            first = next(lines)
+        response_id = json.loads(first[6:])["response"]["id"]
+    # The connection is closed; the response still completes into the journal and can be resumed.
+    replay = parse_sse(resume(router.base_url, response_id, -1))
+    assert_well_formed(replay)
+    assert replay.terminal["type"] == "response.completed"
+    assert replay.text() == expected_text("leave early", length=60)
+
+
+def test_cancel_stops_generation_with_a_terminal_event(router: RouterThread) -> None:
+    body = {"model": "slow", "input": "cancel me", "stream": True, "metadata": {"sim_length": "2000"}}
+    with httpx.Client(timeout=TIMEOUT) as client, client.stream("POST", f"{router.base_url}/responses", json=body,
+                                                                headers=headers()) as r:
+        lines = r.iter_lines()
+        response_id = None
+        raw = b""
+        for line in lines:
+            raw += (line + "\n").encode()
+            if line.startswith("data: ") and response_id is None:
+                response_id = json.loads(line[6:])["response"]["id"]
+                cancelled = post_json(router.base_url, f"/responses/{response_id}/cancel", None)
+                assert cancelled.status_code == 200
+                assert cancelled.json()["status"] == "cancelled"
+    stream = parse_sse(raw)
+    assert stream.terminal["type"] == "response.incomplete"
+    assert stream.response["status"] == "cancelled"
+    assert stream.response["incomplete_details"] == {"reason": "cancelled"}
+    again = post_json(router.base_url, f"/responses/{response_id}/cancel", None)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"  # idempotent
+
+
+def test_delete_removes_the_response(router: RouterThread) -> None:
+    body = post_json(router.base_url, "/responses", {"model": "demo", "input": "delete me"}).json()
+    with httpx.Client(timeout=TIMEOUT) as client:
+        deleted = client.delete(f"{router.base_url}/responses/{body['id']}", headers=headers())
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert get(router, f"/responses/{body['id']}").status_code == 404
+
+
+def test_only_the_creating_tenant_can_touch_a_response(router: RouterThread) -> None:
+    body = post_json(router.base_url, "/responses", {"model": "demo", "input": "mine"}).json()
+    rid = body["id"]
+    assert get(router, f"/responses/{rid}", key="sk-other").status_code == 404
+    assert get(router, f"/responses/{rid}", key="sk-other", stream="true").status_code == 404
+    assert post_json(router.base_url, f"/responses/{rid}/cancel", None, key="sk-other").status_code == 404
+    with httpx.Client(timeout=TIMEOUT) as client:
+        assert client.delete(f"{router.base_url}/responses/{rid}", headers=headers("sk-other")).status_code == 404
+    assert get(router, f"/responses/{rid}").status_code == 200
+    chained = post_json(router.base_url, "/responses", {"model": "demo", "input": "x", "previous_response_id": rid},
+                        key="sk-other")
+    assert chained.status_code == 404 and chained.json()["error"]["code"] == "previous_response_not_found"
+
+
+def test_idempotency_key_attaches_instead_of_calling_twice(router: RouterThread, sim: Any) -> None:
+    body = {"model": "demo", "input": "exactly once", "metadata": {"n": "1"}}
+    before = len(sim.upstream.received)
+    _, first = post_stream(router.base_url, body, extra_headers={"Idempotency-Key": "key-1"})
+    _, second = post_stream(router.base_url, body, extra_headers={"Idempotency-Key": "key-1"})
+    assert second.events == first.events  # replayed from the start
+    plain = post_json(router.base_url, "/responses", {**body, "stream": True}, extra_headers={"Idempotency-Key":
+                                                                                                "key-1"})
+    assert plain.status_code == 200
+    assert len(sim.upstream.received) - before == 1  # the model was called once
+    conflict = post_json(router.base_url, "/responses", {**body, "input": "another"},
+                         extra_headers={"Idempotency-Key": "key-1"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_key_reused"
+    other_tenant = post_json(router.base_url, "/responses", body, key="sk-other",
+                             extra_headers={"Idempotency-Key": "key-1"})
+    assert other_tenant.status_code == 200 and other_tenant.json()["id"] != first.response["id"]
+
+
+def test_previous_response_id_sends_prev_input_output_and_input(router: RouterThread, sim: Any) -> None:
+    first = post_json(router.base_url, "/responses", {"model": "demo", "input": "first turn",
+                                                      "instructions": "be kind"}).json()
+    second = post_json(router.base_url, "/responses", {"model": "demo", "input": "second turn",
+                                                       "previous_response_id": first["id"]}).json()
+    assert second["status"] == "completed" and second["previous_response_id"] == first["id"]
+    sent = sim.upstream.received[-1]["messages"]
+    answer = first["output"][0]["content"][0]["text"]
+    assert [(m["role"], m["content"]) for m in sent] == [
+        ("user", "first turn"), ("assistant", answer), ("user", "second turn")]
+
+
+def test_background_returns_queued_then_completes(router: RouterThread) -> None:
+    queued = post_json(router.base_url, "/responses", {"model": "demo", "input": "later", "background": True})
+    assert queued.status_code == 200
+    body = queued.json()
+    assert body["status"] == "queued" and body["background"] is True
+    replay = parse_sse(resume(router.base_url, body["id"], -1))  # streaming a background response works too
+    assert replay.types[:3] == ["response.created", "response.queued", "response.in_progress"]
+    assert replay.terminal["type"] == "response.completed"
+    polled = get(router, f"/responses/{body['id']}").json()
+    assert polled["status"] == "completed" and polled["output"] == replay.response["output"]
+    _, streamed = post_stream(router.base_url, {"model": "demo", "input": "bg stream", "background": True})
+    assert streamed.types[1] == "response.queued" and streamed.terminal["type"] == "response.completed"
+
+
+def test_background_needs_store() -> None:
+    with RouterThread(base_config(sim_model("demo"))) as router:
+        response = post_json(router.base_url, "/responses", {"model": "demo", "input": "x", "background": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "background"
+
+
+class FailingStore(MemoryStore):
+    """Commits the first batches, then the store is unavailable."""
+
+    def __init__(self, good_appends: int) -> None:
+        super().__init__()
+        self.good_appends = good_appends
+
+    async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
+        if events:
+            if self.good_appends <= 0:
+                raise StoreUnavailable("throttled past the retry bound")
+            self.good_appends -= 1
+        return await super().append(response_id, epoch, events, **kw)
+
+
+def test_store_failure_ends_the_stream_with_an_error_not_uncommitted_events(sim: Any) -> None:
+    config = journal_config(sim.base_url, journal_batch_bytes=200)
+    with RouterThread(config, store=FailingStore(good_appends=2)) as router:
+        response, stream_raw = _raw_post(router.base_url, {"model": "demo", "input": "fragile", "stream": True})
+    stream = parse_sse(stream_raw)
+    assert stream.events[-1]["type"] == "error"
+    assert stream.events[-1]["error"]["code"] == "journal_unavailable"
+    assert stream.done
+    committed = [e for e in stream.events if e["type"] != "error"]
+    assert len(committed) < 40  # only what the two committed batches held went out
+
+
+def _raw_post(base_url: str, body: dict[str, Any]) -> tuple[httpx.Response, bytes]:
+    with httpx.Client(timeout=TIMEOUT) as client, client.stream("POST", f"{base_url}/responses", json=body,
+                                                                headers=headers()) as r:
+        return r, r.read()
+
+
+def test_two_processes_share_a_store_and_a_killed_producer_is_taken_over(tmp_path: Path, sim: Any) -> None:
+    config = journal_config(sim.base_url)
+    config["models"][1]["deployments"][0]["options"].update(length=80, tps=25)
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(config))
+    store = f"sqlite:///{tmp_path / 'shared.db'}"
+    seen: list[dict[str, Any]] = []
+    with RouterProcess(path, store) as a, RouterProcess(path, store) as b:
+        body = {"model": "slow", "input": "survive a crash", "stream": True}
+        with httpx.Client(timeout=TIMEOUT) as client, client.stream(
+                "POST", f"{a.base_url}/responses", json=body, headers=headers()) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    seen.append(json.loads(line[6:]))
+                if len(seen) >= 12:
+                    break
+            a.kill()  # SIGKILL mid-stream: no cleanup, like a Lambda that timed out or crashed
+        cursor = seen[-1]["sequence_number"]
+        rest = parse_sse(resume(b.base_url, seen[0]["response"]["id"], cursor), first_seq=cursor + 1)
+    combined = seen + rest.events
+    assert [e["sequence_number"] for e in combined] == list(range(len(combined)))
+    assert rest.terminal["type"] == "response.completed"
+    text = "".join(e["delta"] for e in combined if e["type"] == "response.output_text.delta")
+    assert text == expected_text("survive a crash", length=80)
+    messages = [i for i in rest.response["output"] if i["type"] == "message"]
+    assert len(messages) == 1 and messages[0]["content"][0]["text"] == text
