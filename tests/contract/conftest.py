@@ -2,10 +2,11 @@
 
 - memory: `MemoryStore`.
 - sqlite: `SQLiteStore` on a fresh file.
-- moto: `DynamoDBStore` inside moto's `mock_aws` (fast, in-process).
-- ddb_local: `DynamoDBStore` against DynamoDB Local (Amazon's jar, Java 17), started once per test session, that is
-  once per xdist worker, on a free port; a fresh table per test. If the jar is not installed these tests FAIL with
-  instructions: CI installs it (`make dynamodb-local`), and a silent skip would hide a whole backend.
+- moto: `DynamoDBStore` on its boto3 transport inside moto's `mock_aws` (fast, in-process).
+- ddb_local: `DynamoDBStore` on its default (lean HTTP) transport against DynamoDB Local (Amazon's jar, Java 17),
+  started once per test session, that is once per xdist worker, on a free port; a fresh table per test. If the jar
+  is not installed these tests FAIL with instructions: CI installs it (`make dynamodb-local`), and a silent skip
+  would hide a whole backend.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: object
         from unbroken.journal.dynamodb import DynamoDBStore
 
         with mock_aws():
-            store = DynamoDBStore(f"journal-{uuid.uuid4().hex}", region="us-east-1", clock=clock)
+            store = DynamoDBStore(f"journal-{uuid.uuid4().hex}", region="us-east-1", clock=clock, transport="boto3")
             await store.create_table_if_missing()
             yield store
             await store.close()
@@ -108,7 +109,13 @@ async def twin(store: Store, clock: Clock) -> AsyncIterator[Store]:
     if isinstance(store, SQLiteStore):
         other: Store = SQLiteStore(store.path, clock=clock)
     elif isinstance(store, DynamoDBStore):
-        other = DynamoDBStore(store.table, region=store.region, endpoint_url=store.endpoint_url, clock=clock)
+        other = DynamoDBStore(
+            store.table,
+            region=store.region,
+            endpoint_url=store.endpoint_url,
+            clock=clock,
+            transport=store._transport_kind,
+        )
     else:
         yield store  # memory is process-local: the same instance is the only sharing there is
         return

@@ -4,6 +4,7 @@ mapped to Fenced, ambiguous failures (the write may have landed) not misreported
 from __future__ import annotations
 
 import base64
+import json
 import random
 import time
 import uuid
@@ -247,3 +248,169 @@ def test_open_store_urls(tmp_path: Any) -> None:
     assert (store.table, store.region, store.endpoint_url) == ("my-table", "eu-west-1", "http://127.0.0.1:8000")
     assert type(open_store("memory://")).__name__ == "MemoryStore"
     assert type(open_store(f"sqlite:///{tmp_path}/x.db")).__name__ == "SQLiteStore"
+
+
+# -- the lean HTTP transport ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "session-token/with+chars=="])
+@pytest.mark.parametrize("url", ["https://dynamodb.eu-west-1.amazonaws.com", "http://127.0.0.1:8123"])
+def test_sigv4_matches_botocore(monkeypatch: pytest.MonkeyPatch, token: str | None, url: str) -> None:
+    import datetime
+
+    import botocore.auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from unbroken.journal.ddb_http import SigV4
+
+    now = datetime.datetime(2026, 3, 4, 5, 6, 7)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: now)
+    body = b'{"TableName":"journal","Key":{"pk":{"S":"resp#x"},"sk":{"N":"0"}}}'
+    target = "DynamoDB_20120810.GetItem"
+    request = AWSRequest(
+        method="POST",
+        url=url + "/",
+        data=body,
+        headers={"Content-Type": "application/x-amz-json-1.0", "X-Amz-Target": target},
+    )
+    botocore.auth.SigV4Auth(Credentials("AKIDEXAMPLE", "secret/key+x", token), "dynamodb", "eu-west-1").add_auth(
+        request
+    )
+    host = url.split("://", 1)[1]
+    when = now.replace(tzinfo=datetime.UTC).timestamp()
+    ours = SigV4("eu-west-1").headers(host, "/", target, body, ("AKIDEXAMPLE", "secret/key+x", token), now=when)
+    assert ours["authorization"] == request.headers["Authorization"]
+    assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
+
+
+class ScriptedDynamoDB:
+    """A stdlib HTTP server on 127.0.0.1 answering each POST with the next scripted (status, body), or dropping
+    the connection for None."""
+
+    def __init__(self, script: list[tuple[int, dict[str, Any]] | None]) -> None:
+        import http.server
+        import threading
+
+        self.script = list(script)
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                step = outer.script.pop(0)
+                if step is None:
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                status, payload = step
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/x-amz-json-1.0")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+async def test_http_transport_retries_and_decodes() -> None:
+    item = header_item(req_inline={"B": base64.b64encode(b'\x00{"a":1}').decode()}, extra={"B": "AAE="})
+    server = ScriptedDynamoDB(
+        [
+            (500, {"__type": "com.amazonaws.dynamodb.v20120810#InternalServerError", "message": "oops"}),
+            None,  # connection dropped
+            (400, {"__type": "com.amazonaws.dynamodb.v20120810#ThrottlingException", "message": "slow down"}),
+            (200, {"Item": item}),
+            (400, {"__type": "com.amazonaws.dynamodb.v20120810#AccessDeniedException", "Message": "no"}),
+        ]
+    )
+    store = DynamoDBStore("journal", region="eu-west-1", endpoint_url=server.url, backoff_base=0.0)
+    try:
+        header = await store.get("r1")
+        assert header is not None and header.request == {"a": 1}
+        assert len(server.requests) == 4
+        headers, body = server.requests[-1]
+        assert headers["x-amz-target"] == "DynamoDB_20120810.GetItem"
+        assert headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=")
+        assert "/eu-west-1/dynamodb/aws4_request" in headers["authorization"]
+        assert json.loads(body) == {"TableName": "journal", "Key": store._key("r1"), "ConsistentRead": True}
+        with pytest.raises(StoreError) as caught:
+            await store.get("r1")
+        assert "AccessDenied" in str(caught.value) and not isinstance(caught.value, StoreUnavailable)
+    finally:
+        await store.close()
+        server.close()
+
+
+async def test_http_transport_sends_binary_as_base64() -> None:
+    from unbroken.journal.ddb_http import HttpTransport
+
+    server = ScriptedDynamoDB([(200, {"Attributes": {"d": {"B": base64.b64encode(b"\xfe\x00").decode()}}})])
+    transport = HttpTransport(server.url, "us-east-1", lambda: ("a", "b", None))
+    try:
+        result = transport("put_item", {"TableName": "t", "Item": {"d": {"B": b"\xfe\x00"}}})
+        assert result == {"Attributes": {"d": {"B": b"\xfe\x00"}}}
+        assert json.loads(server.requests[0][1])["Item"]["d"]["B"] == base64.b64encode(b"\xfe\x00").decode()
+    finally:
+        transport.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5\r\n{"Ite\r\n9;x=y\r\nm": {}}  \r\n0\r\nX-Trailer: 1\r\n\r\n',
+        b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"Item": {}}',
+        b'HTTP/1.1 200 OK\r\ncontent-length: 12\r\nx-amz-crc32: 1\r\n\r\n{"Item": {}}',
+    ],
+)
+def test_http_transport_reads_every_framing(response: bytes) -> None:
+    import socket
+    import threading
+
+    from unbroken.journal.ddb_http import HttpTransport
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)  # every wait in the fake server is bounded
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(
+                next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            )
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(response)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    transport = HttpTransport(f"http://127.0.0.1:{listener.getsockname()[1]}", "us-east-1", lambda: ("a", "b", None))
+    try:
+        assert transport("get_item", {"TableName": "t"}) == {"Item": {}}
+    finally:
+        transport.close()
+        thread.join(10)
+        listener.close()
