@@ -138,11 +138,12 @@ def emitter_from_journal(events: list[dict[str, Any]], hold_tool_arguments: bool
 
 
 async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
-                    recovery_events: bool = False) -> ResponseRun | None:
-    """Become the producer of a response whose producer died: bump the epoch (conditional), rebuild the partial
-    output from the journal and continue it. None if another process got there first or it finished meanwhile."""
+                    deadline: float | None = None, hand_off_at_deadline: bool = False) -> ResponseRun | None:
+    """Become the producer of a response: bump the epoch (conditional), rebuild the partial output from the journal
+    and continue it — a dead producer's response, a background response a worker starts, or a handoff from an
+    invocation that ran out of time. None if another process got there first or it finished meanwhile."""
     from unbroken.api.compact import expand_compaction_for
-    from unbroken.api.request import CreateResponseBody, generation_request, items_from_input
+    from unbroken.api.request import CreateResponseBody, generation_request, items_from_input, response_skeleton
 
     store = runtime.store
     assert store is not None
@@ -156,8 +157,13 @@ async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
         return None
     events = await store.read_events(response_id, -1)
     settings = runtime.settings
-    emitter = restore_emitter(events, hold_tool_arguments=settings.hold_tool_arguments)
     body = CreateResponseBody.model_validate(header.request)
+    if events:
+        emitter = restore_emitter(events, hold_tool_arguments=settings.hold_tool_arguments)
+    else:  # nothing was produced yet (a queued background response): start it as its creator would have
+        skeleton = response_skeleton(body, response_id, body.model or "")
+        skeleton["created_at"] = int(header.created_at)
+        emitter = ResponseEmitter(skeleton, hold_tool_arguments=settings.hold_tool_arguments)
     model = runtime.config.model(body.model or "")
     items = items_from_input(body.input, expand_compaction=expand_compaction_for(header.tenant, runtime))
     generation = Generation(
@@ -168,10 +174,11 @@ async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
         pool=runtime.pool,
         health=runtime.health,
         settings=settings,
-        deadline=now + settings.stream_deadline_seconds,
-        start_events=lambda: emitter.start() + emitter.in_progress(),
+        deadline=deadline if deadline is not None else now + settings.stream_deadline_seconds,
+        start_events=lambda: emitter.start(queued=header.background) + emitter.in_progress(),
         header_hold_seconds=float("inf"),
         recovery_events=bool(header.request.get("_recovery_events")),
+        hand_off_at_deadline=hand_off_at_deadline,
     )
     log.warning("taking over response", extra={"response_id": response_id, "epoch": epoch,
                                                "events": len(events)})

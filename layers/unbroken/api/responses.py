@@ -140,12 +140,21 @@ async def create_response(
     if body.background:
         # Committed before anything else: `queued` is what a poll sees until a worker picks it up.
         generation.deadline = time.time() + runtime.settings.max_total_seconds
-    run = ResponseRun(runtime, response_id, 0, generation).start()
+    if body.background and os.environ.get("UNBROKEN_WORKER_FUNCTION"):
+        # On AWS a background response is produced by the worker Lambda, which outlives this request and hands
+        # off to a fresh invocation before its 15 minutes run out.
+        from unbroken.worker import invoke_worker
+
+        await asyncio.to_thread(invoke_worker, {"kind": "background", "response_id": response_id, "epoch": 0})
+        run = None
+    else:
+        run = ResponseRun(runtime, response_id, 0, generation).start()
     if body.background:
         queued = dict(skeleton, status="queued")
         if not streaming:
             return JSONResponse(queued)
         return _journal_stream(runtime, response_id, -1, run=run, request=request)
+    assert run is not None
     outcome = await run.first
     if outcome.error is not None:
         raise outcome.error

@@ -119,6 +119,7 @@ class Generation:
         header_hold_seconds: float = 5.0,
         cancelled: Callable[[], bool] = lambda: False,
         recovery_events: bool = False,
+        hand_off_at_deadline: bool = False,
     ) -> None:
         self.request = request
         self.model_name = model_name
@@ -132,6 +133,10 @@ class Generation:
         self.header_hold_seconds = header_hold_seconds
         self.cancelled = cancelled
         self.recovery_events = recovery_events
+        # A background response outlives one Lambda invocation: at the deadline it stops without a terminal event
+        # and the next invocation takes it over (worker handoff) instead of ending it incomplete.
+        self.hand_off_at_deadline = hand_off_at_deadline
+        self.handed_off = False
         self.attempts: list[Attempt] = []
         self.resumed_from: str | None = None  # set after an interruption, until the next attempt's first delta
         # An emitter rebuilt from a journal (takeover) has already sent its start events.
@@ -216,6 +221,11 @@ class Generation:
                 return
             except _DeadlineReached:
                 attempt.outcome = "deadline"
+                if self.hand_off_at_deadline:
+                    for ev in self.emitter.drop_open_tool_call():
+                        yield ev
+                    self.handed_off = True
+                    return
                 for ev in self._ensure_started():
                     yield ev
                 for ev in self.emitter.end_incomplete("stream_deadline"):
