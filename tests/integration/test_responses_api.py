@@ -161,3 +161,25 @@ def test_models_lists_public_models(router: RouterThread) -> None:
         body = client.get(f"{router.base_url}/models", headers={"authorization": "Bearer sk-test"}).json()
     assert [m["id"] for m in body["data"]] == ["demo", "slow"]
     assert all(m["object"] == "model" for m in body["data"])
+
+
+PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU"
+       "5ErkJggg==")
+
+
+def test_images_as_data_urls_and_https_urls_only_where_accepted() -> None:
+    bytes_only = sim_model("bytes", deployments=1)
+    bytes_only["deployments"][0]["options"]["image_urls"] = False
+    mixed = sim_model("mixed", deployments=2)
+    mixed["deployments"][0]["options"]["image_urls"] = False
+    with RouterThread(base_config(bytes_only, mixed)) as router:
+        def ask(model: str, url: str) -> httpx.Response:
+            return post_json(router.base_url, "/responses", {"model": model, "input": [{"role": "user", "content": [
+                {"type": "input_text", "text": "What is this?"}, {"type": "input_image", "image_url": url}]}]})
+
+        assert ask("bytes", PNG).json()["status"] == "completed"
+        refused = ask("bytes", "https://example.com/cat.png")
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "image_url_not_supported"
+        served = ask("mixed", "https://example.com/cat.png").json()
+        assert served["status"] == "completed"  # routed past the bytes-only deployment, URL never fetched

@@ -36,7 +36,7 @@ class SimulatedProvider(OpenAIChatProvider):
     def capabilities(self) -> Capabilities:
         return Capabilities(
             literal_continuation=bool(self.deployment.options.get("literal_continuation", True)),
-            image_urls=True,
+            image_urls=bool(self.deployment.options.get("image_urls", True)),
             native_json_schema=True,
         )
 

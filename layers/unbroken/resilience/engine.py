@@ -24,6 +24,7 @@ from unbroken.ir import (
     Finish,
     FunctionCall,
     GenerationRequest,
+    ImagePart,
     Item,
     Message,
     Reasoning,
@@ -161,6 +162,14 @@ class Generation:
         tries: dict[str, int] = {}
         continuation_mode: dict[str, bool] = {}  # deployment -> literal? (a prefill rejection flips it)
         request = self.request
+        if _has_image_urls(request):
+            # Some providers need image bytes and the router never fetches URLs: only deployments that take URLs.
+            self.candidates = [d for d in self.candidates
+                               if self.pool.get(self.model_name, d).capabilities.image_urls]
+            if not self.candidates:
+                raise NoOutput(APIError(400, "No deployment of this model accepts image URLs; send the image as a "
+                                        "data URL (data:image/...;base64,...).", param="input",
+                                        code="image_url_not_supported"))
         if self.emitter.seq > 0:
             # Taking over a response another process started: what it sent stands; go on from there.
             for ev in self.emitter.drop_open_tool_call():
@@ -464,6 +473,11 @@ class Generation:
                 "served_by": self.attempts[-1].deployment,
                 "cost_usd": round(sum(a.cost for a in self.attempts), 8),
             }
+
+
+def _has_image_urls(request: GenerationRequest) -> bool:
+    return any(isinstance(part, ImagePart) and not part.is_data_url
+               for item in request.items if isinstance(item, Message) for part in item.content)
 
 
 _ENDS_OVERLAP_WINDOW = (ToolCallStart, ToolCallDelta, RefusalDelta, Finish)
