@@ -114,7 +114,6 @@ class JournalWriter:
 
         self._open: list[dict[str, Any]] = []
         self._open_bytes = 0
-        self._open_since = 0.0
         self._ready: deque[_Batch] = deque()
         self._ready_bytes = 0  # closed and not yet committed, the batch in flight included
         self._inflight: _Batch | None = None
@@ -126,6 +125,9 @@ class JournalWriter:
         self._cancel = False
         self._committed_seq: int | None = None
         self._lease_due = self._loop.time() + self._renew_every
+        # Timers are loop callbacks, not timeouts in the committer: one handle per batch, no extra task wake-up.
+        self._batch_timer: asyncio.TimerHandle | None = None
+        self._lease_timer: asyncio.TimerHandle | None = None
         self._feeds.writer_started(response_id)
         self._task = self._loop.create_task(self._run(), name=f"journal-writer-{response_id}")
 
@@ -156,8 +158,7 @@ class JournalWriter:
         if self._error is not None or self._finishing or self._stopped:
             self._check()
         if not self._open:
-            self._open_since = self._loop.time()
-            self._wake.set()  # the committer arms this batch's deadline
+            self._batch_timer = self._loop.call_later(self._batch_s, self._batch_deadline)
         self._open.append(event)
         self._open_bytes += _event_size(event)
         if self._open_bytes >= self._batch_bytes:
@@ -193,8 +194,6 @@ class JournalWriter:
         """Commit everything pending plus the terminal event, with the final status and response, atomically in the
         last batch. Returns once it is committed and passed to on_commit; the writer is then closed."""
         self._check()
-        if not self._open:
-            self._open_since = self._loop.time()
         self._open.append(terminal_event)
         self._open_bytes += _event_size(terminal_event)
         batch = self._close_open(status=status, response=response, final=True)
@@ -227,6 +226,9 @@ class JournalWriter:
     def _close_open(
         self, *, status: str | None = None, response: dict[str, Any] | None = None, final: bool = False
     ) -> _Batch:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
         batch = _Batch(self._open, self._open_bytes, status=status, response=response, final=final)
         self._open = []
         self._open_bytes = 0
@@ -234,6 +236,17 @@ class JournalWriter:
         self._ready_bytes += batch.size
         self._wake.set()
         return batch
+
+    def _batch_deadline(self) -> None:
+        # batch_ms after the batch's first event. If a commit is in flight the batch joins the queue and goes out
+        # merged with whatever closes behind it.
+        self._batch_timer = None
+        if self._open and self._error is None and not self._stopped:
+            self._close_open()
+
+    def _lease_tick(self) -> None:
+        self._lease_timer = None
+        self._wake.set()
 
     async def _wait_for(self, batch: _Batch) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
@@ -250,6 +263,10 @@ class JournalWriter:
             raise self._error
 
     def _stop(self) -> None:
+        for timer in (self._batch_timer, self._lease_timer):
+            if timer is not None:
+                timer.cancel()
+        self._batch_timer = self._lease_timer = None
         if not self._stopped:
             self._stopped = True
             self._feeds.writer_stopped(self.response_id)
@@ -288,23 +305,14 @@ class JournalWriter:
                     if batch.final:
                         return
                     continue
-                now = loop.time()
-                timeout = self._lease_due - now
-                if self._open:
-                    age_left = self._open_since + self._batch_s - now
-                    if age_left <= 0:
-                        self._close_open()
-                        continue
-                    timeout = min(timeout, age_left)
-                if timeout <= 0:
+                # 1 ms of slack: a timer may run a hair before loop.time() reaches its due time.
+                if loop.time() >= self._lease_due - 0.001:
                     await self._renew()
                     continue
+                if self._lease_timer is None:  # at most one pending; it re-arms here if commits moved the due time
+                    self._lease_timer = loop.call_at(self._lease_due, self._lease_tick)
                 self._wake.clear()
-                try:
-                    async with asyncio.timeout(timeout):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                await self._wake.wait()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
