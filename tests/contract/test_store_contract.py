@@ -179,6 +179,11 @@ async def test_idempotency_key_per_tenant(store: Store, clock: Clock) -> None:
     assert found_b is not None and found_b.id == b.id
     assert (await store.find_by_idempotency_key("t#x", "y")).id == c.id  # type: ignore[union-attr]
     assert (await store.find_by_idempotency_key("t", "x#y")).id == d.id  # type: ignore[union-attr]
+    long_key = "k" * 5000  # longer than a DynamoDB partition key may be
+    e = await create(store, clock, tenant="tenant-a", idempotency_key=long_key)
+    assert (await store.find_by_idempotency_key("tenant-a", long_key)).id == e.id  # type: ignore[union-attr]
+    with pytest.raises(AlreadyExists):
+        await store.create(new_header(clock, tenant="tenant-a", idempotency_key=long_key))
     assert await store.find_by_idempotency_key("tenant-c", "k1") is None
     assert await store.find_by_idempotency_key("tenant-a", "k2") is None
     # A failed create under a used key leaves no response behind.

@@ -492,3 +492,45 @@ async def test_follow_reports_missing_and_times_out(feeds: LocalFeeds) -> None:
         async for event in follow(store, rid, max_wait=0.02, poll_interval=0.005, feeds=feeds):
             got.append(event)
     assert got == [delta(0), delta(1)]
+
+
+async def test_follow_ends_with_the_local_writers_store_error(feeds: LocalFeeds) -> None:
+    store = ControlledStore(MemoryStore())
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds)
+    await writer.emit(delta(0))
+    await writer.flush()
+    got: list[dict[str, Any]] = []
+
+    async def consume() -> None:
+        async for event in follow(store, rid, feeds=feeds, poll_interval=BOUND, max_wait=BOUND):
+            got.append(event)
+
+    follower = asyncio.create_task(consume())
+    await writer.emit(delta(1))
+    await writer.flush()
+    store.fail_with = StoreUnavailable("down")
+    await writer.emit(delta(2))
+    with pytest.raises(StoreUnavailable):
+        await writer.flush()
+    # Not a TimeoutError after max_wait: the follower learns of the failure from the writer.
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(follower, BOUND)
+    assert got == [delta(0), delta(1)]
+
+
+async def test_follow_keeps_going_when_the_local_writer_is_fenced(feeds: LocalFeeds) -> None:
+    store = ControlledStore(MemoryStore())
+    rid = await new_response(store)
+    zombie = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds)
+    await zombie.emit(delta(0))
+    await zombie.flush()
+    follower = asyncio.create_task(_collect(store, rid, feeds=feeds, poll_interval=0.005))
+    await store.take_over(rid, 0, time.time() + 30)
+    await zombie.emit(delta(1, "zombie"))
+    with pytest.raises(Fenced):
+        await zombie.flush()
+    # Another process (no local feed) continues the response; the follower polls the store for it.
+    await store.append(rid, 1, [delta(1, "new")])
+    await store.append(rid, 1, [completed(2)], status="completed")
+    assert await asyncio.wait_for(follower, BOUND) == [delta(0), delta(1, "new"), completed(2)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import math
 import random
 import secrets
@@ -135,8 +136,13 @@ def item_size(item: dict[str, dict[str, Any]]) -> int:
 
 
 def _idem_pk(tenant: str, key: str) -> str:
-    # Length-prefixed so that tenant "a#b" + key "c" and tenant "a" + key "b#c" never collide.
-    return f"idem#{len(tenant)}:{tenant}#{key}"
+    # Length-prefixed so that tenant "a#b" + key "c" and tenant "a" + key "b#c" never collide. A partition key may
+    # not exceed 2048 bytes: long ones are replaced by their digest.
+    pk = f"idem#{len(tenant)}:{tenant}#{key}"
+    if len(pk.encode("utf-8", "surrogatepass")) > 512:
+        digest = hashlib.sha256(f"{len(tenant)}:{tenant}#{key}".encode("utf-8", "surrogatepass")).hexdigest()
+        pk = f"idem#sha256:{digest}"
+    return pk
 
 
 class DynamoDBStore(Store):

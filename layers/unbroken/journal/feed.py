@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from unbroken.journal.store import NotFound, Store, StoreError
+from unbroken.journal.store import Fenced, NotFound, Store, StoreError
 
 TERMINAL_EVENT_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed", "response.cancelled"})
 # With a writer in this process, commits arrive by push; the store is still polled now and then, in case the writer
@@ -30,13 +30,14 @@ def is_terminal_event(event: dict[str, Any]) -> bool:
 class Subscription:
     """Committed batches pushed for one follower. Bounded: on overflow it drops them and says so."""
 
-    __slots__ = ("batches", "event", "limit", "overflowed")
+    __slots__ = ("batches", "error", "event", "limit", "overflowed")
 
     def __init__(self, limit: int) -> None:
         self.batches: deque[list[dict[str, Any]]] = deque()
         self.event = asyncio.Event()
         self.limit = limit
         self.overflowed = False
+        self.error: BaseException | None = None  # the local writer failed (not fenced): nothing more will come
 
     def push(self, events: list[dict[str, Any]]) -> None:
         if len(self.batches) >= self.limit:
@@ -75,7 +76,10 @@ class LocalFeeds:
     def writer_started(self, response_id: str) -> None:
         self._writers[response_id] = self._writers.get(response_id, 0) + 1
 
-    def writer_stopped(self, response_id: str) -> None:
+    def writer_stopped(self, response_id: str, error: BaseException | None = None) -> None:
+        """A writer ended. With `error` (its store failed, e.g. `StoreUnavailable`), followers raise it once they
+        have yielded everything committed, instead of waiting for events that will not come. A `Fenced` writer is
+        not an error for followers: another process owns the response and they keep following it."""
         count = self._writers.get(response_id, 0) - 1
         if count > 0:
             self._writers[response_id] = count
@@ -83,6 +87,8 @@ class LocalFeeds:
             self._writers.pop(response_id, None)
         # Wake followers so that they go back to polling at the normal interval.
         for sub in self._subs.get(response_id, ()):
+            if error is not None and not isinstance(error, Fenced):
+                sub.error = error
             sub.event.set()
 
     def has_writer(self, response_id: str) -> bool:
@@ -105,7 +111,8 @@ async def follow(
 
     Ends at once if the response is finished and has nothing after `after_seq`. Raises `NotFound` if the response
     does not exist, `TimeoutError` if no terminal event came within `max_wait` seconds (the caller may then check
-    the lease, take over, and follow again from the last event it got).
+    the lease, take over, and follow again from the last event it got), and the error of a writer in this process
+    whose store failed (`StoreUnavailable`...) once everything it committed has been yielded.
     """
     feeds = LOCAL_FEEDS if feeds is None else feeds
     loop = asyncio.get_running_loop()
@@ -157,6 +164,14 @@ async def follow(
                 read_store = True
             if read_store:
                 continue
+            if sub.error is not None:
+                # The writer of this process failed. What it committed was pushed before; read the store once more
+                # in case a push was missed, then end.
+                for event in await store.read_events(response_id, last):
+                    if event["sequence_number"] == last + 1:
+                        last += 1
+                        yield event
+                raise sub.error
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"no terminal event for {response_id} within {max_wait} s (last {last})")

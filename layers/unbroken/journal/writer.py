@@ -262,14 +262,14 @@ class JournalWriter:
         if self._error is not None:
             raise self._error
 
-    def _stop(self) -> None:
+    def _stop(self, error: BaseException | None = None) -> None:
         for timer in (self._batch_timer, self._lease_timer):
             if timer is not None:
                 timer.cancel()
         self._batch_timer = self._lease_timer = None
         if not self._stopped:
             self._stopped = True
-            self._feeds.writer_stopped(self.response_id)
+            self._feeds.writer_stopped(self.response_id, error)
 
     def _drop(self, error: BaseException) -> None:
         self._open = []
@@ -287,7 +287,7 @@ class JournalWriter:
     def _fail(self, error: BaseException) -> None:
         self._error = error
         self._drop(error)
-        self._stop()
+        self._stop(error)
 
     async def _run(self) -> None:
         loop = self._loop
