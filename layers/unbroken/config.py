@@ -115,7 +115,7 @@ class ServerSettings(_Strict):
     lease_seconds: float = Field(default=15.0, gt=0)
     # Group commit: a journal batch closes at this many bytes or after this many milliseconds.
     journal_batch_bytes: int = Field(default=4096, gt=0)
-    journal_batch_ms: float = Field(default=50.0, gt=0, le=1000)
+    journal_batch_ms: float = Field(default=100.0, gt=0, le=1000)
     # Attempt loop bounds.
     max_attempts: int = Field(default=6, ge=1, le=50)
     max_total_seconds: float = Field(default=600.0, gt=0)

@@ -3,7 +3,7 @@
 - memory: `MemoryStore`.
 - sqlite: `SQLiteStore` on a fresh file.
 - moto: `DynamoDBStore` on its boto3 transport inside moto's `mock_aws` (fast, in-process).
-- ddb_local: `DynamoDBStore` on its default (lean HTTP) transport against DynamoDB Local (Amazon's jar, Java 17),
+- ddb_local / ddb_local_http: `DynamoDBStore` on its default boto3 / opt-in lean HTTP transport against DynamoDB Local (Amazon's jar, Java 17),
   started once per test session, that is once per xdist worker, on a free port; a fresh table per test. If the jar
   is not installed these tests FAIL with instructions: CI installs it (`make dynamodb-local`), and a silent skip
   would hide a whole backend.
@@ -20,7 +20,8 @@ import pytest
 from unbroken.journal.ddb_local import DynamoDBLocal, DynamoDBLocalMissing
 from unbroken.journal.store import Store
 
-STORE_KINDS = ["memory", "sqlite", "moto", pytest.param("ddb_local", marks=pytest.mark.dynamodb_local)]
+STORE_KINDS = ["memory", "sqlite", "moto", pytest.param("ddb_local", marks=pytest.mark.dynamodb_local),
+               pytest.param("ddb_local_http", marks=pytest.mark.dynamodb_local)]
 
 
 class Clock:
@@ -75,12 +76,14 @@ async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: object
             await store.create_table_if_missing()
             yield store
             await store.close()
-    elif kind == "ddb_local":
+    elif kind in ("ddb_local", "ddb_local_http"):
         from unbroken.journal.dynamodb import DynamoDBStore
 
         server: DynamoDBLocal = request.getfixturevalue("ddb_local")
         table = f"journal-{uuid.uuid4().hex}"
-        store = DynamoDBStore(table, region="us-east-1", endpoint_url=server.endpoint_url, clock=clock)
+        # The default boto3 transport, and the opt-in lean HTTP one, against Amazon's own emulator.
+        store = DynamoDBStore(table, region="us-east-1", endpoint_url=server.endpoint_url, clock=clock,
+                              transport="http" if kind == "ddb_local_http" else "boto3")
         await store.create_table_if_missing()
         yield store
         await store._call("delete_table", TableName=table)

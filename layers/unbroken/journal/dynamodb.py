@@ -16,8 +16,9 @@ conditional on `owner_epoch` and `last_seq`, so a zombie writer can never make a
 `ClientRequestToken`, so retrying after an ambiguous failure (timeout, 5xx) cannot apply a commit twice. Every item
 carries `expires_at` (epoch seconds, integer); reads drop expired items because TTL deletion is lazy.
 
-Calls go through a transport (ddb_http.py): by default a lean SigV4-signed JSON client (a botocore call costs ~3 ms
-of CPU, and there is one per committed batch), or a boto3 client (`transport="boto3"`, or any `client=` given).
+Calls go through a transport (ddb_http.py): by default a boto3 client; opt-in (`transport="http"`, URL
+`?transport=http`) a lean SigV4-signed JSON client, because a botocore call costs ~3 ms of CPU and there is one per
+committed batch (experimental: not yet run against AWS itself).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class DynamoDBStore(Store):
         endpoint_url: str | None = None,
         *,
         client: Any = None,
-        transport: str = "http",
+        transport: str = "boto3",
         max_attempts: int = 8,
         backoff_base: float = 0.025,
         backoff_cap: float = 1.0,
@@ -167,7 +168,8 @@ class DynamoDBStore(Store):
         self.region = region
         self.endpoint_url = endpoint_url
         self._client = client
-        # "http": the lean SigV4 transport (default); "boto3": a boto3 client (also used whenever `client` is given).
+        # "boto3" (default): a boto3 client (also whenever `client` is given). "http": the lean SigV4 transport, opt-in
+        # and experimental (checked against botocore's signatures and DynamoDB Local, not yet against AWS).
         self._transport_kind = "boto3" if client is not None else transport
         if self._transport_kind not in ("http", "boto3"):
             raise ValueError(f"unknown DynamoDB transport {transport!r}: use 'http' or 'boto3'")
