@@ -72,7 +72,8 @@ async def create_chat_completion(
     )
     log.info("chat completion created", extra={"response_id": response_id, "tenant": tenant, "model": model.name,
                                                 "stream": streaming})
-    chunker = ChatChunker(completion_id, created, body.model, include_usage=streaming and body.include_usage)
+    chunker = ChatChunker(completion_id, created, body.model, include_usage=streaming and body.include_usage,
+                          answering_model=lambda: emitter.upstream_model)
     if not streaming:
         return await _complete(generation, chunker)
     return await _stream(runtime, generation, chunker, response_id)

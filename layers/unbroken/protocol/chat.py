@@ -17,6 +17,7 @@ Decisions (what a chat client should know):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -358,10 +359,13 @@ class ChatChunker:
     `output_item.added`) never reaches the chat client, whose SDK would otherwise concatenate two ids at one index.
     """
 
-    def __init__(self, completion_id: str, created: int, model: str, *, include_usage: bool = False) -> None:
+    def __init__(self, completion_id: str, created: int, model: str, *, include_usage: bool = False,
+                 answering_model: Callable[[], str | None] | None = None) -> None:
         self.completion_id = completion_id
         self.created = created
-        self.model = model
+        self.public_model = model
+        # Chunks name the upstream model that is answering (failover accounting), once it is known.
+        self._answering_model = answering_model
         self.include_usage = include_usage
         self.calls: dict[str, _Call] = {}  # item id -> call
         self.shown_calls = 0
@@ -369,6 +373,11 @@ class ChatChunker:
         self.finished = False
         self._role_sent = False
         self._error_event: dict[str, Any] | None = None
+
+    @property
+    def model(self) -> str:
+        answering = self._answering_model() if self._answering_model is not None else None
+        return answering or self.public_model
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> Chunk:
         out: Chunk = {"id": self.completion_id, "object": "chat.completion.chunk", "created": self.created,

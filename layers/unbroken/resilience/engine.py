@@ -89,8 +89,12 @@ def strip_overlap(partial: str, new: str, *, final: bool) -> tuple[str, bool]:
     for k in range(limit, 0, -1):
         if not partial.endswith(new[:k]):
             continue
-        aligned = new[0].isspace() or k == len(partial) or partial[-k - 1].isspace()
-        if k >= MIN_UNALIGNED_OVERLAP or (aligned and k >= 2):
+        if k == len(partial):
+            return new[k:], True  # the model started over: everything it repeats goes
+        aligned = new[0].isspace() or partial[-k - 1].isspace()
+        # One repeated word at a word boundary is as likely the answer's own words ("green green") as an overlap;
+        # two words or a long run are not a coincidence.
+        if k >= MIN_UNALIGNED_OVERLAP or (aligned and len(new[:k].split()) >= 2):
             return new[k:], True
     return new, True
 
