@@ -17,7 +17,7 @@ import httpx
 
 from tests.integration.test_chat_completions import read_chat_stream
 from tests.support.client import TIMEOUT, headers
-from tests.support.sse import assert_well_formed, parse_sse
+from tests.support.sse import Stream, assert_well_formed, parse_sse
 from unbroken.providers.simulated_upstream import SimulatedUpstream, input_key_of, simulated_tokens
 
 ENDPOINTS = ("responses", "chat")
@@ -44,6 +44,7 @@ class Outcome:
     recovery_events: list[dict[str, Any]] = field(default_factory=list)
     tool_calls: list[dict[str, str]] = field(default_factory=list)
     messages: int = 0  # message items in the output (responses): a continued answer stays one item
+    item_statuses: list[str] = field(default_factory=list)  # of the output items (responses)
     error: dict[str, Any] | None = None
     raw_error: str = ""
     headers: dict[str, str] = field(default_factory=dict)
@@ -88,22 +89,32 @@ def stream_responses(client: httpx.Client, base_url: str, body: dict[str, Any]) 
     return outcome_of_responses_stream(raw)
 
 
-def outcome_of_responses_stream(raw: bytes, *, first_seq: int = 0) -> Outcome:
-    """Strict: every event spec-valid, `event:` == type, sequence numbers dense from `first_seq`, one terminal event
-    last, then `[DONE]`, item lifecycles well nested."""
-    stream = parse_sse(raw, allow_extensions=True, first_seq=first_seq)
+def outcome_of_responses_stream(raw: bytes) -> Outcome:
+    """Strict: every event spec-valid, `event:` == type, sequence numbers dense from 0, one terminal event last,
+    then `[DONE]`, item lifecycles well nested."""
+    return outcome_of_stream(parse_sse(raw, allow_extensions=True))
+
+
+def outcome_of_stream(stream: Stream) -> Outcome:
+    """The outcome of a whole /v1/responses event stream (possibly put together from a first connection and a
+    resumed one): checks it is well formed, dense from 0, and that the final object agrees with the deltas."""
+    seqs = [e["sequence_number"] for e in stream.events]
+    assert seqs == list(range(len(seqs))), f"sequence numbers not dense: {seqs[:60]}"
+    if stream.events and stream.events[-1]["type"] == "error":
+        raise AssertionError(f"the stream ended with an error event and no terminal event: {stream.events[-1]}")
     assert_well_formed(stream)
     response = stream.response
     out = Outcome("responses", 200, status=response["status"], text=stream.text(), response_id=response["id"],
                   model=response["model"], usage=response.get("usage") or {}, accounting=response.get("router"),
-                  last_sequence_number=stream.events[-1]["sequence_number"])
+                  last_sequence_number=seqs[-1])
     out.reason = (response.get("incomplete_details") or {}).get("reason")
     out.error = response.get("error")
     out.recovery_events = [e for e in stream.events if e["type"].startswith("router:")]
     out.messages = sum(1 for i in response["output"] if i["type"] == "message")
+    out.item_statuses = [str(i.get("status")) for i in response["output"]]
     out.tool_calls = [{"name": i["name"], "arguments": i["arguments"], "call_id": i["call_id"]}
                       for i in response["output"] if i["type"] == "function_call" and i["status"] == "completed"]
-    if out.status == "completed" and first_seq == 0:
+    if out.status == "completed":
         # the streamed deltas and the final object agree
         assert stream.output_text() == out.text
     return out
@@ -192,3 +203,19 @@ def upstream_requests(upstream: SimulatedUpstream, trace_id: str) -> list[dict[s
 def served_models(upstream: SimulatedUpstream, trace_id: str) -> list[str]:
     """Which upstream models were asked, in order, for one response (deployment `model`s are unique in tests)."""
     return [b["model"] for b in upstream_requests(upstream, trace_id)]
+
+
+def fault_free_answer(upstream_url: str, prompt: str, *, seed: str = "7", length: int,
+                      **chat_fields: Any) -> tuple[str, list[dict[str, str]]]:
+    """(content, tool calls) of the simulated upstream's answer to `prompt`, asked directly, without the router:
+    the reference for shapes whose text is not plain prose (json_schema output, tool arguments). `chat_fields`
+    are Chat Completions request fields (tools, tool_choice, response_format)."""
+    body = {"model": "reference", "messages": user_messages(prompt), "stream": False,
+            "metadata": {"sim_seed": seed, "sim_length": str(length)}, **chat_fields}
+    with httpx.Client(timeout=TIMEOUT) as client:
+        response = client.post(f"{upstream_url}/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    message = response.json()["choices"][0]["message"]
+    calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"], "call_id": c["id"]}
+             for c in message.get("tool_calls") or []]
+    return message.get("content") or "", calls
