@@ -93,7 +93,9 @@ SCENARIOS: dict[str, Spec] = {
     # continue-instruction seams (the two tests at the end)
     "seam-exact": [("primary", {**cut(), "length": SEAM_LENGTH}),
                    ("fallback", {"reject_prefill": True, "literal_continuation": True, "length": SEAM_LENGTH})],
-    "seam-json": [("primary", cut(SEAM_JSON_CUT)), ("fallback", {"literal_continuation": False})],
+    "seam-json-repeats": [("primary", cut(SEAM_JSON_CUT)), ("fallback", {"literal_continuation": False})],
+    "seam-json-exact": [("primary", cut(SEAM_JSON_CUT)),
+                        ("fallback", {"reject_prefill": True, "literal_continuation": True})],
 }
 
 
@@ -530,14 +532,17 @@ def test_instruction_continuation_keeps_a_word_the_answer_repeats(endpoint: str,
 
 
 @pytest.mark.xfail(strict=True, reason="BUG engine.seam: after a continue-instruction the router puts a space "
-                   "between two alphanumerics at the seam even when the cut fell inside a word and the overlap "
-                   "was stripped exactly ('\"ma' + 'ny at' -> '\"ma ny at'), corrupting json_schema output; remove "
-                   "KNOWN_BUGS['seam_space_inserted'] in tests/chaos/test_chaos.py with the fix")
-def test_instruction_continuation_does_not_split_a_word(endpoint: str, router: RouterThread,
+                   "between two alphanumerics at the seam even when the cut fell inside a word (after an overlap "
+                   "was stripped exactly, or with no overlap at all): '\"ma' + 'ny at' -> '\"ma ny at' corrupts "
+                   "json_schema output; remove KNOWN_BUGS['seam_space_inserted'] in tests/chaos/test_chaos.py "
+                   "with the fix")
+@pytest.mark.parametrize("fallback", ["repeats", "exact"])
+def test_instruction_continuation_does_not_split_a_word(endpoint: str, fallback: str, router: RouterThread,
                                                         upstream: SimulatedUpstreamThread,
                                                         client: httpx.Client) -> None:
-    """json_schema output is streamed in 8-character pieces, so the cut falls inside a word; the fallback (no
-    prefill) repeats the last pieces, which the router strips, and the document must come out unchanged."""
+    """json_schema output is streamed in 8-character pieces, so the cut falls inside a word. The fallback gets a
+    continue-instruction and either repeats the last pieces (which the router strips) or continues exactly (it
+    rejected prefill); either way the document must come out unchanged."""
     if endpoint == "responses":
         fields: dict[str, Any] = {"text": {"format": {"type": "json_schema", "name": "card", "schema": CARD_SCHEMA,
                                                       "strict": True}}}
@@ -546,6 +551,7 @@ def test_instruction_continuation_does_not_split_a_word(endpoint: str, router: R
                                                                              "strict": True}}}
     document, _ = fault_free_answer(upstream.base_url, SEAM_JSON_PROMPT, length=LENGTH, response_format={
         "type": "json_schema", "json_schema": {"name": "card", "schema": CARD_SCHEMA, "strict": True}})
-    out = run(endpoint, client, router.base_url, model_name("seam-json", endpoint), SEAM_JSON_PROMPT, **fields)
+    model = model_name(f"seam-json-{fallback}", endpoint)
+    out = run(endpoint, client, router.base_url, model, SEAM_JSON_PROMPT, **fields)
     assert out.status == "completed"
     assert out.text == document
