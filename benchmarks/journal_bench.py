@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from unbroken.config import ServerSettings
 from unbroken.journal.feed import LocalFeeds
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.sqlite import SQLiteStore
@@ -32,8 +33,8 @@ from unbroken.journal.store import ResponseHeader, Store, StoreStats
 from unbroken.journal.writer import JournalWriter
 
 TOKENS = 1000
-BATCH_BYTES = 4096
-BATCH_MS = 50.0
+BATCH_BYTES = ServerSettings().journal_batch_bytes
+BATCH_MS = ServerSettings().journal_batch_ms  # the router's defaults, so the figures are what it does
 PACED_TOKENS_PER_S = 100
 REPEATS = 5  # burst runs per backend; the median is reported
 

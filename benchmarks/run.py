@@ -131,6 +131,7 @@ def measure(report: dict[str, Any]) -> None:
         upstream.terminate()
         router.wait(10)
         upstream.wait(10)
+    report["router_journal_sqlite"] = _journal_on(upstream_url, config, tmp)
     report["router"] = {
         "added_ttft_ms_median": round((statistics.median(routed) - statistics.median(direct)) * 1000, 2),
         "ttft_ms_direct_median": round(statistics.median(direct) * 1000, 2),
@@ -143,6 +144,33 @@ def measure(report: dict[str, Any]) -> None:
         "rss_mib_after_100_requests": round(rss, 1),
         "tokens_streamed": TOKENS,
     }
+
+
+def _journal_on(upstream_url: str, config: Path, tmp: Path) -> dict[str, Any]:
+    """The same long stream and first-token samples through a router that journals to SQLite (its default)."""
+    upstream, line = _spawn(["-m", "unbroken.providers.simulated_upstream", "--port", "0"], "simulated upstream on")
+    config.write_text(_config(line.split()[-1], journal=True))
+    router, ready = _spawn(["-m", "unbroken.cli", "serve", "--config", str(config), "--port", "0", "--store",
+                            f"sqlite:///{tmp / 'journal.db'}", "--log-level", "WARNING"], "unbroken ready on")
+    url = ready.split()[3]
+    try:
+        with httpx.Client(timeout=120) as client:
+            hdr = {"authorization": f"Bearer {KEY}"}
+            body = {"model": "bench", "input": "hi", "metadata": {"sim_length": "4"}, "stream": True}
+            for _ in range(5):
+                _ttft(client, f"{url}/responses", body, hdr, b"output_text.delta")
+            ttft = [_ttft(client, f"{url}/responses", body, hdr, b"output_text.delta") for _ in range(TTFT_SAMPLES)]
+            cpu0 = _cpu_seconds(router.pid)
+            _drain(client, f"{url}/responses", {"model": "bench", "input": "long", "stream": True,
+                                                "metadata": {"sim_length": str(TOKENS)}}, hdr)
+            cpu = _cpu_seconds(router.pid) - cpu0
+    finally:
+        router.terminate()
+        upstream.terminate()
+        router.wait(10)
+        upstream.wait(10)
+    return {"ttft_ms_routed_median": round(statistics.median(ttft) * 1000, 2),
+            "cpu_ms_per_token_router": round(cpu / TOKENS * 1000, 4)}
 
 
 def main() -> int:
