@@ -8,21 +8,19 @@ is an honest 4xx/5xx (NoOutput), after that it is an in-band `{"error": ...}` ch
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from unbroken.api.auth import authenticate
 from unbroken.api.errors import APIError
 from unbroken.api.request import CreateResponseBody, response_skeleton
 from unbroken.api.responses import HEADER_HOLD_SECONDS, runtime_of, stream_deadline
+from unbroken.api.streaming import END, queued_sse, start_generation
 from unbroken.protocol import sse
 from unbroken.protocol.chat import ChatChunker, ChatCompletionBody, completion_from_response, generation_request
 from unbroken.protocol.responses import TERMINAL_EVENT_TYPES, Event, ResponseEmitter, new_id
@@ -32,7 +30,6 @@ from unbroken.runtime import Runtime
 log = logging.getLogger("unbroken.api")
 router = APIRouter()
 
-_END = object()
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -102,72 +99,22 @@ def _error_chunk(error: dict[str, Any]) -> bytes:
 
 
 async def _stream(runtime: Runtime, generation: Generation, chunker: ChatChunker, response_id: str) -> Response:
-    """The generation runs in its own task feeding a queue; the body reads the queue. The first item decides
-    between an HTTP error and a 200 stream."""
-    queue: asyncio.Queue[Any] = asyncio.Queue()
+    """The generation's Open Responses events, rendered as Chat Completions chunks."""
+    queue, first, task = await start_generation(runtime, generation, f"chat {response_id}")
 
-    async def produce() -> None:
-        try:
-            async for event in generation.run():
-                queue.put_nowait(event)
-        except NoOutput as exc:
-            queue.put_nowait(exc)
-        except Exception as exc:
-            log.exception("chat generation crashed", extra={"response_id": response_id})
-            queue.put_nowait(exc)
-        finally:
-            queue.put_nowait(_END)
+    def render(item: Any) -> tuple[list[bytes], bool]:
+        frames: list[bytes] = []
+        if item is END or isinstance(item, Exception):
+            # The producer died (or ended without a terminal event): an in-band error, never a silent cut.
+            chunker.finished = True
+            chunker.error = chunker.error or {"message": "The router failed while streaming.",
+                                              "type": "server_error", "param": None, "code": "server_error"}
+        else:
+            frames.extend(sse.data_frame(chunk) for chunk in chunker.feed(item))
+        if not chunker.finished:
+            return frames, False
+        # OpenAI's mid-stream failure shape is an error object with no [DONE] after it.
+        frames.append(_error_chunk(chunker.error) if chunker.error is not None else sse.DONE)
+        return frames, True
 
-    task = runtime.spawn(produce(), name=f"chat {response_id}")
-    first = await queue.get()
-    if isinstance(first, NoOutput):
-        await queue.get()  # _END
-        raise first.error
-    if first is _END or isinstance(first, Exception):
-        raise APIError(500, "The router failed before producing any output.", code="server_error")
-    heartbeat = runtime.settings.heartbeat_seconds
-
-    async def body() -> AsyncIterator[bytes]:
-        item: Any = first
-        try:
-            while True:
-                # Whatever is queued goes out in one write (whole frames only): fewer syscalls when the upstream is
-                # faster than the client, as on /v1/responses.
-                frames: list[bytes] = []
-                while True:
-                    if item is _END or isinstance(item, Exception):
-                        # The producer died after the stream started: an in-band error, never a silent cut.
-                        chunker.finished = True
-                        chunker.error = chunker.error or {"message": "The router failed while streaming.",
-                                                          "type": "server_error", "param": None,
-                                                          "code": "server_error"}
-                        break
-                    frames.extend(sse.data_frame(chunk) for chunk in chunker.feed(item))
-                    if chunker.finished or queue.empty():
-                        break
-                    item = queue.get_nowait()
-                if chunker.finished:
-                    # OpenAI's mid-stream failure shape is an error object with no [DONE] after it.
-                    frames.append(_error_chunk(chunker.error) if chunker.error is not None else sse.DONE)
-                    yield b"".join(frames)
-                    # The terminal event was the generation's last word: let its task wind down, not cancel it.
-                    await asyncio.wait({task}, timeout=5.0)
-                    return
-                if frames:  # lifecycle events have no chat form; an empty write would say nothing
-                    yield b"".join(frames) if len(frames) > 1 else frames[0]
-                while True:
-                    try:
-                        async with asyncio.timeout(heartbeat):
-                            item = await queue.get()
-                        break
-                    except TimeoutError:
-                        yield sse.HEARTBEAT  # keeps proxies (API Gateway idle timeout) from closing a quiet stream
-        finally:
-            if not task.done():
-                # Without a journal nobody can pick the answer up again: stop spending on it.
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return queued_sse(queue, first, task, heartbeat=runtime.settings.heartbeat_seconds, render=render)

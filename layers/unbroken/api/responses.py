@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from unbroken.api.auth import authenticate
 from unbroken.api.compact import expand_compaction_for
 from unbroken.api.errors import APIError
 from unbroken.api.request import CreateResponseBody, generation_request, items_from_input, response_skeleton
-from unbroken.api.streaming import sse_response
+from unbroken.api.streaming import END, queued_sse, sse_response, start_generation
 from unbroken.journal.store import AlreadyExists, ResponseHeader
 from unbroken.producer import (
     ResponseRun,
@@ -235,77 +235,22 @@ async def _complete(generation: Generation) -> Response:
     return JSONResponse(final["response"])
 
 
-_END = object()
-
 
 async def _stream(runtime: Runtime, generation: Generation, response_id: str) -> Response:
-    """Run the generation in its own task, feeding a queue; the SSE body reads the queue. The first item decides
-    between an HTTP error and a 200 stream."""
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def produce() -> None:
-        try:
-            async for event in generation.run():
-                queue.put_nowait(event)
-        except NoOutput as exc:
-            queue.put_nowait(exc)
-        except Exception as exc:
-            log.exception("generation crashed", extra={"response_id": response_id})
-            queue.put_nowait(exc)
-        finally:
-            queue.put_nowait(_END)
-
-    task = runtime.spawn(produce(), name=f"generate {response_id}")
-    first = await queue.get()
-    if isinstance(first, NoOutput):
-        await queue.get()  # _END
-        raise first.error
-    if first is _END or isinstance(first, Exception):
-        raise APIError(500, "The router failed before producing any output.", code="server_error")
-    heartbeat = runtime.settings.heartbeat_seconds
+    """An unjournaled stream: events go to the client as the generation emits them."""
+    queue, first, task = await start_generation(runtime, generation, f"generate {response_id}")
     emitter = generation.emitter
 
-    async def body() -> AsyncIterator[bytes]:
-        item: Any = first
-        try:
-            while True:
-                # Whatever is queued goes out in one write: whole frames only, fewer syscalls when the upstream
-                # is faster than the client.
-                frames: list[bytes] = []
-                while True:
-                    if item is _END:
-                        break
-                    if isinstance(item, Exception):
-                        # The producer died after the stream started: close with a terminal event of our own.
-                        frames.extend(sse.frame(e) for e in emitter.fail("server_error",
-                                                                         "The router failed while streaming."))
-                        item = _END
-                        break
-                    frames.append(sse.frame(item))
-                    if queue.empty():
-                        break
-                    item = queue.get_nowait()
-                if item is _END:
-                    frames.append(sse.DONE)
-                    yield b"".join(frames)
-                    return
-                yield b"".join(frames) if len(frames) > 1 else frames[0]
-                while True:
-                    try:
-                        async with asyncio.timeout(heartbeat):
-                            item = await queue.get()
-                        break
-                    except TimeoutError:
-                        yield sse.HEARTBEAT  # keeps proxies (API Gateway idle timeout) from closing a quiet stream
-        finally:
-            if not task.done():
-                # Without a journal nobody can pick the response up again: stop spending on it.
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+    def render(item: Any) -> tuple[list[bytes], bool]:
+        if item is END:
+            return [sse.DONE], True
+        if isinstance(item, Exception):
+            # The producer died after the stream started: close with a terminal event of our own.
+            return [*(sse.frame(e) for e in emitter.fail("server_error", "The router failed while streaming.")),
+                    sse.DONE], True
+        return [sse.frame(item)], False
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return queued_sse(queue, first, task, heartbeat=runtime.settings.heartbeat_seconds, render=render)
 
 
 # -- stored responses ---------------------------------------------------------------------------------------------
