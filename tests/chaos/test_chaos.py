@@ -272,21 +272,11 @@ class ThrottlingClient:
 # -- router bugs this suite found --------------------------------------------------------------------------------------
 
 
-def space_inserted(got: str, ref: str) -> bool:
-    """`got` is `ref` with one space put between two alphanumerics: a word split at the seam."""
-    if len(got) != len(ref) + 1:
-        return False
-    return any(got == ref[:p] + " " + ref[p:] and ref[p - 1].isalnum() and ref[p].isalnum()
-               for p in range(1, len(ref)))
-
-
-# Each has an xfail(strict) test in tests/integration/test_scenarios.py. A stream whose only damage has exactly one
-# of these signatures is counted in the figures (`known_router_bugs`) instead of failing the run, so the suite keeps
-# guarding everything else meanwhile; UNBROKEN_CHAOS_STRICT=1 fails on them too. Delete an entry with its fix.
-KNOWN_BUGS: dict[str, Callable[[str, str], bool]] = {
-    # test_instruction_continuation_does_not_split_a_word
-    "seam_space_inserted": space_inserted,
-}
+# A known router bug gets an xfail(strict) test in tests/integration/test_scenarios.py and an entry here: a stream
+# whose only damage has exactly that signature is counted in the figures (`known_router_bugs`) instead of failing
+# the run, so the suite keeps guarding everything else meanwhile; UNBROKEN_CHAOS_STRICT=1 fails on them too. Empty:
+# the last one (a space put inside a word at a continue-instruction seam) is fixed.
+KNOWN_BUGS: dict[str, Callable[[str, str], bool]] = {}
 
 
 # -- one stream ------------------------------------------------------------------------------------------------------

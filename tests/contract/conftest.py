@@ -3,10 +3,10 @@
 - memory: `MemoryStore`.
 - sqlite: `SQLiteStore` on a fresh file.
 - moto: `DynamoDBStore` on its boto3 transport inside moto's `mock_aws` (fast, in-process).
-- ddb_local / ddb_local_http: `DynamoDBStore` on its default boto3 / opt-in lean HTTP transport against DynamoDB Local (Amazon's jar, Java 17),
-  started once per test session, that is once per xdist worker, on a free port; a fresh table per test. If the jar
-  is not installed these tests FAIL with instructions: CI installs it (`make dynamodb-local`), and a silent skip
-  would hide a whole backend.
+- ddb_local / ddb_local_http: `DynamoDBStore` on its default boto3 / opt-in lean HTTP transport against DynamoDB
+  Local (Amazon's jar, Java 17), started once per test session, that is once per xdist worker, on a free port; a
+  fresh table per test. If the jar is not installed these tests FAIL with instructions: CI installs it
+  (`make dynamodb-local`), and a silent skip would hide a whole backend.
 """
 
 from __future__ import annotations

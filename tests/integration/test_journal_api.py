@@ -212,6 +212,7 @@ def test_store_failure_ends_the_stream_with_an_error_not_uncommitted_events(sim:
     config = journal_config(sim.base_url, journal_batch_bytes=200)
     with RouterThread(config, store=FailingStore(good_appends=2)) as router:
         response, stream_raw = _raw_post(router.base_url, {"model": "demo", "input": "fragile", "stream": True})
+    assert response.status_code == 200  # the stream had started: the failure must be in-band
     stream = parse_sse(stream_raw)
     assert stream.events[-1]["type"] == "error"
     assert stream.events[-1]["error"]["code"] == "journal_unavailable"

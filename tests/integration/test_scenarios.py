@@ -531,11 +531,6 @@ def test_instruction_continuation_keeps_a_word_the_answer_repeats(endpoint: str,
     assert out.text == "".join(tokens)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG engine.seam: after a continue-instruction the router puts a space "
-                   "between two alphanumerics at the seam even when the cut fell inside a word (after an overlap "
-                   "was stripped exactly, or with no overlap at all): '\"ma' + 'ny at' -> '\"ma ny at' corrupts "
-                   "json_schema output; remove KNOWN_BUGS['seam_space_inserted'] in tests/chaos/test_chaos.py "
-                   "with the fix")
 @pytest.mark.parametrize("fallback", ["repeats", "exact"])
 def test_instruction_continuation_does_not_split_a_word(endpoint: str, fallback: str, router: RouterThread,
                                                         upstream: SimulatedUpstreamThread,

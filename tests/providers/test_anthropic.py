@@ -14,6 +14,16 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
+from tests.fakes.anthropic import (
+    ANTHROPIC_FIXTURES,
+    MALFORMED_FRAME,
+    FakeAnthropic,
+    fixture_frames,
+    http_error_script,
+    stream_script,
+)
+from tests.fakes.upstream import Script, sse
 from unbroken.config import Deployment
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
@@ -40,16 +50,6 @@ from unbroken.ir import (
 )
 from unbroken.providers.anthropic import AnthropicProvider
 from unbroken.providers.base import ProviderError
-
-from tests.fakes.anthropic import (
-    ANTHROPIC_FIXTURES,
-    MALFORMED_FRAME,
-    FakeAnthropic,
-    fixture_frames,
-    http_error_script,
-    stream_script,
-)
-from tests.fakes.upstream import Script, sse
 
 pytestmark = pytest.mark.skipif(not ANTHROPIC_FIXTURES.is_dir(), reason="shared fixtures not available")
 

@@ -17,6 +17,20 @@ from urllib.parse import unquote
 import httpx
 import pytest
 from botocore.eventstream import EventStreamBuffer
+
+from tests.fakes.bedrock import (
+    BEDROCK_FIXTURES,
+    EVENTSTREAM,
+    FakeBedrock,
+    cassette_interactions,
+    cassette_script,
+    event_frame,
+    fixture_frames,
+    http_error_script,
+    rechunked,
+    stream_script,
+)
+from tests.fakes.upstream import Script
 from unbroken.config import Deployment
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
@@ -42,20 +56,6 @@ from unbroken.ir import (
 )
 from unbroken.providers.base import ProviderError
 from unbroken.providers.bedrock import QUEUE_DEPTH, BedrockProvider
-
-from tests.fakes.bedrock import (
-    BEDROCK_FIXTURES,
-    EVENTSTREAM,
-    FakeBedrock,
-    cassette_interactions,
-    cassette_script,
-    event_frame,
-    fixture_frames,
-    http_error_script,
-    rechunked,
-    stream_script,
-)
-from tests.fakes.upstream import Script
 
 pytestmark = pytest.mark.skipif(not BEDROCK_FIXTURES.is_dir(), reason="shared fixtures not available")
 

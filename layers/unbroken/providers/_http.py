@@ -3,6 +3,7 @@ into `ProviderError`s, and iterate parsed SSE events (httpx-sse does the parsing
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -88,8 +89,10 @@ async def open_stream(
 async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerSentEvent]:
     """Parsed SSE events of a streaming response; a broken connection is a mid-stream `ProviderError`."""
     try:
-        async for event in EventSource(response).aiter_sse():
-            yield event
+        # aclosing: a reader that stops early closes the parser on this loop, not later in the garbage collector.
+        async with contextlib.aclosing(EventSource(response).aiter_sse()) as events:
+            async for event in events:
+                yield event
     except SSEError:
         # 200 but not an event stream: some proxies answer errors this way. Surface the body's message.
         ctype = response.headers.get("content-type", "")

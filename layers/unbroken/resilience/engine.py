@@ -100,9 +100,11 @@ def strip_overlap(partial: str, new: str, *, final: bool) -> tuple[str, bool]:
 
 
 def seam(partial: str, new: str) -> str:
-    """Whitespace at the seam: two words glued together get the space the model dropped."""
-    if partial and new and partial[-1].isalnum() and new[0].isalnum():
-        return " " + new
+    """Whitespace at the seam: a continuation that starts with the whitespace the partial text already ends with
+    would double it. Nothing is ever inserted: a cut can fall inside a word (or a JSON string), where a guessed
+    space would corrupt the answer."""
+    if partial[-1:].isspace() and new[:1].isspace():
+        return new.lstrip()
     return new
 
 

@@ -8,6 +8,7 @@ to first token first)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from unbroken.config import Deployment, PublicModel
@@ -31,9 +32,9 @@ class DeploymentHealth:
 
 
 class HealthBoard:
-    def __init__(self, clock: type[time] | None = None) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._health: dict[str, DeploymentHealth] = {}
-        self._now = time.monotonic
+        self._now = clock
 
     def of(self, model: str, deployment: str) -> DeploymentHealth:
         key = f"{model}/{deployment}"
