@@ -47,6 +47,12 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"unbroken: {exc}", file=sys.stderr)
         return 2
+    if args.create_table and store is not None:
+        create = getattr(store, "create_table_if_missing", None)
+        if create is None:
+            print("unbroken: --create-table applies to dynamodb:// stores only", file=sys.stderr)
+            return 2
+        asyncio.run(create())
     app = create_app(config, store)
     # Bind first, then announce: a client that reads the ready line can connect at once (and --port 0 works).
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then (else Nagle + delayed ACK
@@ -98,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--store", default=os.environ.get("UNBROKEN_STORE", DEFAULT_STORE),
                          help="sqlite:///PATH (default), memory://, dynamodb://TABLE?region=R&endpoint_url=U, none")
     p_serve.add_argument("--log-level", default=os.environ.get("UNBROKEN_LOG_LEVEL", "INFO"))
+    p_serve.add_argument("--create-table", action="store_true",
+                         help="create the DynamoDB table (on-demand, TTL) if it does not exist; for local use — "
+                              "on AWS the SAM template creates it")
     p_serve.set_defaults(func=serve)
     p_check = sub.add_parser("check-config", help="validate a config file")
     p_check.add_argument("path", type=str)

@@ -97,10 +97,12 @@ class RouterThread:
 class RouterProcess:
     """`unbroken serve` in a subprocess; `kill()` sends SIGKILL (no cleanup, like a crashed Lambda)."""
 
-    def __init__(self, config_path: Path, store_url: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path, store_url: str, env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.config_path = config_path
         self.store_url = store_url
         self.env = {**os.environ, **(env or {})}
+        self.extra_args = extra_args or []
         self.proc: subprocess.Popen[str] | None = None
         self.base_url = ""
         self.banner = ""
@@ -108,7 +110,7 @@ class RouterProcess:
     def __enter__(self) -> RouterProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "unbroken.cli", "serve", "--config", str(self.config_path), "--port", "0",
-             "--store", self.store_url, "--log-level", "WARNING"],
+             "--store", self.store_url, "--log-level", "WARNING", *self.extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=self.env)
         assert self.proc.stdout is not None
         line = _readline_with_timeout(self.proc, START_TIMEOUT)
