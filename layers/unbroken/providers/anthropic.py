@@ -199,13 +199,8 @@ class _Turns:
 class AnthropicProvider(Provider):
     name: ClassVar[str] = PROVIDER
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(
-            literal_continuation=bool(self.deployment.option("literal_continuation", True)),
-            image_urls=True,
-            native_json_schema=bool(self.deployment.option("native_json_schema", False)),
-        )
+    # Claude <= 4.5 continues a prefill literally; set `literal_continuation: false` for 4.6+.
+    default_capabilities = Capabilities(literal_continuation=True, image_urls=True, native_json_schema=False)
 
     def url(self) -> str:
         return (self.deployment.base_url or DEFAULT_BASE_URL).rstrip("/") + "/v1/messages"

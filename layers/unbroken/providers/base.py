@@ -98,9 +98,17 @@ class Provider(ABC):
         self.deployment = deployment
         self.http = http
 
+    # What the provider can do by default; a deployment's `options` may override each flag (documented per provider).
+    default_capabilities: ClassVar[Capabilities] = Capabilities()
+
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities()
+        d, opts = self.default_capabilities, self.deployment.options
+        return Capabilities(
+            literal_continuation=bool(opts.get("literal_continuation", d.literal_continuation)),
+            image_urls=bool(opts.get("image_urls", d.image_urls)),
+            native_json_schema=bool(opts.get("native_json_schema", d.native_json_schema)),
+        )
 
     @abstractmethod
     def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:

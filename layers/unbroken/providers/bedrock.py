@@ -545,6 +545,7 @@ class BedrockProvider(Provider):
 
     @property
     def capabilities(self) -> Capabilities:
+        # Not the option-driven default: Converse takes image bytes only, whatever a deployment says.
         return Capabilities(
             literal_continuation=bool(self.deployment.option("literal_continuation", False)),
             image_urls=False,

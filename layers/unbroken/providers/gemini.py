@@ -228,14 +228,7 @@ class GeminiProvider(Provider):
     name = "gemini"
     reasoning_provider = "gemini"
 
-    @property
-    def capabilities(self) -> Capabilities:
-        opts = self.deployment.options
-        return Capabilities(
-            literal_continuation=bool(opts.get("literal_continuation", True)),
-            image_urls=bool(opts.get("image_urls", False)),
-            native_json_schema=bool(opts.get("native_json_schema", True)),
-        )
+    default_capabilities = Capabilities(literal_continuation=True, image_urls=False, native_json_schema=True)
 
     # -- request -------------------------------------------------------------------------------------------------
 

@@ -63,15 +63,8 @@ class OpenAIChatProvider(Provider):
     name = "openai"
     default_base_url = "https://api.openai.com/v1"
 
-    @property
-    def capabilities(self) -> Capabilities:
-        opts = self.deployment.options
-        return Capabilities(
-            # OpenAI restarts rather than continues a trailing assistant message; compatible servers may differ.
-            literal_continuation=bool(opts.get("literal_continuation", False)),
-            image_urls=bool(opts.get("image_urls", True)),
-            native_json_schema=bool(opts.get("native_json_schema", True)),
-        )
+    # OpenAI restarts rather than continues a trailing assistant message; compatible servers may differ.
+    default_capabilities = Capabilities(literal_continuation=False, image_urls=True, native_json_schema=True)
 
     # -- request -------------------------------------------------------------------------------------------------
 

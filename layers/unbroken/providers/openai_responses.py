@@ -85,15 +85,8 @@ class OpenAIResponsesProvider(Provider):
     # Tag on reasoning seals: encrypted content can only go back to an upstream of the same tag.
     reasoning_provider = "openai_responses"
 
-    @property
-    def capabilities(self) -> Capabilities:
-        opts = self.deployment.options
-        return Capabilities(
-            # A trailing assistant message is accepted but restarted, not continued (providers.md §3).
-            literal_continuation=bool(opts.get("literal_continuation", False)),
-            image_urls=bool(opts.get("image_urls", True)),
-            native_json_schema=bool(opts.get("native_json_schema", True)),
-        )
+    # A trailing assistant message is accepted but restarted, not continued (providers.md §3).
+    default_capabilities = Capabilities(literal_continuation=False, image_urls=True, native_json_schema=True)
 
     # -- request -------------------------------------------------------------------------------------------------
 

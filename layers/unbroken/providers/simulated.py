@@ -32,13 +32,7 @@ def _as_str(value: Any) -> str:
 class SimulatedProvider(OpenAIChatProvider):
     name = "simulated"
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(
-            literal_continuation=bool(self.deployment.options.get("literal_continuation", True)),
-            image_urls=bool(self.deployment.options.get("image_urls", True)),
-            native_json_schema=True,
-        )
+    default_capabilities = Capabilities(literal_continuation=True, image_urls=True, native_json_schema=True)
 
     def url(self) -> str:
         assert self._base_url is not None
