@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -257,5 +257,3 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
         raise ConfigError([ConfigProblem(str(p), f"cannot read: {exc.strerror}")]) from None
     return parse_config(text, str(p), env)
 
-
-StoreScheme = Literal["sqlite", "memory", "dynamodb"]

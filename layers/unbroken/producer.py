@@ -133,10 +133,6 @@ def header_is_stale(header: ResponseHeader, now: float) -> bool:
     return not header.terminal and header.lease_expires_at < now
 
 
-def emitter_from_journal(events: list[dict[str, Any]], hold_tool_arguments: bool) -> ResponseEmitter:
-    return restore_emitter(events, hold_tool_arguments=hold_tool_arguments)
-
-
 async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
                     deadline: float | None = None, hand_off_at_deadline: bool = False) -> ResponseRun | None:
     """Become the producer of a response: bump the epoch (conditional), rebuild the partial output from the journal
@@ -164,21 +160,12 @@ async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
         skeleton = response_skeleton(body, response_id, body.model or "")
         skeleton["created_at"] = int(header.created_at)
         emitter = ResponseEmitter(skeleton, hold_tool_arguments=settings.hold_tool_arguments)
-    model = runtime.config.model(body.model or "")
     items = items_from_input(body.input, expand_compaction=expand_compaction_for(header.tenant, runtime))
-    generation = Generation(
-        request=generation_request(body, items),
-        model_name=body.model or "",
-        candidates=runtime.health.rank(model) if model is not None else [],
-        emitter=emitter,
-        pool=runtime.pool,
-        health=runtime.health,
-        settings=settings,
+    generation = runtime.generation(
+        generation_request(body, items), body.model or "", emitter,
         deadline=deadline if deadline is not None else now + settings.stream_deadline_seconds,
-        start_events=lambda: emitter.start(queued=header.background) + emitter.in_progress(),
-        header_hold_seconds=float("inf"),
-        recovery_events=bool(header.request.get("_recovery_events")),
-        hand_off_at_deadline=hand_off_at_deadline,
+        queued=header.background, header_hold_seconds=float("inf"),
+        recovery_events=bool(header.request.get("_recovery_events")), hand_off_at_deadline=hand_off_at_deadline,
     )
     log.warning("taking over response", extra={"response_id": response_id, "epoch": epoch,
                                                "events": len(events)})

@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from unbroken.config import Config
 from unbroken.routing.policy import HealthBoard
 from unbroken.routing.pool import ProviderPool
 
 if TYPE_CHECKING:
+    from unbroken.ir import GenerationRequest
     from unbroken.journal.store import Store
+    from unbroken.protocol.responses import ResponseEmitter
+    from unbroken.resilience.engine import Generation
 
 log = logging.getLogger("unbroken")
 
@@ -29,6 +32,17 @@ class Runtime:
     @property
     def settings(self):
         return self.config.server
+
+    def generation(self, request: GenerationRequest, model_name: str, emitter: ResponseEmitter, *,
+                   deadline: float, **options: Any) -> Generation:
+        """A generation over the model's deployments as the routing policy ranks them now; `options` are
+        `Generation`'s own (queued, header_hold_seconds, recovery_events, hand_off_at_deadline)."""
+        from unbroken.resilience.engine import Generation
+
+        model = self.config.model(model_name)
+        return Generation(request=request, model_name=model_name,
+                          candidates=self.health.rank(model) if model is not None else [], emitter=emitter,
+                          pool=self.pool, health=self.health, settings=self.settings, deadline=deadline, **options)
 
     def spawn(self, coro: object, name: str) -> asyncio.Task[None]:
         """A task the runtime keeps alive (a bare create_task can be garbage-collected mid-flight)."""

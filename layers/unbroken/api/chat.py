@@ -17,9 +17,8 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from unbroken.api.auth import authenticate
-from unbroken.api.errors import APIError
 from unbroken.api.request import CreateResponseBody, response_skeleton
-from unbroken.api.responses import HEADER_HOLD_SECONDS, runtime_of, stream_deadline
+from unbroken.api.responses import HEADER_HOLD_SECONDS, public_model, runtime_of, stream_deadline
 from unbroken.api.streaming import END, queued_sse, start_generation
 from unbroken.protocol import sse
 from unbroken.protocol.chat import ChatChunker, ChatCompletionBody, completion_from_response, generation_request
@@ -39,12 +38,7 @@ async def create_chat_completion(
     tenant: Annotated[str, Depends(authenticate)],
 ) -> Response:
     runtime = runtime_of(request)
-    if not body.model:
-        raise APIError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
-    model = runtime.config.model(body.model)
-    if model is None:
-        raise APIError(404, f"The model '{body.model}' does not exist or you do not have access to it.",
-                       param="model", code="model_not_found")
+    model = public_model(runtime, body.model)
     gen_request = generation_request(body)
     response_id = new_id("resp")
     # The chat id carries the response id's random part, so logs of both shapes line up.
@@ -54,16 +48,8 @@ async def create_chat_completion(
     emitter = ResponseEmitter(response_skeleton(CreateResponseBody(model=body.model), response_id, body.model),
                               hold_tool_arguments=runtime.settings.hold_tool_arguments)
     streaming = bool(body.stream)
-    generation = Generation(
-        request=gen_request,
-        model_name=model.name,
-        candidates=runtime.health.rank(model),
-        emitter=emitter,
-        pool=runtime.pool,
-        health=runtime.health,
-        settings=runtime.settings,
-        deadline=stream_deadline(request, runtime),
-        start_events=lambda: emitter.start() + emitter.in_progress(),
+    generation = runtime.generation(
+        gen_request, model.name, emitter, deadline=stream_deadline(request, runtime),
         header_hold_seconds=HEADER_HOLD_SECONDS if streaming else math.inf,
         recovery_events=False,  # chat has no place for `router:` events
     )
@@ -117,4 +103,4 @@ async def _stream(runtime: Runtime, generation: Generation, chunker: ChatChunker
         frames.append(_error_chunk(chunker.error) if chunker.error is not None else sse.DONE)
         return frames, True
 
-    return queued_sse(queue, first, task, heartbeat=runtime.settings.heartbeat_seconds, render=render)
+    return queued_sse(queue, task, heartbeat=runtime.settings.heartbeat_seconds, render=render, first=first)

@@ -25,6 +25,7 @@ from unbroken.api.compact import expand_compaction_for
 from unbroken.api.errors import APIError
 from unbroken.api.request import CreateResponseBody, generation_request, items_from_input, response_skeleton
 from unbroken.api.streaming import END, queued_sse, sse_response, start_generation
+from unbroken.config import PublicModel
 from unbroken.journal.store import AlreadyExists, ResponseHeader
 from unbroken.producer import (
     ResponseRun,
@@ -51,6 +52,17 @@ def runtime_of(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
+def public_model(runtime: Runtime, name: str | None) -> PublicModel:
+    """The served model a request names: 400 when it names none, 404 when this router does not serve it."""
+    if not name:
+        raise APIError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    model = runtime.config.model(name)
+    if model is None:
+        raise APIError(404, f"The model '{name}' does not exist or you do not have access to it.",
+                       param="model", code="model_not_found")
+    return model
+
+
 def stream_deadline(request: Request, runtime: Runtime) -> float:
     """Now plus the configured stream deadline, or earlier if the Lambda invocation ends earlier."""
     if not os.environ.get("AWS_LAMBDA_FUNCTION_NAME"):
@@ -71,12 +83,7 @@ async def create_response(
     tenant: Annotated[str, Depends(authenticate)],
 ) -> Response:
     runtime = runtime_of(request)
-    if not body.model:
-        raise APIError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
-    model = runtime.config.model(body.model)
-    if model is None:
-        raise APIError(404, f"The model '{body.model}' does not exist or you do not have access to it.",
-                       param="model", code="model_not_found")
+    model = public_model(runtime, body.model)
     journaled = runtime.store is not None and body.store
     if body.background and not journaled:
         raise APIError(400, "background responses need store: true (and a router with a store).", param="background")
@@ -104,16 +111,8 @@ async def create_response(
     emitter = ResponseEmitter(skeleton, hold_tool_arguments=runtime.settings.hold_tool_arguments)
     streaming = body.stream
     recovery = _wants_recovery_events(request)
-    generation = Generation(
-        request=gen_request,
-        model_name=model.name,
-        candidates=runtime.health.rank(model),
-        emitter=emitter,
-        pool=runtime.pool,
-        health=runtime.health,
-        settings=runtime.settings,
-        deadline=stream_deadline(request, runtime),
-        start_events=lambda: emitter.start(queued=body.background) + emitter.in_progress(),
+    generation = runtime.generation(
+        gen_request, model.name, emitter, deadline=stream_deadline(request, runtime), queued=body.background,
         header_hold_seconds=HEADER_HOLD_SECONDS if streaming and not body.background else math.inf,
         recovery_events=recovery,
     )
@@ -250,7 +249,7 @@ async def _stream(runtime: Runtime, generation: Generation, response_id: str) ->
                     sse.DONE], True
         return [sse.frame(item)], False
 
-    return queued_sse(queue, first, task, heartbeat=runtime.settings.heartbeat_seconds, render=render)
+    return queued_sse(queue, task, heartbeat=runtime.settings.heartbeat_seconds, render=render, first=first)
 
 
 # -- stored responses ---------------------------------------------------------------------------------------------

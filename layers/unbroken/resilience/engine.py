@@ -122,7 +122,7 @@ class Generation:
         health: HealthBoard,
         settings: ServerSettings,
         deadline: float,
-        start_events: Callable[[], list[Event]],
+        queued: bool = False,
         header_hold_seconds: float = 5.0,
         cancelled: Callable[[], bool] = lambda: False,
         recovery_events: bool = False,
@@ -136,7 +136,7 @@ class Generation:
         self.health = health
         self.settings = settings
         self.deadline = deadline
-        self.start_events = start_events
+        self.queued = queued  # a background response shows `response.queued` after `response.created`
         self.header_hold_seconds = header_hold_seconds
         self.cancelled = cancelled
         self.recovery_events = recovery_events
@@ -422,7 +422,7 @@ class Generation:
         if self.started:
             return []
         self.started = True
-        return self.start_events()
+        return self.emitter.start(queued=self.queued) + self.emitter.in_progress()
 
     # -- endings -------------------------------------------------------------------------------------------------
 
