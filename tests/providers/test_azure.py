@@ -4,7 +4,7 @@ recorded Azure stream, Azure's content filtering, every fault kind, and the requ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -30,12 +30,6 @@ RECORDINGS = azure_recordings()
 CHAT = "azure-model-router.1.chunks.txt"
 RESPONSES_TEXT = "azure-text.1.chunks.txt"
 DEPLOYMENT = "my-gpt5"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -34,12 +34,6 @@ from unbroken.providers.base import Provider, ProviderError
 RECORDINGS = gemini_recordings()
 MODEL = "gemini-3-pro-preview"
 PNG_B64 = "iVBORw0KGgo="
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
