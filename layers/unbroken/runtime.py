@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from unbroken.config import Config
+from unbroken.config import Config, ServerSettings
 from unbroken.routing.policy import HealthBoard
 from unbroken.routing.pool import ProviderPool
 
@@ -30,7 +30,7 @@ class Runtime:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
-    def settings(self):
+    def settings(self) -> ServerSettings:
         return self.config.server
 
     def generation(self, request: GenerationRequest, model_name: str, emitter: ResponseEmitter, *,
