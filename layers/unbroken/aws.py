@@ -1,4 +1,5 @@
-"""AWS helpers used once per Lambda cold start: provider keys from Secrets Manager, router YAML from SSM.
+"""AWS helpers: provider keys from Secrets Manager and router YAML from SSM (once per Lambda cold start), and the
+asynchronous invocation of the worker Lambda.
 
 boto3 is imported inside the functions so that local runs (and the import of this module) never pay for it.
 Plain boto3 rather than Powertools Parameters: `python -X importtime` (Python 3.11, 2-core VM) puts boto3 at
@@ -127,3 +128,12 @@ def read_config_text_from_ssm(name: str) -> str:
     with _botocore_bodies_unlogged():  # a SecureString may hold inline keys
         resp = boto3.client("ssm").get_parameter(Name=name, WithDecryption=True)
     return str(resp["Parameter"]["Value"])
+
+
+def invoke_worker(function_name: str, payload: dict[str, Any]) -> None:
+    """Start a worker invocation (asynchronous: returns once Lambda has queued the event). Blocking: call it in a
+    thread from the event loop."""
+    import boto3
+
+    boto3.client("lambda").invoke(FunctionName=function_name, InvocationType="Event",
+                                  Payload=json.dumps(payload).encode())

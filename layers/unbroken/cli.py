@@ -32,7 +32,7 @@ def _ready_message(config: Config, url: str, config_path: str, store_url: str) -
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from unbroken.app import create_app
+    from unbroken.api.app import create_app
     from unbroken.journal.store import open_store
     from unbroken.logs import setup_logging
 

@@ -18,6 +18,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# The `provider` values a deployment may name; `unbroken.providers.PROVIDERS` maps each to its adapter (a test keeps
+# the two in step). Listed here so that reading a config never imports an adapter.
+PROVIDER_NAMES = frozenset({"openai", "openai_compatible", "simulated", "anthropic", "bedrock", "azure", "gemini",
+                            "openai_responses"})
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -53,10 +58,8 @@ class Deployment(_Strict):
     @field_validator("provider")
     @classmethod
     def _known_provider(cls, value: str) -> str:
-        from unbroken.providers import PROVIDERS
-
-        if value not in PROVIDERS:
-            raise ValueError(f"unknown provider {value!r}; known: {', '.join(sorted(PROVIDERS))}")
+        if value not in PROVIDER_NAMES:
+            raise ValueError(f"unknown provider {value!r}; known: {', '.join(sorted(PROVIDER_NAMES))}")
         return value
 
     def option(self, key: str, default: Any = None) -> Any:

@@ -1,4 +1,4 @@
-"""The worker Lambda's work: produce background responses and continue responses across invocations.
+"""The worker Lambda's entry point: produce background responses and continue responses across invocations.
 
 Events (events/README.md): `{"kind": "background" | "handoff", "response_id", "epoch", "hop"?}`. The worker claims
 the response by a conditional takeover from `epoch` (so a duplicate or stale event does nothing), produces until
@@ -8,14 +8,17 @@ The same functions run locally in tests, with any store."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from typing import Any
 
-from unbroken.runtime import Runtime
+from unbroken import aws
+from unbroken.api.identity import context_deadline
+from unbroken.app import app_from_env
+from unbroken.durable.runtime import Runtime
+from unbroken.durable.takeover import take_over
 
 log = logging.getLogger("unbroken.worker")
 
@@ -28,21 +31,19 @@ _runtime: Runtime | None = None
 
 
 def invoke_worker(payload: dict[str, Any]) -> None:
-    """Start another worker invocation (asynchronous: returns once Lambda has queued the event)."""
-    import boto3
-
-    boto3.client("lambda").invoke(FunctionName=os.environ["UNBROKEN_WORKER_FUNCTION"], InvocationType="Event",
-                                  Payload=json.dumps(payload).encode())
+    """Start another invocation of this worker."""
+    aws.invoke_worker(os.environ["UNBROKEN_WORKER_FUNCTION"], payload)
 
 
 async def run_event(runtime: Runtime, event: dict[str, Any], deadline: float,
                     invoke: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    from unbroken.producer import take_over
-
     kind = event.get("kind")
     response_id = str(event.get("response_id", ""))
-    epoch = int(event.get("epoch", 0))
-    hop = int(event.get("hop", 0))
+    try:
+        epoch = int(event.get("epoch", 0))
+        hop = int(event.get("hop", 0))
+    except (TypeError, ValueError):
+        kind = None
     if kind not in ("background", "handoff") or not response_id:
         log.error("worker event not understood", extra={"kind": kind})
         return {"status": "ignored"}
@@ -63,13 +64,9 @@ async def run_event(runtime: Runtime, event: dict[str, Any], deadline: float,
 def handle_event(event: dict[str, Any], context: object) -> dict[str, Any]:
     """Lambda entry (functions/worker/handler.py). The runtime and its loop live as long as the container."""
     global _loop, _runtime
-    from unbroken.api.identity import context_deadline
-
     if _loop is None:
         _loop = asyncio.new_event_loop()
     if _runtime is None:
-        from unbroken.app import app_from_env
-
         _runtime = app_from_env().state.runtime
     deadline = context_deadline(context, time.time()) or time.time() + 900
     return _loop.run_until_complete(run_event(_runtime, event, deadline, invoke_worker))

@@ -17,7 +17,8 @@ import pytest
 
 from tests.support.client import TIMEOUT, headers
 from tests.support.server import API_KEY, RouterThread, base_config, sim_model
-from unbroken.api.errors import APIError
+from unbroken.api.errors import STATUS
+from unbroken.errors import Failure
 from unbroken.protocol.chat import ChatChunker, completion_from_response
 from unbroken.providers.simulated_upstream import input_key_of, simulated_tokens
 
@@ -663,6 +664,6 @@ def test_chunker_turns_a_bad_ending_into_an_error(final: dict[str, Any], code: s
                         "response": final})
     assert out == [] and chunker.finished
     assert chunker.error is not None and chunker.error["code"] == code and chunker.error["type"] == etype
-    with pytest.raises(APIError) as exc:
+    with pytest.raises(Failure) as exc:
         completion_from_response(final, "chatcmpl-x", 1, "m")
-    assert exc.value.code == code and exc.value.status >= 500
+    assert exc.value.code == code and STATUS[exc.value.kind] >= 500

@@ -19,7 +19,6 @@ from tests.fakes.upstream import FakeUpstream, ReceivedRequest, Script, sse
 from tests.support.client import post_json
 from tests.support.server import RouterThread, base_config, sim_model
 from tests.support.spec import validator
-from unbroken.api.request import CreateResponseBody, items_from_input
 from unbroken.ir import FunctionCall, FunctionCallOutput, ImagePart, Message, Reasoning, TextPart
 from unbroken.protocol.compaction import (
     MIN_KEY_BYTES,
@@ -28,6 +27,7 @@ from unbroken.protocol.compaction import (
     codec_for,
     parse_key,
 )
+from unbroken.protocol.request import CreateResponseBody, items_from_input
 
 KEY_HEX = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU"

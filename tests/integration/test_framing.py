@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from tests.support.server import base_config, config_from, sim_model
-from unbroken.app import create_app
+from unbroken.api.app import create_app
 
 
 async def test_every_body_message_holds_whole_frames() -> None:

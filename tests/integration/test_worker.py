@@ -11,7 +11,7 @@ import pytest
 
 from tests.integration.test_responses_api import expected_text
 from tests.support.server import base_config, config_from, sim_model
-from unbroken.app import create_app
+from unbroken.api.app import create_app
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.store import ResponseHeader
 from unbroken.providers.simulated_upstream import SimulatedUpstream

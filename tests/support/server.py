@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 import yaml
 
-from unbroken.app import create_app
+from unbroken.api.app import create_app
 from unbroken.config import Config, parse_config
 
 API_KEY = "sk-test"

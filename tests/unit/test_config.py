@@ -125,3 +125,12 @@ def test_check_config_cli_prints_problems_and_fails(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "unbroken.cli", "check-config", str(root / "router.example.yaml")],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "OK" in ok.stdout
+
+
+def test_every_provider_name_a_config_accepts_has_an_adapter() -> None:
+    from unbroken.config import PROVIDER_NAMES
+    from unbroken.providers import PROVIDERS, provider_class
+
+    assert set(PROVIDERS) == PROVIDER_NAMES
+    for name in PROVIDER_NAMES:
+        assert provider_class(name).__name__ in PROVIDERS[name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from unbroken.api.errors import APIError
+from unbroken.errors import Failure
 
 ANONYMOUS = "anonymous"
 
@@ -27,10 +27,9 @@ def authenticate(request: Request) -> str:
     if key is None:
         if config.allow_anonymous:
             return ANONYMOUS
-        raise APIError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.", code="missing_api_key",
-                       headers={"www-authenticate": "Bearer"})
+        raise Failure("unauthorized", "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                      code="missing_api_key")
     tenant = config.tenant_for_key(key)
     if tenant is None:
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
-                       headers={"www-authenticate": "Bearer"})
+        raise Failure("unauthorized", "Incorrect API key provided.", code="invalid_api_key")
     return tenant

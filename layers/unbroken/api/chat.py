@@ -13,18 +13,21 @@ import math
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from unbroken.api.auth import authenticate
-from unbroken.api.request import CreateResponseBody, response_skeleton
-from unbroken.api.responses import HEADER_HOLD_SECONDS, public_model, runtime_of, stream_deadline
+from unbroken.api.responses import caller_of, runtime_of
 from unbroken.api.streaming import END, queued_sse, start_generation
+from unbroken.durable.runtime import Runtime
+from unbroken.durable.service import HEADER_HOLD_SECONDS, served_model
+from unbroken.journal.store import TERMINAL_EVENT_TYPES
 from unbroken.protocol import sse
+from unbroken.protocol.body import parse_json, validate
 from unbroken.protocol.chat import ChatChunker, ChatCompletionBody, completion_from_response, generation_request
-from unbroken.protocol.responses import TERMINAL_EVENT_TYPES, Event, ResponseEmitter, new_id
-from unbroken.resilience.engine import Generation, NoOutput
-from unbroken.runtime import Runtime
+from unbroken.protocol.request import CreateResponseBody, response_skeleton
+from unbroken.protocol.responses import Event, ResponseEmitter, new_id
+from unbroken.resilience.attempts import Generation, GenerationOptions, NoOutput, RunControl
 
 log = logging.getLogger("unbroken.api")
 router = APIRouter()
@@ -32,13 +35,10 @@ router = APIRouter()
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(
-    request: Request,
-    body: Annotated[ChatCompletionBody, Body()],
-    tenant: Annotated[str, Depends(authenticate)],
-) -> Response:
+async def create_chat_completion(request: Request, tenant: Annotated[str, Depends(authenticate)]) -> Response:
     runtime = runtime_of(request)
-    model = public_model(runtime, body.model)
+    body = validate(ChatCompletionBody, parse_json(await request.body()))
+    model = served_model(runtime, body.model)
     gen_request = generation_request(body)
     response_id = new_id("resp")
     # The chat id carries the response id's random part, so logs of both shapes line up.
@@ -48,11 +48,10 @@ async def create_chat_completion(
     emitter = ResponseEmitter(response_skeleton(CreateResponseBody(model=body.model), response_id, body.model),
                               hold_tool_arguments=runtime.settings.hold_tool_arguments)
     streaming = bool(body.stream)
-    generation = runtime.generation(
-        gen_request, model.name, emitter, deadline=stream_deadline(request, runtime),
-        header_hold_seconds=HEADER_HOLD_SECONDS if streaming else math.inf,
-        recovery_events=False,  # chat has no place for `router:` events
-    )
+    # Chat has no place for `router:` events: recovery events stay off.
+    options = GenerationOptions(header_hold_seconds=HEADER_HOLD_SECONDS if streaming else math.inf)
+    generation = runtime.generation(gen_request, model.name, emitter, options,
+                                    RunControl(caller_of(request, tenant).deadline))
     log.info("chat completion created", extra={"response_id": response_id, "tenant": tenant, "model": model.name,
                                                 "stream": streaming})
     chunker = ChatChunker(completion_id, created, body.model, include_usage=streaming and body.include_usage,
@@ -72,7 +71,7 @@ async def _complete(generation: Generation, chunker: ChatChunker) -> Response:
             elif event["type"] in TERMINAL_EVENT_TYPES:
                 final = event
     except NoOutput as exc:
-        raise exc.error from None
+        raise exc.failure from None
     assert final is not None
     response = final["response"]
     # `model` names the upstream model that answered (failover accounting), as on /v1/responses.

@@ -1,52 +1,59 @@
-"""Every error the router returns is the spec's error object `{"error": {message, type, param, code}}` with the
-right HTTP status; these helpers build them and map upstream failures onto them."""
+"""The one place a `Failure` becomes HTTP: its status, its headers and the spec's error object
+`{"error": {message, type, param, code}}`. Every error the router answers goes through `error_response`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from unbroken.providers.base import ProviderError
+from fastapi.responses import JSONResponse
 
-_DEFAULT_TYPE = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-                 404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
-                 422: "invalid_request_error", 429: "too_many_requests"}
+from unbroken.errors import Failure, FailureKind
+
+STATUS: dict[FailureKind, int] = {
+    "invalid_request": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "conflict": 409,
+    "too_large": 413,
+    "rate_limited": 429,
+    "internal": 500,
+    "upstream_error": 502,
+    "unavailable": 503,
+    "deadline": 504,
+}
+
+# The spec's `type` for each kind, and the `code` when the failure names none.
+_TYPE: dict[FailureKind, str] = {"rate_limited": "too_many_requests"}
+_DEFAULT_CODE: dict[FailureKind, str] = {
+    "invalid_request": "invalid_request", "unauthorized": "invalid_api_key", "forbidden": "forbidden",
+    "not_found": "not_found", "conflict": "conflict", "too_large": "request_too_large",
+    "rate_limited": "rate_limit_exceeded", "internal": "server_error", "upstream_error": "upstream_error",
+    "unavailable": "upstream_unavailable", "deadline": "stream_deadline",
+}
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code or {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 409: "conflict",
-                             413: "request_too_large", 429: "rate_limit_exceeded"}.get(status, "server_error")
-        self.param = param
-        self.type = type_ or _DEFAULT_TYPE.get(status, "server_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+def error_type(kind: FailureKind) -> str:
+    if kind in _TYPE:
+        return _TYPE[kind]
+    return "invalid_request_error" if STATUS[kind] < 500 else "server_error"
 
 
-def from_provider_error(err: ProviderError | None, *, attempts: int) -> APIError:
-    """The HTTP error for a request that got no output from any deployment."""
-    if err is None:
-        return APIError(503, "No deployment is available for this model.", code="upstream_unavailable")
-    if err.kind in ("rate_limited", "quota"):
-        headers = {}
-        if err.retry_after is not None:
-            headers["retry-after"] = str(max(1, round(err.retry_after)))
-        return APIError(429, f"All deployments are rate limited ({attempts} attempts): {err.message}",
-                        code="rate_limit_exceeded", headers=headers)
-    if err.kind == "bad_request":
-        return APIError(400, f"The upstream rejected the request: {err.message}", code="invalid_request")
-    if err.kind == "context_length":
-        return APIError(400, f"The input is too long for every deployment of this model: {err.message}",
-                        code="context_length_exceeded", param="input")
-    if err.kind == "content_filter":
-        return APIError(400, f"The request was refused by the provider's content policy: {err.message}",
-                        code="content_filter")
-    if err.kind in ("overloaded", "timeout"):
-        return APIError(503, f"Upstream unavailable after {attempts} attempts: {err.message}",
-                        code="upstream_unavailable")
-    return APIError(502, f"Upstream failed after {attempts} attempts: {err.message}", code="upstream_error")
+def error_body(failure: Failure) -> dict[str, Any]:
+    return {"error": {"message": failure.message, "type": error_type(failure.kind), "param": failure.param,
+                      "code": failure.code or _DEFAULT_CODE[failure.kind]}}
+
+
+def error_headers(failure: Failure) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if failure.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(failure.retry_after)))
+    if failure.kind == "unauthorized":
+        headers["www-authenticate"] = "Bearer"
+    return headers
+
+
+def error_response(failure: Failure, *, status: int | None = None) -> JSONResponse:
+    """`status` overrides the kind's own for the few purely HTTP answers (405)."""
+    return JSONResponse(error_body(failure), status_code=status or STATUS[failure.kind],
+                        headers=error_headers(failure))

@@ -13,8 +13,11 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
+from unbroken.durable.runtime import Runtime
+from unbroken.errors import Failure
 from unbroken.protocol import sse
 from unbroken.protocol.responses import Event
+from unbroken.resilience.attempts import Generation, NoOutput
 
 log = logging.getLogger("unbroken.api")
 
@@ -102,12 +105,10 @@ def sse_response(
     return queued_sse(queue, task, heartbeat=heartbeat, render=render, on_close=on_close)
 
 
-async def start_generation(runtime: Any, generation: Any, name: str) -> tuple[asyncio.Queue[Any], Any, Any]:
+async def start_generation(runtime: Runtime, generation: Generation, name: str
+                           ) -> tuple[asyncio.Queue[Any], Any, asyncio.Task[None]]:
     """Run a generation (unjournaled) in a task feeding a queue; return (queue, first item, task) once the first
-    item is there. A first item that is `NoOutput` is raised as its HTTP error: nothing was sent yet."""
-    from unbroken.api.errors import APIError
-    from unbroken.resilience.engine import NoOutput
-
+    item is there. A generation that ends in `NoOutput` raises its failure here: nothing was sent yet."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def produce() -> None:
@@ -117,7 +118,7 @@ async def start_generation(runtime: Any, generation: Any, name: str) -> tuple[as
         except NoOutput as exc:
             queue.put_nowait(exc)
         except Exception as exc:
-            log.exception("generation crashed", extra={"task": name})
+            log.error("generation crashed", exc_info=exc, extra={"task": name, "error": type(exc).__name__})
             queue.put_nowait(exc)
         finally:
             queue.put_nowait(END)
@@ -126,7 +127,7 @@ async def start_generation(runtime: Any, generation: Any, name: str) -> tuple[as
     first = await queue.get()
     if isinstance(first, NoOutput):
         await queue.get()  # END
-        raise first.error
+        raise first.failure
     if first is END or isinstance(first, Exception):
-        raise APIError(500, "The router failed before producing any output.", code="server_error")
+        raise Failure("internal", "The router failed before producing any output.", code="server_error")
     return queue, first, task

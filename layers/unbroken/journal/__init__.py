@@ -5,6 +5,7 @@ Importing this package is cheap: the DynamoDB store (and boto3) load only when a
 
 from unbroken.journal.feed import LOCAL_FEEDS, LocalFeeds, follow, is_terminal_event
 from unbroken.journal.store import (
+    TERMINAL_EVENT_TYPES,
     TERMINAL_STATUSES,
     AlreadyExists,
     Fenced,
@@ -20,6 +21,7 @@ from unbroken.journal.writer import JournalWriter, WriterClosed
 
 __all__ = [
     "LOCAL_FEEDS",
+    "TERMINAL_EVENT_TYPES",
     "TERMINAL_STATUSES",
     "AlreadyExists",
     "Fenced",

@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from unbroken.journal.store import Fenced, NotFound, Store, StoreError
+from unbroken.journal.store import TERMINAL_EVENT_TYPES, Fenced, NotFound, Store, StoreError
 
-TERMINAL_EVENT_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed", "response.cancelled"})
 # With a writer in this process, commits arrive by push; the store is still polled now and then, in case the writer
 # is fenced by another process and stops.
 LOCAL_WRITER_POLL = 1.0

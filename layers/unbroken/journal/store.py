@@ -20,6 +20,9 @@ from typing import Any
 
 # Response states as stored; terminal ones never change again.
 TERMINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
+# The events that end a response's stream (the spec's three; a cancel ends with `response.incomplete`). The one
+# definition: the journal stops following at them, the protocol layer emits them.
+TERMINAL_EVENT_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 class StoreError(Exception):

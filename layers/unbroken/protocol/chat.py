@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from unbroken.api.errors import APIError
+from unbroken.errors import Failure, FailureKind, invalid
 from unbroken.ir import (
     ContentPart,
     FunctionCall,
@@ -166,8 +166,8 @@ class ChatCompletionBody(_Lenient):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _unsupported(param: str, what: str) -> APIError:
-    return APIError(400, f"{what} is not supported by this router.", param=param, code="unsupported_parameter")
+def _unsupported(param: str, what: str) -> Failure:
+    return invalid(f"{what} is not supported by this router.", param=param, code="unsupported_parameter")
 
 
 def _text_of(content: str | list[ChatContentPart] | None, param: str, *, allow_refusal: bool = False) -> str:
@@ -181,14 +181,14 @@ def _text_of(content: str | list[ChatContentPart] | None, param: str, *, allow_r
         elif part.type == "refusal" and allow_refusal:
             out.append(part.refusal or "")
         else:
-            raise APIError(400, f"Content parts of type '{part.type}' are not allowed here.",
+            raise invalid(f"Content parts of type '{part.type}' are not allowed here.",
                            param=f"{param}[{j}].type")
     return "".join(out)
 
 
 def _user_parts(content: str | list[ChatContentPart] | None, param: str) -> list[ContentPart]:
     if content is None:
-        raise APIError(400, "A user message needs content.", param=param)
+        raise invalid("A user message needs content.", param=param)
     if isinstance(content, str):
         return [TextPart(content)]
     parts: list[ContentPart] = []
@@ -197,11 +197,11 @@ def _user_parts(content: str | list[ChatContentPart] | None, param: str) -> list
             parts.append(TextPart(part.text or ""))
         elif part.type == "image_url":
             if part.image_url is None:
-                raise APIError(400, "image_url parts need an image_url object.", param=f"{param}[{j}].image_url")
+                raise invalid("image_url parts need an image_url object.", param=f"{param}[{j}].image_url")
             url = part.image_url.url
             # Same rule as Open Responses input_image: the router never fetches plain-http URLs.
             if not (url.startswith("data:") or url.startswith("https://")):
-                raise APIError(400, "image_url.url must be a data URL or an https URL.",
+                raise invalid("image_url.url must be a data URL or an https URL.",
                                param=f"{param}[{j}].image_url.url")
             parts.append(ImagePart(url, part.image_url.detail or "auto"))
         else:
@@ -222,14 +222,14 @@ def items_from_messages(messages: list[ChatMessage]) -> list[Item]:
             if msg.refusal and not text:
                 text = msg.refusal
             if not text and not msg.tool_calls:
-                raise APIError(400, "An assistant message needs content or tool_calls.", param=f"{param}.content")
+                raise invalid("An assistant message needs content or tool_calls.", param=f"{param}.content")
             if text:
                 items.append(Message("assistant", [TextPart(text)]))
             for call in msg.tool_calls or []:
                 items.append(FunctionCall(call.id, call.function.name, call.function.arguments))
         elif msg.role == "tool":
             if not msg.tool_call_id:
-                raise APIError(400, "A tool message needs tool_call_id.", param=f"{param}.tool_call_id",
+                raise invalid("A tool message needs tool_call_id.", param=f"{param}.tool_call_id",
                                code="missing_required_parameter")
             items.append(FunctionCallOutput(msg.tool_call_id, _text_of(msg.content, f"{param}.content")))
         else:
@@ -243,27 +243,27 @@ def _tool_choice(body: ChatCompletionBody, names: set[str]) -> ToolChoice:
         choice = ToolChoice(mode=tc)
     elif isinstance(tc, NamedToolChoice):
         if tc.function.name not in names:
-            raise APIError(400, f"tool_choice names function '{tc.function.name}', which is not in tools.",
+            raise invalid(f"tool_choice names function '{tc.function.name}', which is not in tools.",
                            param="tool_choice.function.name")
         choice = ToolChoice(mode="required", name=tc.function.name)
     elif isinstance(tc, AllowedToolsChoice):
         allowed = [t.function.name for t in tc.allowed_tools.tools]
         unknown = [n for n in allowed if n not in names]
         if unknown:
-            raise APIError(400, f"allowed_tools names unknown functions: {', '.join(unknown)}.",
+            raise invalid(f"allowed_tools names unknown functions: {', '.join(unknown)}.",
                            param="tool_choice.allowed_tools.tools")
         choice = ToolChoice(mode=tc.allowed_tools.mode, allowed=allowed)
     else:
         choice = ToolChoice()
     if choice.requires_call and not names:
-        raise APIError(400, "tool_choice requires a tool call but no tools were given.", param="tool_choice")
+        raise invalid("tool_choice requires a tool call but no tools were given.", param="tool_choice")
     return choice
 
 
 def generation_request(body: ChatCompletionBody) -> GenerationRequest:
     """The IR request for a validated body; 400 for what the router does not do."""
     if body.n is not None and body.n != 1:
-        raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
+        raise invalid("Only n=1 is supported.", param="n", code="unsupported_parameter")
     if body.stop:
         raise _unsupported("stop", "'stop'")
     if body.logprobs:
@@ -272,7 +272,7 @@ def generation_request(body: ChatCompletionBody) -> GenerationRequest:
         raise _unsupported("functions" if body.functions is not None else "function_call",
                            "The deprecated 'functions' API (use 'tools')")
     if not body.messages:
-        raise APIError(400, "Missing required parameter: 'messages'.", param="messages",
+        raise invalid("Missing required parameter: 'messages'.", param="messages",
                        code="missing_required_parameter")
     items = items_from_messages(body.messages)
     tools = [FunctionTool(t.function.name, t.function.description, t.function.parameters, t.function.strict)
@@ -283,7 +283,7 @@ def generation_request(body: ChatCompletionBody) -> GenerationRequest:
     if fmt is not None and fmt.type == "json_schema":
         spec = fmt.json_schema
         if spec is None or not spec.schema_:
-            raise APIError(400, "response_format.json_schema.schema is required for json_schema.",
+            raise invalid("response_format.json_schema.schema is required for json_schema.",
                            param="response_format.json_schema.schema")
         text_format = JsonSchemaFormat(spec.name, spec.schema_, spec.description, spec.strict)
     elif fmt is not None and fmt.type == "json_object":
@@ -322,8 +322,8 @@ def chat_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # Status for a non-stream answer that failed after the upstream started (the stream form is an error chunk).
-_FAILURE_STATUS = {"upstream_unavailable": 503, "stream_deadline": 504, "rate_limit_exceeded": 429,
-                   "server_error": 500}
+_FAILURE_KIND: dict[str, FailureKind] = {"upstream_unavailable": "unavailable", "stream_deadline": "deadline",
+                                         "rate_limit_exceeded": "rate_limited", "server_error": "internal"}
 
 
 def _incomplete_finish(response: dict[str, Any]) -> str | None:
@@ -458,7 +458,7 @@ class ChatChunker:
 
 def completion_from_response(response: dict[str, Any], completion_id: str, created: int, model: str,
                              error_event: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The `chat.completion` object for a finished response; an APIError for one that did not end well."""
+    """The `chat.completion` object for a finished response; a `Failure` for one that did not end well."""
     status = response.get("status")
     finish: str | None
     if status == "completed":
@@ -469,7 +469,7 @@ def completion_from_response(response: dict[str, Any], completion_id: str, creat
         finish = None
     if finish is None:
         err = _failure(response, error_event)
-        raise APIError(_FAILURE_STATUS.get(err["code"], 502), err["message"], code=err["code"], type_=err["type"])
+        raise Failure(_FAILURE_KIND.get(err["code"], "upstream_error"), err["message"], code=err["code"])
     text, refusal, reasoning = [], [], []
     tool_calls = []
     for item in response.get("output") or []:

@@ -27,11 +27,12 @@ import logging
 import re
 import secrets
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from functools import lru_cache
 from typing import Any
 
+from unbroken.errors import Failure, invalid
 from unbroken.ir import FunctionCall, FunctionCallOutput, ImagePart, Item, Message, Reasoning, TextPart
 
 log = logging.getLogger("unbroken.compaction")
@@ -182,3 +183,27 @@ def codec_for(secret: str | None) -> CompactionCodec:
     log.warning("no server.compaction_key configured: compaction items are sealed with a per-process random key "
                 "and will not open after a restart or on another instance")
     return CompactionCodec(secrets.token_bytes(32))
+
+
+def compaction_codec(secret: str | None) -> CompactionCodec:
+    """`codec_for`, with a bad configured key as the operator's failure (the message names the setting, never the
+    key)."""
+    try:
+        return codec_for(secret)
+    except ValueError as exc:
+        raise Failure("internal", f"Compaction is misconfigured: {exc}.", code="server_error") from None
+
+
+def expand_compaction_for(tenant: str, secret: str | None) -> Callable[[str, str], list[Item]]:
+    """The `expand_compaction` callable of the request pipeline: a compaction item made for `tenant` becomes the
+    items it holds; anything else (another tenant's item, a modified one) is a 400 naming the item."""
+
+    def expand(encrypted_content: str, param: str) -> list[Item]:
+        try:
+            return compaction_codec(secret).open(tenant, encrypted_content)
+        except CompactionError:
+            raise invalid("The compaction item could not be opened: it was not made by this "
+                          "router for this caller, or it was modified.", param=f"{param}.encrypted_content",
+                          code="invalid_encrypted_content") from None
+
+    return expand

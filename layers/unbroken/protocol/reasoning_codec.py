@@ -29,6 +29,10 @@ def encode_reasoning(seal: ReasoningSeal, previous: str | None = None) -> str:
     return PREFIX + base64.urlsafe_b64encode(raw).decode()
 
 
+class MalformedReasoning(ValueError):
+    """A value that carries the router's prefix but is not what the router wrote (edited, cut or forged)."""
+
+
 def decode_reasoning(value: str) -> Reasoning:
     """The provider-bound parts of an `encrypted_content` value. A value the router did not wrap is taken as
     OpenAI Responses' own encrypted content (the only provider that hands those out)."""
@@ -37,5 +41,7 @@ def decode_reasoning(value: str) -> Reasoning:
     try:
         data = json.loads(base64.urlsafe_b64decode(value[len(PREFIX):].encode()))
     except (ValueError, TypeError):
-        return Reasoning(provider=None)
+        raise MalformedReasoning("not valid base64 JSON") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k, ""), str) for k in ("p", "s", "e")):
+        raise MalformedReasoning("not the router's reasoning envelope")
     return Reasoning(provider=data.get("p"), signature=data.get("s"), encrypted_content=data.get("e"))

@@ -24,11 +24,11 @@ from unbroken.ir import (
     UpstreamModel,
     Usage,
 )
+from unbroken.journal.store import TERMINAL_EVENT_TYPES
 from unbroken.protocol.reasoning_codec import encode_reasoning
 
 Event = dict[str, Any]
 
-TERMINAL_EVENT_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def new_id(prefix: str) -> str:

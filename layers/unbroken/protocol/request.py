@@ -1,14 +1,19 @@
 """`POST /v1/responses` bodies: validation (pydantic), conversion to the Conversation IR, and the response object
-skeleton that echoes the request (all 31 required keys of `ResponseResource`)."""
+skeleton that echoes the request (all 31 required keys of `ResponseResource`).
+
+`ResponsesRequest` is the one way a body becomes the IR, for a POST, a `previous_response_id` chain, a takeover and
+the background worker alike."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from unbroken.api.errors import APIError
+from unbroken.errors import invalid
 from unbroken.ir import (
     ContentPart,
     FunctionCall,
@@ -23,7 +28,8 @@ from unbroken.ir import (
     TextPart,
     ToolChoice,
 )
-from unbroken.protocol.reasoning_codec import decode_reasoning
+from unbroken.protocol.body import validate
+from unbroken.protocol.reasoning_codec import MalformedReasoning, decode_reasoning
 
 MAX_INPUT_STRING = 10 * 1024 * 1024
 
@@ -188,52 +194,6 @@ class CreateResponseBody(_Lenient):
         return value
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "none", "list"}
-
-
-def most_specific(errors: list[Any]) -> Any:
-    """Of a union's errors, the one that got deepest into the value is the one that says what is wrong."""
-    return max(errors, key=lambda e: len(e["loc"]))
-
-
-def _param_path(loc: tuple[Any, ...]) -> str:
-    """`input[0].content` from pydantic's loc, without its union-member tags (`str`, `list[...]`, the
-    discriminator value after an index, model class names)."""
-    out = ""
-    previous: Any = None
-    for part in loc:
-        skip = isinstance(part, str) and (
-            part in _TYPE_TAGS or "[" in part or part[:1].isupper() or "-" in part
-            or (isinstance(previous, int) and part in _ITEM_TAGS)
-        )
-        previous = part
-        if skip:
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "body"
-
-
-_ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning", "item_reference", "compaction",
-              "function", "allowed_tools", "input_text", "output_text", "text", "input_image", "refusal",
-              "input_file", "summary_text", "reasoning_text"}
-
-
-def parse_body(raw: Any, model_cls: type[BaseModel] = CreateResponseBody) -> Any:
-    """Validate a JSON body; a bad one is a 400 naming the first offending parameter."""
-    if not isinstance(raw, dict):
-        raise APIError(400, "The request body must be a JSON object.", param="body")
-    try:
-        return model_cls.model_validate(raw)
-    except ValidationError as exc:
-        err = most_specific(exc.errors())
-        param = _param_path(tuple(err["loc"]))
-        msg = err["msg"].removeprefix("Value error, ")
-        raise APIError(400, f"Invalid value for '{param}': {msg}.", param=param) from None
-
-
 # -- to the IR -----------------------------------------------------------------------------------------------------
 
 
@@ -249,11 +209,11 @@ def _parts(content: str | list[ContentPartParam], param: str) -> list[ContentPar
         elif p.type == "input_image":
             url = p.image_url or ""
             if not (url.startswith("data:") or url.startswith("https://")):
-                raise APIError(400, "input_image.image_url must be a data URL or an https URL.",
+                raise invalid("input_image.image_url must be a data URL or an https URL.",
                                param=f"{param}[{i}].image_url")
             parts.append(ImagePart(url, p.detail or "auto"))
         else:
-            raise APIError(400, f"Content part type '{p.type}' is not supported by this router.",
+            raise invalid(f"Content part type '{p.type}' is not supported by this router.",
                            param=f"{param}[{i}].type")
     return parts
 
@@ -264,14 +224,19 @@ def _output_text(output: str | list[ContentPartParam]) -> str:
     return "".join(p.text or "" for p in output if p.text)
 
 
-def items_from_input(value: str | list[Any] | None, expand_compaction: Any = None) -> list[Item]:
+# Opens a compaction item made for the caller: (encrypted_content, param) -> the items it holds, or a Failure.
+ExpandCompaction = Callable[[str, str], list[Item]]
+
+
+def items_from_input(value: str | Sequence[ItemParamModel] | None, expand_compaction: ExpandCompaction | None = None,
+                     *, param_of: Callable[[int], str] = "input[{}]".format) -> list[Item]:
     if value is None:
         return []
     if isinstance(value, str):
         return [Message("user", [TextPart(value)])]
     items: list[Item] = []
     for i, it in enumerate(value):
-        param = f"input[{i}]"
+        param = param_of(i)
         if isinstance(it, MessageParam):
             items.append(Message(it.role, _parts(it.content, f"{param}.content")))
         elif isinstance(it, FunctionCallParam):
@@ -279,15 +244,87 @@ def items_from_input(value: str | list[Any] | None, expand_compaction: Any = Non
         elif isinstance(it, FunctionCallOutputParam):
             items.append(FunctionCallOutput(it.call_id, _output_text(it.output)))
         elif isinstance(it, ReasoningParam):
-            sealed = decode_reasoning(it.encrypted_content) if it.encrypted_content else Reasoning()
+            try:
+                sealed = decode_reasoning(it.encrypted_content) if it.encrypted_content else Reasoning()
+            except MalformedReasoning as exc:
+                raise invalid(f"The reasoning item's encrypted_content is {exc}: send it back as the router "
+                              "returned it, or leave the item out.", param=f"{param}.encrypted_content",
+                              code="invalid_encrypted_content") from None
             items.append(Reasoning(summary=[s.text for s in it.summary], encrypted_content=sealed.encrypted_content,
                                    signature=sealed.signature, provider=sealed.provider))
         elif isinstance(it, CompactionParam):
             if expand_compaction is None:
-                raise APIError(400, "compaction items are not supported here.", param=f"{param}.type")
+                raise invalid("compaction items are not supported here.", param=f"{param}.type")
             items.extend(expand_compaction(it.encrypted_content, param))
         elif isinstance(it, ItemReferenceParam):
-            raise APIError(400, "item_reference inputs are not supported; send the item itself.", param=param)
+            raise invalid("item_reference inputs are not supported; send the item itself.", param=param)
+    return items
+
+
+ItemParamModel = (MessageParam | FunctionCallParam | FunctionCallOutputParam | ReasoningParam | ItemReferenceParam
+                  | CompactionParam)
+_STORED_ITEMS: TypeAdapter[list[ItemParamModel]] = TypeAdapter(list[ItemParam])
+
+
+# -- the one pipeline: a body → the IR ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesRequest:
+    """A `POST /v1/responses` body, parsed once: the validated `body` and the JSON object it came from (`raw`),
+    which is what the journal keeps and what an Idempotency-Key retry is compared by."""
+
+    body: CreateResponseBody
+    raw: dict[str, Any]
+
+    @classmethod
+    def parse(cls, raw: Any) -> ResponsesRequest:
+        return cls(validate(CreateResponseBody, raw), raw)
+
+    def stored(self, context: list[dict[str, Any]]) -> dict[str, Any]:
+        """What the journal keeps: the body as sent, with `input` resolved to the full context (a previous
+        response's included), enough to continue the generation in another process (`from_stored`)."""
+        return {**self.raw, "input": context + input_items(self.raw.get("input"))}
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> ResponsesRequest:
+        return cls.parse(stored)
+
+    def to_ir(self, *, context: list[dict[str, Any]] | None = None,
+              expand_compaction: ExpandCompaction | None = None) -> GenerationRequest:
+        """The IR of this request, after the `context` items (a previous response's input and output, as stored).
+        A request with no input at all is a 400."""
+        items: list[Item] = []
+        if context:
+            try:
+                previous = _STORED_ITEMS.validate_python(context)
+            except ValidationError:
+                raise invalid("The previous response cannot be continued: its stored items are not valid.",
+                              param="previous_response_id") from None
+            items = items_from_input(previous, expand_compaction, param_of=lambda i: "previous_response_id")
+        items += items_from_input(self.body.input, expand_compaction)
+        if not items:
+            raise invalid("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+        return generation_request(self.body, items)
+
+
+def input_items(raw_input: Any) -> list[dict[str, Any]]:
+    """A body's `input` as a list of JSON items (a string is one user message)."""
+    if raw_input is None:
+        return []
+    if isinstance(raw_input, str):
+        return [{"type": "message", "role": "user", "content": raw_input}]
+    return list(raw_input)
+
+
+def output_as_input(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stored response's output items as input items of a follow-up request (`previous_response_id`)."""
+    items = []
+    for item in output:
+        if item["type"] == "reasoning":
+            items.append({k: v for k, v in item.items() if k in ("type", "id", "summary", "encrypted_content")})
+        elif item["type"] in ("message", "function_call", "function_call_output"):
+            items.append({k: v for k, v in item.items() if k != "status"})
     return items
 
 
@@ -300,23 +337,23 @@ def generation_request(body: CreateResponseBody, items: list[Item]) -> Generatio
         choice = ToolChoice(mode=tc)
     elif isinstance(tc, FunctionToolChoiceParam):
         if tc.name not in names:
-            raise APIError(400, f"tool_choice names function '{tc.name}', which is not in tools.",
+            raise invalid(f"tool_choice names function '{tc.name}', which is not in tools.",
                            param="tool_choice.name")
         choice = ToolChoice(mode="required", name=tc.name)
     elif isinstance(tc, AllowedToolsParam):
         allowed = [t.name for t in tc.tools]
         unknown = [n for n in allowed if n not in names]
         if unknown:
-            raise APIError(400, f"allowed_tools names unknown functions: {', '.join(unknown)}.",
+            raise invalid(f"allowed_tools names unknown functions: {', '.join(unknown)}.",
                            param="tool_choice.tools")
         choice = ToolChoice(mode=tc.mode, allowed=allowed)
     if choice.requires_call and not tools:
-        raise APIError(400, "tool_choice requires a tool call but no tools were given.", param="tool_choice")
+        raise invalid("tool_choice requires a tool call but no tools were given.", param="tool_choice")
     text_format = None
     fmt = body.text.format if body.text else None
     if fmt is not None and fmt.type == "json_schema":
         if not fmt.schema_:
-            raise APIError(400, "text.format.schema is required for json_schema.", param="text.format.schema")
+            raise invalid("text.format.schema is required for json_schema.", param="text.format.schema")
         text_format = JsonSchemaFormat(fmt.name or "response", fmt.schema_, fmt.description, fmt.strict)
     elif fmt is not None and fmt.type == "json_object":
         text_format = JsonSchemaFormat("json_object", {"type": "object"}, None, False)

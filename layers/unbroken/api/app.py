@@ -1,0 +1,69 @@
+"""The FastAPI application: routes, the mapping of every failure onto the spec's error object, and the guard
+(body limit, crashes). Built by an entry point (`unbroken serve`, the Lambda entry) from a config and a store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from unbroken.api import chat, compact, models, responses
+from unbroken.api.errors import error_response
+from unbroken.api.guard import Guard
+from unbroken.config import Config
+from unbroken.durable.runtime import BackgroundLauncher, Runtime
+from unbroken.errors import Failure, invalid
+from unbroken.journal.store import Store
+from unbroken.protocol.body import failure_from_validation
+
+# Where a validation error's `loc` starts in FastAPI's errors (query and header parameters).
+_LOC_SOURCES = ("body", "query", "header", "path", "cookie")
+
+
+def create_app(config: Config, store: Store | None = None, *, launch_background: BackgroundLauncher | None = None,
+               lambda_env: Mapping[str, str] | None = None) -> FastAPI:
+    """`lambda_env` is the environment of a Lambda function behind the Web Adapter, which makes the adapter's
+    context headers trusted (deadlines); None everywhere else."""
+    runtime = Runtime(config=config, store=store, launch_background=launch_background)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await runtime.aclose()
+
+    app = FastAPI(title="unbroken", version="0.1.0", lifespan=lifespan,
+                  description="Open Responses router whose streams do not break")
+    app.state.runtime = runtime
+    app.state.lambda_env = dict(lambda_env or {})
+    for module in (responses, compact, chat, models):
+        app.include_router(module.router)
+
+    @app.exception_handler(Failure)
+    async def _failure(request: Request, exc: Failure) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [dict(e, loc=tuple(e.get("loc", ()))[1:] if tuple(e.get("loc", ()))[:1] and
+                       e["loc"][0] in _LOC_SOURCES else tuple(e.get("loc", ()))) for e in exc.errors()]
+        return error_response(failure_from_validation(errors))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 405:
+            return error_response(invalid(f"Method {request.method} is not allowed on {request.url.path}.",
+                                          code="method_not_allowed"), status=405)
+        if exc.status_code == 404:
+            return error_response(Failure("not_found", f"No route {request.method} {request.url.path}."))
+        return error_response(invalid(str(exc.detail)), status=exc.status_code)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(Guard, max_body_bytes=config.server.max_body_bytes)
+    return app

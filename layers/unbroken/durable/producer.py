@@ -1,0 +1,134 @@
+"""Running one response's generation into the journal.
+
+`ResponseRun` owns a generation task: it feeds every event the attempt loop emits to a `JournalWriter` (group commit,
+fenced by the owner epoch), so clients — followers of the journal, in this process or another — only ever see
+committed events. The first outcome (output started, or nothing could be produced) is signalled separately, so the
+POST handler can still answer a request that failed before any output with an error of its own.
+
+Whatever happens, a response the run owns ends in a terminal state in the journal: completed, incomplete, or
+`failed` when nothing could be produced or the router itself failed. Only a store that cannot be written (or a
+newer owner) leaves it to the next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from unbroken.durable.runtime import Runtime
+from unbroken.errors import Failure
+from unbroken.journal.store import TERMINAL_EVENT_TYPES, Fenced, StoreError
+from unbroken.journal.writer import JournalWriter
+from unbroken.protocol.responses import Event
+from unbroken.resilience.attempts import Generation, NoOutput, RunControl
+
+log = logging.getLogger("unbroken.producer")
+
+ROUTER_FAILED = "The router failed while generating this response."
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """What the POST handler waits for: output started (failure None), or why nothing was produced."""
+
+    failure: Failure | None = None
+
+
+class ResponseRun:
+    def __init__(self, runtime: Runtime, response_id: str, epoch: int, generation: Generation,
+                 control: RunControl) -> None:
+        self.runtime = runtime
+        self.response_id = response_id
+        self.epoch = epoch
+        self.generation = generation
+        self.control = control
+        self.first: asyncio.Future[RunOutcome] = asyncio.get_running_loop().create_future()
+        self.task: asyncio.Task[None] | None = None
+        # Set when the journal could not be written: followers end with an error event of their own.
+        self.store_error: BaseException | None = None
+
+    def start(self) -> ResponseRun:
+        self.task = self.runtime.spawn(self._run(), name=f"produce {self.response_id}")
+        return self
+
+    def detach(self) -> None:
+        """The client went away: finish into the journal, but within the detached cap."""
+        self.control.shorten_to(time.time() + self.runtime.settings.detached_cap_seconds)
+
+    def _signal(self, outcome: RunOutcome) -> None:
+        if not self.first.done():
+            self.first.set_result(outcome)
+
+    async def _run(self) -> None:
+        settings = self.runtime.settings
+        assert self.runtime.store is not None
+        writer = JournalWriter(self.runtime.store, self.response_id, self.epoch,
+                               batch_bytes=settings.journal_batch_bytes, batch_ms=settings.journal_batch_ms,
+                               lease_seconds=settings.lease_seconds)
+        self.control.cancelled = lambda: writer.cancel_requested
+        try:
+            async for event in self.generation.run():
+                self._signal(RunOutcome())
+                if await self._write(writer, event):
+                    return
+            await writer.flush()  # a handoff: the next owner continues from what is committed
+        except NoOutput as exc:
+            self._signal(RunOutcome(exc.failure))
+            await self._end_failed(writer, exc.failure.code or "upstream_error", exc.failure.message)
+        except Fenced:
+            log.warning("producer fenced: another process owns the response", extra={"response_id": self.response_id})
+        except StoreError as exc:
+            # Nothing that is not durable goes out: followers of this run end with an error event of their own.
+            self.store_error = exc
+            log.error("journal unavailable", extra={"response_id": self.response_id, "error": type(exc).__name__})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug below: one log line here, and a terminal `response.failed` in the journal, so every reader, a
+            # resume and an Idempotency-Key retry all see the same ending instead of a response in progress forever.
+            log.error("generation crashed", exc_info=exc, extra={"response_id": self.response_id,
+                                                                 "error": type(exc).__name__})
+            self._signal(RunOutcome(Failure("internal", "The router failed before producing any output.")))
+            await self._end_failed(writer, "server_error", ROUTER_FAILED)
+        finally:
+            self._signal(RunOutcome(Failure("internal", "The router failed before producing any output.")))
+            await writer.aclose()
+
+    async def _write(self, writer: JournalWriter, event: Event) -> bool:
+        """Journal one event; True once the terminal one is committed."""
+        if event["type"] in TERMINAL_EVENT_TYPES:
+            emitter = self.generation.emitter
+            await writer.finish(event, status=emitter.response["status"], response=emitter.snapshot())
+            return True
+        await writer.emit(event)
+        if event["type"] == "response.output_item.done":
+            await writer.boundary()
+        return False
+
+    async def _end_failed(self, writer: JournalWriter, code: str, message: str) -> None:
+        """Close the response as failed: in the stream if it had started, else in its header alone (the POST
+        answers with the failure itself, and a later reader finds the response failed)."""
+        emitter = self.generation.emitter
+        try:
+            if emitter.seq == 0:
+                failed = dict(emitter.response, status="failed", error={"code": code, "message": message})
+                await writer.set_status("failed", failed)
+                return
+            if emitter.closed:
+                return  # the terminal event was produced; only its commit failed, and that raised StoreError
+            *events, terminal = emitter.fail(code, message)
+            for event in events:
+                await writer.emit(event)
+            await writer.finish(terminal, status="failed", response=emitter.snapshot())
+        except Fenced:
+            pass
+        except StoreError as exc:
+            self.store_error = exc
+        except Exception as exc:  # the failure path must not fail the task: followers would wait for the lease
+            self.store_error = exc
+            with contextlib.suppress(Exception):
+                log.error("could not record the failure", extra={"response_id": self.response_id,
+                                                                 "error": type(exc).__name__})

@@ -1,0 +1,64 @@
+"""Everything a running router shares across requests: configuration, store, provider pool, health board, the
+background tasks it owns and how background responses are launched. One per process, built by the entry point."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from unbroken.config import Config, ServerSettings
+from unbroken.ir import GenerationRequest
+from unbroken.journal.store import Store
+from unbroken.protocol.responses import ResponseEmitter
+from unbroken.resilience.attempts import Generation, GenerationOptions, Route, RunControl
+from unbroken.routing.policy import HealthBoard
+from unbroken.routing.pool import ProviderPool
+
+log = logging.getLogger("unbroken")
+
+# Starts a background response elsewhere (on AWS: an asynchronous invocation of the worker Lambda). Given the
+# response id and the epoch to take over from; None means "produce it in this process".
+BackgroundLauncher = Callable[[str, int], Awaitable[None]]
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store | None = None
+    pool: ProviderPool = field(default_factory=ProviderPool)
+    health: HealthBoard = field(default_factory=HealthBoard)
+    launch_background: BackgroundLauncher | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def settings(self) -> ServerSettings:
+        return self.config.server
+
+    def route(self, model_name: str) -> Route:
+        """The model's deployments as the routing policy ranks them now."""
+        model = self.config.model(model_name)
+        candidates = tuple(self.health.rank(model)) if model is not None else ()
+        return Route(model_name, candidates, self.pool, self.health)
+
+    def generation(self, request: GenerationRequest, model_name: str, emitter: ResponseEmitter,
+                   options: GenerationOptions, control: RunControl) -> Generation:
+        return Generation(request, self.route(model_name), emitter, self.settings, options, control)
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task the runtime keeps alive (a bare create_task can be garbage-collected mid-flight)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def aclose(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=10)
+        await self.pool.aclose()
+        if self.store is not None:
+            await self.store.close()

@@ -1,0 +1,251 @@
+"""Durable responses as a service with no HTTP in it: create a response (journaled or not, in the foreground or in
+the background), attach an Idempotency-Key retry to the response it already made, and read, cancel or delete a
+stored response. Route handlers parse, call one of these and encode what they get back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from unbroken.config import PublicModel
+from unbroken.durable.follow import journal_events
+from unbroken.durable.producer import ResponseRun
+from unbroken.durable.runtime import Runtime
+from unbroken.errors import Failure, invalid
+from unbroken.journal.store import TERMINAL_EVENT_TYPES, AlreadyExists, ResponseHeader
+from unbroken.protocol.compaction import expand_compaction_for
+from unbroken.protocol.request import ResponsesRequest, output_as_input, response_skeleton
+from unbroken.protocol.responses import Event, ResponseEmitter, new_id, restore_emitter
+from unbroken.resilience.attempts import Generation, GenerationOptions, RunControl
+
+log = logging.getLogger("unbroken.api")
+
+# How long a stream may wait for its first upstream output before committing to 200 and the start events.
+HEADER_HOLD_SECONDS = 5.0
+# How long a cancel waits for the producer to end the response before answering with it as it stands.
+CANCEL_WAIT_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who asks, and what the transport knows about the call."""
+
+    tenant: str
+    deadline: float  # when a stream served to this caller must end (the Lambda invocation's end, or the setting)
+    idempotency_key: str | None = None
+    recovery_events: bool = False  # the caller opted in to `router:` events and the `router` field
+
+
+@dataclass(frozen=True, slots=True)
+class Direct:
+    """An unjournaled response: the caller runs the generation and sends its events as they come."""
+
+    response_id: str
+    generation: Generation
+
+
+@dataclass(frozen=True, slots=True)
+class Journaled:
+    """A response in the journal. `run` is this process's producer of it (None when another process or a worker
+    produces it, or for an Idempotency-Key retry); `queued` is a background response's object as created."""
+
+    response_id: str
+    run: ResponseRun | None = None
+    queued: dict[str, Any] | None = None
+
+
+def served_model(runtime: Runtime, name: str | None) -> PublicModel:
+    """The served model a request names: a 400 when it names none, a 404 when this router does not serve it."""
+    if not name:
+        raise invalid("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    model = runtime.config.model(name)
+    if model is None:
+        raise Failure("not_found", f"The model '{name}' does not exist or you do not have access to it.",
+                      param="model", code="model_not_found")
+    return model
+
+
+def _body_hash(raw: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Caller) -> Direct | Journaled:
+    """Start a response. A journaled foreground response is returned once its first output is there, so a request
+    that no deployment could answer is still a `Failure` of its own."""
+    body = parsed.body
+    model = served_model(runtime, body.model)
+    store = runtime.store
+    journaled = store is not None and body.store
+    if body.background and not journaled:
+        raise invalid("background responses need store: true (and a router with a store).", param="background")
+    if body.previous_response_id is not None and store is None:
+        raise invalid("previous_response_id needs a router with a store.", param="previous_response_id")
+    body_hash = _body_hash(parsed.raw)
+    if caller.idempotency_key is not None:
+        if store is None or not journaled:
+            raise invalid("Idempotency-Key needs store: true (and a router with a store).", param="Idempotency-Key")
+        existing = await store.find_by_idempotency_key(caller.tenant, caller.idempotency_key)
+        if existing is not None:
+            return _attach(existing, body_hash)
+    context: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        context = await _previous_context(runtime, caller.tenant, body.previous_response_id)
+    request = parsed.to_ir(context=context,
+                           expand_compaction=expand_compaction_for(caller.tenant, runtime.settings.compaction_key))
+    response_id = new_id("resp")
+    emitter = ResponseEmitter(response_skeleton(body, response_id, model.name),
+                              hold_tool_arguments=runtime.settings.hold_tool_arguments)
+    options = GenerationOptions(
+        queued=body.background,
+        header_hold_seconds=HEADER_HOLD_SECONDS if body.stream and not body.background else math.inf,
+        recovery_events=caller.recovery_events,
+    )
+    # A background response is not bound to this call: it may run for the whole of the attempt loop's bounds.
+    control = RunControl(time.time() + runtime.settings.max_total_seconds if body.background else caller.deadline)
+    generation = runtime.generation(request, model.name, emitter, options, control)
+    log.info("response created", extra={"response_id": response_id, "tenant": caller.tenant, "model": model.name,
+                                         "stream": body.stream, "journaled": journaled})
+    if store is None or not journaled:
+        return Direct(response_id, generation)
+    now = time.time()
+    settings = runtime.settings
+    header = ResponseHeader(
+        id=response_id, tenant=caller.tenant, created_at=now, expires_at=now + settings.retention_seconds,
+        status="queued" if body.background else "in_progress", lease_expires_at=now + settings.lease_seconds,
+        request={**parsed.stored(context), "_recovery_events": caller.recovery_events},
+        idempotency_key=caller.idempotency_key, body_hash=body_hash, background=body.background,
+    )
+    try:
+        await store.create(header)
+    except AlreadyExists:
+        existing = await store.find_by_idempotency_key(caller.tenant, caller.idempotency_key or "")
+        if existing is None:
+            raise Failure("conflict", "A request with this Idempotency-Key is being created.") from None
+        return _attach(existing, body_hash)
+    if body.background:
+        # Committed before anything else: `queued` is what a poll sees until a producer picks it up.
+        queued = dict(emitter.response, status="queued")
+        if runtime.launch_background is not None:
+            await runtime.launch_background(response_id, 0)
+            return Journaled(response_id, None, queued)
+        return Journaled(response_id, ResponseRun(runtime, response_id, 0, generation, control).start(), queued)
+    run = ResponseRun(runtime, response_id, 0, generation, control).start()
+    outcome = await run.first
+    if outcome.failure is not None:
+        raise outcome.failure
+    return Journaled(response_id, run)
+
+
+def _attach(existing: ResponseHeader, body_hash: str) -> Journaled:
+    """A retried POST with the same Idempotency-Key: the same response, replayed from its start (never a second
+    model call); the same key with another body is a conflict."""
+    if existing.body_hash != body_hash:
+        raise Failure("conflict", "This Idempotency-Key was used with a different request body.",
+                      param="Idempotency-Key", code="idempotency_key_reused")
+    return Journaled(existing.id)
+
+
+async def _previous_context(runtime: Runtime, tenant: str, previous_id: str) -> list[dict[str, Any]]:
+    """`prev.input + prev.output`, as input items, for `previous_response_id` (the caller's own responses only)."""
+    assert runtime.store is not None
+    prev = await runtime.store.get(previous_id)
+    if prev is None or prev.tenant != tenant:
+        raise Failure("not_found", f"Previous response '{previous_id}' not found.", param="previous_response_id",
+                      code="previous_response_not_found")
+    if not prev.terminal or prev.response is None:
+        raise Failure("conflict", f"Previous response '{previous_id}' is still in progress.",
+                      param="previous_response_id", code="previous_response_in_progress")
+    return list(prev.request.get("input", [])) + output_as_input(prev.response.get("output", []))
+
+
+async def final_response(runtime: Runtime, response_id: str, run: ResponseRun | None) -> dict[str, Any]:
+    """The response object once it has ended (waiting for it, taking it over if its producer died)."""
+    final: dict[str, Any] | None = None
+    async for event in journal_events(runtime, response_id, -1, run):
+        if event["type"] in TERMINAL_EVENT_TYPES:
+            final = event["response"]
+    if final is None:
+        raise Failure("internal", "The response ended without a terminal event.", code="server_error")
+    return final
+
+
+async def run_direct(generation: Generation) -> dict[str, Any]:
+    """An unjournaled, non-streaming response: run it to its end and return the final response object."""
+    final: Event | None = None
+    async for event in generation.run():
+        if event["type"] in TERMINAL_EVENT_TYPES:
+            final = event
+    if final is None:
+        raise Failure("internal", "The response ended without a terminal event.", code="server_error")
+    return final["response"]
+
+
+# -- stored responses ---------------------------------------------------------------------------------------------
+
+
+async def owned_response(runtime: Runtime, response_id: str, tenant: str) -> ResponseHeader:
+    """The tenant's own response; anything else (absent, expired, another tenant's) is the same 404."""
+    if runtime.store is None:
+        raise Failure("not_found", f"Response '{response_id}' not found (this router keeps no responses).",
+                      param="response_id")
+    header = await runtime.store.get(response_id)
+    if header is None or header.tenant != tenant:
+        raise Failure("not_found", f"Response '{response_id}' not found.", param="response_id")
+    return header
+
+
+async def snapshot(runtime: Runtime, header: ResponseHeader) -> dict[str, Any]:
+    """The response object as it stands: the stored snapshot once terminal, else rebuilt from the journal."""
+    if header.terminal and header.response is not None:
+        return header.response
+    assert runtime.store is not None
+    events = await runtime.store.read_events(header.id, -1)
+    if not events:
+        return dict(header.response or {}, status=header.status)
+    emitter = restore_emitter(events)
+    emitter.response["status"] = header.status
+    return emitter.snapshot()
+
+
+def check_cursor(header: ResponseHeader, after: int, param: str) -> int:
+    """A resume cursor: -1 (from the start) up to the stream's last sequence number."""
+    if not -1 <= after <= header.last_seq:
+        raise invalid(f"{param} must be between -1 and {header.last_seq}, the last sequence number of this "
+                      f"response's stream so far; got {after}.", param=param)
+    return after
+
+
+def follow_response(runtime: Runtime, response_id: str, after: int,
+                    run: ResponseRun | None = None) -> AsyncIterator[Event]:
+    return journal_events(runtime, response_id, after, run)
+
+
+async def cancel_response(runtime: Runtime, response_id: str, tenant: str) -> dict[str, Any]:
+    """Stop generation wherever it runs (the owner sees the flag at its next commit) and return the response once
+    it has ended, or as it stands after `CANCEL_WAIT_SECONDS`; a finished response is returned unchanged."""
+    header = await owned_response(runtime, response_id, tenant)
+    if not header.terminal:
+        assert runtime.store is not None
+        await runtime.store.request_cancel(response_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT_SECONDS):
+                async for _ in journal_events(runtime, response_id, header.last_seq):
+                    pass
+        header = await owned_response(runtime, response_id, tenant)
+    return await snapshot(runtime, header)
+
+
+async def delete_response(runtime: Runtime, response_id: str, tenant: str) -> None:
+    header = await owned_response(runtime, response_id, tenant)
+    assert runtime.store is not None
+    if not header.terminal:
+        await runtime.store.request_cancel(response_id)  # a running producer stops at its next commit
+    await runtime.store.delete(response_id)
