@@ -15,10 +15,10 @@ import pytest
 
 from tests.support.paths import REPO_ROOT
 
-# Built from pieces so that this file does not match itself.
+# The reference folder beside the checkout, spelled as a relative path or as a quoted segment of a pathlib join (as
+# the fakes once read it). Built from pieces, and described without an example, so that this file does not match.
 _OUTSIDE = "../" + "shared"
 _Q = "[\"']"
-# `../shared` in any form, or a path joined with a "shared" segment (`root / "shared" / "fixtures"`).
 OUTSIDE_REFERENCE = re.compile(rf"{re.escape(_OUTSIDE)}|/\s*{_Q}shared{_Q}|{_Q}shared{_Q}\s*/".encode())
 
 
