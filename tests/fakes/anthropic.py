@@ -7,7 +7,6 @@ events); `.chunks.txt` lines become `event: <type>\\ndata: <line>\\n\\n`; casset
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 import yaml
 
 from tests.fakes.upstream import FakeUpstream, ReceivedRequest, Script
+from tests.support.paths import FIXTURES
 
-FIXTURES = Path(os.environ.get("UNBROKEN_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures"))
 ANTHROPIC_FIXTURES = FIXTURES / "anthropic"
 
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}

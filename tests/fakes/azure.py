@@ -14,7 +14,6 @@ from typing import Any
 
 from tests.fakes.openai_responses import chunks_streams, error_event, failed_event, openai_error_body, without_terminal
 from tests.fakes.sse_replay import (
-    FIXTURES,
     ScriptedFake,
     data_frame,
     data_lines,
@@ -25,6 +24,7 @@ from tests.fakes.sse_replay import (
     stream,
 )
 from tests.fakes.upstream import Script
+from tests.support.paths import FIXTURES
 
 AZURE_FIXTURES = FIXTURES / "azure"
 DONE = data_frame("[DONE]")

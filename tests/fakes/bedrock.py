@@ -12,7 +12,6 @@ Every frame is written as two HTTP chunks (split mid-frame) so the client has to
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 import traceback
@@ -24,8 +23,8 @@ from typing import Any
 import yaml
 
 from tests.fakes.upstream import FakeUpstream, ReceivedRequest, Script
+from tests.support.paths import FIXTURES
 
-FIXTURES = Path(os.environ.get("UNBROKEN_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures"))
 BEDROCK_FIXTURES = FIXTURES / "bedrock"
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from tests.fakes.sse_replay import (
-    FIXTURES,
     ScriptedFake,
     cassette_bodies,
     data_frame,
@@ -22,6 +21,7 @@ from tests.fakes.sse_replay import (
     stream,
 )
 from tests.fakes.upstream import Script
+from tests.support.paths import FIXTURES
 
 RESPONSES_FIXTURES = FIXTURES / "openai_responses"
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")

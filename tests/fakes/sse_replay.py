@@ -9,7 +9,6 @@ faults can be placed after N events).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,6 @@ import yaml
 
 from tests.fakes.upstream import FakeUpstream, ReceivedRequest, Script
 
-FIXTURES = Path(os.environ.get("UNBROKEN_FIXTURES", Path(__file__).resolve().parents[3] / "shared" / "fixtures"))
 SSE_HEADERS = {"content-type": "text/event-stream"}
 MALFORMED_FRAME = b'data: {"candidates": [{"content": \n\n'
 

@@ -394,7 +394,7 @@ def test_tool_arguments_stream_in_fragments_when_not_held() -> None:
 
 # -- every provider adapter, through the router, to a chat client ------------------------------------------------
 #
-# Each case replays one recorded stream from shared/fixtures through that provider's fake upstream (tests/fakes) and
+# Each case replays one recorded stream from tests/fixtures through that provider's fake upstream (tests/fakes) and
 # the router's adapter for it; a chat client must get exactly the recording's text and tool calls. Expected values
 # are read from the recorded payloads here, by small parsers of each wire, never through the adapter.
 
@@ -537,11 +537,10 @@ def _fake_and_deployment(case: ProviderCase) -> tuple[Any, dict[str, Any], Recor
         return fake, {**keyless, "model": "us.anthropic.claude-test-v1:0", "region": "us-east-1"}, \
             recorded_bedrock(payloads)
     if case.provider == "azure":
-        from tests.fakes.azure import AzureFake, is_responses
-        from tests.fakes.sse_replay import FIXTURES
+        from tests.fakes.azure import AZURE_FIXTURES, AzureFake, is_responses
 
         frames = AzureFake.frames(case.fixture)
-        responses = is_responses(FIXTURES / "azure" / case.fixture)
+        responses = is_responses(AZURE_FIXTURES / case.fixture)
         fake = AzureFake()
         fake.serve(fake.replay(case.fixture))
         parse = recorded_responses if responses else recorded_chat

@@ -1,4 +1,4 @@
-"""Every recorded OpenAI Chat / OpenAI-compatible stream in shared/fixtures, replayed by a fake upstream over real
+"""Every recorded OpenAI Chat / OpenAI-compatible stream in tests/fixtures, replayed by a fake upstream over real
 HTTP and streamed through the router: the events are spec-valid and carry exactly the text, refusal, reasoning and
 tool calls the recording holds (parsed here, independently of the adapter), with the right final status."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,10 +14,9 @@ import yaml
 
 from tests.fakes.upstream import FakeUpstream, ReceivedRequest, Script
 from tests.support.client import post_stream
+from tests.support.paths import FIXTURES
 from tests.support.server import RouterThread, base_config
 from tests.support.sse import assert_well_formed
-
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 
 
 def recorded_bodies() -> list[tuple[str, str, bytes]]:

@@ -5,23 +5,18 @@
 from __future__ import annotations
 
 import json
-import os
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(os.environ.get("UNBROKEN_SPEC", Path(__file__).resolve().parents[3] / "shared" / "spec"
-                                / "openresponses-openapi.json"))
+from tests.support.paths import SPEC_PATH
 
 
 @cache
 def _spec() -> dict[str, Any]:
-    if not SPEC_PATH.exists():
-        raise FileNotFoundError(f"Open Responses spec not found at {SPEC_PATH} (set UNBROKEN_SPEC)")
     return json.loads(SPEC_PATH.read_text())
 
 
