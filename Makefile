@@ -43,7 +43,8 @@ check-config: $(RUN_STAMP)
 	$(BIN)/unbroken check-config router.example.yaml
 
 lint: $(DEV_STAMP)
-	$(BIN)/ruff check layers tests functions
+	$(BIN)/ruff check layers tests functions benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/cfn-lint template.yaml
 
 test: $(DEV_STAMP) dynamodb-local lint

@@ -16,7 +16,7 @@ from unbroken.api.app import create_app
 from unbroken.api.identity import in_lambda
 from unbroken.config import load_config, parse_config
 from unbroken.durable.runtime import BackgroundLauncher
-from unbroken.journal.store import open_store
+from unbroken.journal.backends import open_store
 
 
 def _worker_launcher(function_name: str) -> BackgroundLauncher:

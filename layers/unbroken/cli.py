@@ -32,10 +32,11 @@ def _ready_message(config: Config, url: str, config_path: str, store_url: str) -
 
 
 def serve(args: argparse.Namespace) -> int:
+    # What only serving needs (uvicorn, FastAPI, the stores): `check-config` and `--help` stay fast without it.
     import uvicorn
 
     from unbroken.api.app import create_app
-    from unbroken.journal.store import open_store
+    from unbroken.journal.backends import open_store
     from unbroken.logs import setup_logging
 
     setup_logging(args.log_level)

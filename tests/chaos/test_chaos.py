@@ -52,7 +52,7 @@ from tests.support.client import TIMEOUT, headers
 from tests.support.server import RouterProcess, RouterThread, base_config
 from tests.support.sse import Stream, parse_sse
 from unbroken.ir import CONTINUE_INSTRUCTION
-from unbroken.journal.store import open_store
+from unbroken.journal.backends import open_store
 from unbroken.providers.simulated_upstream import SimulatedUpstream, SimulatedUpstreamThread
 
 N = int(os.environ.get("UNBROKEN_CHAOS_N", "30"))

@@ -16,8 +16,9 @@ from tests.integration.test_responses_api import expected_text
 from tests.support.client import TIMEOUT, headers, post_json, post_stream
 from tests.support.server import RouterProcess, RouterThread, base_config, sim_model
 from tests.support.sse import assert_well_formed, parse_sse
+from unbroken.journal.backends import open_store
 from unbroken.journal.memory import MemoryStore
-from unbroken.journal.store import StoreUnavailable, open_store
+from unbroken.journal.store import StoreUnavailable
 from unbroken.providers.simulated_upstream import SimulatedUpstream
 
 

@@ -18,8 +18,9 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from unbroken.journal import dynamodb
+from unbroken.journal.backends import open_store
 from unbroken.journal.dynamodb import DynamoDBStore
-from unbroken.journal.store import Fenced, ResponseHeader, StoreError, StoreUnavailable, open_store
+from unbroken.journal.store import Fenced, ResponseHeader, StoreError, StoreUnavailable
 
 FAR = 4_000_000_000  # an expiry far in the future
 

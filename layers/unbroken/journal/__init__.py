@@ -3,6 +3,7 @@
 Importing this package is cheap: the DynamoDB store (and boto3) load only when a dynamodb:// store is opened.
 """
 
+from unbroken.journal.backends import open_store
 from unbroken.journal.feed import LOCAL_FEEDS, LocalFeeds, follow, is_terminal_event
 from unbroken.journal.store import (
     TERMINAL_EVENT_TYPES,
@@ -15,7 +16,6 @@ from unbroken.journal.store import (
     StoreError,
     StoreStats,
     StoreUnavailable,
-    open_store,
 )
 from unbroken.journal.writer import JournalWriter, WriterClosed
 

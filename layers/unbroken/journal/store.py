@@ -144,30 +144,3 @@ class Store(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
-
-
-def open_store(url: str) -> Store:
-    """Open a store from its URL: `sqlite:///PATH`, `memory://`, `dynamodb://TABLE?region=R&endpoint_url=U`."""
-    from urllib.parse import parse_qs, urlparse
-
-    parsed = urlparse(url)
-    if parsed.scheme == "memory":
-        from unbroken.journal.memory import MemoryStore
-
-        return MemoryStore()
-    if parsed.scheme == "sqlite":
-        from unbroken.journal.sqlite import SQLiteStore
-
-        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else parsed.path
-        if not path:
-            raise ValueError("sqlite store URL needs a path: sqlite:///PATH")
-        return SQLiteStore(path)
-    if parsed.scheme == "dynamodb":
-        from unbroken.journal.dynamodb import DynamoDBStore
-
-        query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
-        if not parsed.netloc:
-            raise ValueError("dynamodb store URL needs a table: dynamodb://TABLE?region=R")
-        return DynamoDBStore(parsed.netloc, region=query.get("region"), endpoint_url=query.get("endpoint_url"),
-                             transport=query.get("transport", "boto3"))
-    raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH, memory:// or dynamodb://TABLE")

@@ -4,15 +4,11 @@ Adapters are imported on first use only (cold start: a deployment that is never 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import httpx
 
+from unbroken.config import Deployment
 from unbroken.providers import provider_class
-
-if TYPE_CHECKING:
-    from unbroken.config import Deployment
-    from unbroken.providers.base import Provider
+from unbroken.providers.base import Provider
 
 
 class ProviderPool:
