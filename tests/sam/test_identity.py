@@ -15,7 +15,6 @@ from unbroken.api.identity import (
     context_deadline,
     in_lambda,
     lambda_context,
-    request_context,
     stream_deadline,
 )
 
@@ -76,29 +75,11 @@ def test_in_lambda_needs_the_function_and_the_adapter() -> None:
     assert in_lambda({"AWS_LAMBDA_FUNCTION_NAME": "f", "AWS_LWA_PORT": "8000"})
 
 
-def test_request_context_reads_the_caller_inside_lambda() -> None:
-    event = _event()
-    ident = request_context(lwa_headers(event), env=LAMBDA_ENV)
-    assert ident is not None
-    ctx = event["requestContext"]
-    assert ident.request_id == ctx["requestId"]
-    assert ident.stage == "prod"
-    assert ident.api_id == ctx["apiId"]
-    assert ident.source_ip == "203.0.113.7"
-    assert ident.api_key_id == ctx["identity"]["apiKeyId"]
-    assert ident.principal_id == "tenant-acme"
-    assert ident.authorizer["tenant"] == "acme"
-    assert dict(ident.claims) == {}
-    # The usage-plan key itself is a secret: it is not carried (nor would it be printed with the identity).
-    assert ctx["identity"]["apiKey"] not in repr(ident)
-
-
 def test_client_sent_identity_headers_are_ignored_outside_lambda() -> None:
     headers = lwa_headers(_event())  # exactly what a client would have to forge
-    assert request_context(headers, env=LAPTOP_ENV) is None
     assert lambda_context(headers, env=LAPTOP_ENV) is None
     # ...including a non-LWA Lambda function, where nothing overwrites them either.
-    assert request_context(headers, env={"AWS_LAMBDA_FUNCTION_NAME": "admin"}) is None
+    assert lambda_context(headers, env={"AWS_LAMBDA_FUNCTION_NAME": "admin"}) is None
 
 
 def test_lambda_context_inside_lambda() -> None:
@@ -112,26 +93,14 @@ def test_lambda_context_inside_lambda() -> None:
 
 
 def test_plain_dict_headers_any_case_and_bad_values() -> None:
-    good = json.dumps({"requestId": "r1", "stage": "prod", "authorizer": {"claims": {"sub": "u-1"}}})
-    ident = request_context({"X-Amzn-Request-Context": good}, env=LAMBDA_ENV)
-    assert ident is not None and ident.claims == {"sub": "u-1"} and ident.principal_id is None
-    assert request_context({}, env=LAMBDA_ENV) is None
-    assert request_context({"x-amzn-request-context": "not json"}, env=LAMBDA_ENV) is None
-    assert request_context({"x-amzn-request-context": '"PassThrough"'}, env=LAMBDA_ENV) is None
+    good = json.dumps({"request_id": "r1", "deadline": DEADLINE_MS})
+    ctx = lambda_context({"X-Amzn-Lambda-Context": good}, env=LAMBDA_ENV)
+    assert ctx is not None and ctx.request_id == "r1" and ctx.function_arn == ""
+    assert lambda_context({}, env=LAMBDA_ENV) is None
+    assert lambda_context({"x-amzn-lambda-context": "not json"}, env=LAMBDA_ENV) is None
+    assert lambda_context({"x-amzn-lambda-context": '"PassThrough"'}, env=LAMBDA_ENV) is None
     assert lambda_context({"x-amzn-lambda-context": json.dumps({"request_id": "x"})}, env=LAMBDA_ENV) is None
     assert lambda_context({"x-amzn-lambda-context": json.dumps({"deadline": 5})}, env=LAMBDA_ENV) is None
-
-
-def test_http_api_v2_shape() -> None:
-    v2 = {
-        "requestId": "r2",
-        "stage": "$default",
-        "http": {"method": "POST", "path": "/v1/responses", "sourceIp": "198.51.100.9", "userAgent": "curl/8"},
-        "authorizer": {"jwt": {"claims": {"sub": "u-2"}, "scopes": None}},
-    }
-    ident = request_context({"x-amzn-request-context": json.dumps(v2)}, env=LAMBDA_ENV)
-    assert ident is not None
-    assert ident.source_ip == "198.51.100.9" and ident.user_agent == "curl/8" and ident.claims == {"sub": "u-2"}
 
 
 def test_stream_deadline_is_the_earlier_of_config_and_lambda() -> None:

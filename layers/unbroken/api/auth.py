@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from unbroken.config import Config
 from unbroken.errors import Failure
 
 ANONYMOUS = "anonymous"
@@ -22,7 +23,7 @@ def presented_key(request: Request) -> str | None:
 
 def authenticate(request: Request) -> str:
     """FastAPI dependency: the caller's tenant, or a 401."""
-    config = request.app.state.runtime.config
+    config: Config = request.app.state.runtime.config
     key = presented_key(request)
     if key is None:
         if config.allow_anonymous:

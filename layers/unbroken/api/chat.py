@@ -45,7 +45,7 @@ async def create_chat_completion(request: Request, tenant: Annotated[str, Depend
     completion_id = "chatcmpl-" + response_id.removeprefix("resp_")
     created = int(time.time())
     # The emitter needs a response object to build; chat clients never see it.
-    emitter = ResponseEmitter(response_skeleton(CreateResponseBody(model=body.model), response_id, body.model),
+    emitter = ResponseEmitter(response_skeleton(CreateResponseBody(model=model.name), response_id, model.name),
                               hold_tool_arguments=runtime.settings.hold_tool_arguments)
     streaming = bool(body.stream)
     # Chat has no place for `router:` events: recovery events stay off.
@@ -54,7 +54,7 @@ async def create_chat_completion(request: Request, tenant: Annotated[str, Depend
                                     RunControl(caller_of(request, tenant).deadline))
     log.info("chat completion created", extra={"response_id": response_id, "tenant": tenant, "model": model.name,
                                                 "stream": streaming})
-    chunker = ChatChunker(completion_id, created, body.model, include_usage=streaming and body.include_usage,
+    chunker = ChatChunker(completion_id, created, model.name, include_usage=streaming and body.include_usage,
                           answering_model=lambda: emitter.upstream_model)
     if not streaming:
         return await _complete(generation, chunker)

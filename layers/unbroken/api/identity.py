@@ -1,4 +1,4 @@
-"""Who is calling and how long this invocation may run, as far as the Lambda runtime can say.
+"""How long this invocation may run, as far as the Lambda runtime can say.
 
 Under the Lambda Web Adapter (LWA) every proxied request carries two JSON headers that LWA itself sets, replacing
 any header of the same name the client sent (`req_headers.insert(...)` in LWA's `src/lib.rs`, `fetch_response`;
@@ -7,13 +7,10 @@ documented in its guide, `docs/guide/src/features/request-context.md`):
 - `x-amzn-lambda-context`: the Rust runtime's `lambda_runtime::Context` serialised with serde, i.e.
   `{"request_id": str, "deadline": <epoch ms>, "invoked_function_arn": str, "xray_trace_id": str|null,
   "client_context": ..., "identity": ..., "env_config": {...}}` (aws-lambda-rust-runtime `lambda-runtime/src/types.rs`).
-- `x-amzn-request-context`: the event's `requestContext` as `aws_lambda_events` serialises it. For API Gateway REST
-  (payload v1) that is camelCase: `requestId`, `stage`, `apiId`, `accountId`, `identity.sourceIp`,
-  `identity.apiKeyId`, and `authorizer` flattened back to its original keys (`principalId`, `claims`, custom context).
-  HTTP APIs / function URLs (v2) put the caller's address in `http.sourceIp` instead.
+- `x-amzn-request-context`: the event's `requestContext` (API Gateway's view of the caller), not read yet.
 
-Outside Lambda nothing rewrites those headers, so a client could forge them: both readers return None unless the
-process runs inside Lambda under LWA (`in_lambda`).
+Outside Lambda nothing rewrites those headers, so a client could forge them: `lambda_context` returns None unless
+the process runs inside Lambda under LWA (`in_lambda`).
 """
 
 from __future__ import annotations
@@ -21,20 +18,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import Any
 
 LAMBDA_CONTEXT_HEADER = "x-amzn-lambda-context"
-REQUEST_CONTEXT_HEADER = "x-amzn-request-context"
 
 # Time kept in hand before the Lambda deadline to write the last journal batch, send the terminal event and
 # `data: [DONE]`, and flush logs/metrics.
 DEFAULT_SAFETY_MARGIN_SECONDS = 20.0
-
-
-def _empty() -> Mapping[str, Any]:
-    return MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,22 +39,6 @@ class LambdaContextInfo:
     def deadline(self) -> float:
         """The deadline in epoch seconds (comparable with `time.time()`)."""
         return self.deadline_ms / 1000.0
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayIdentity:
-    """The caller as API Gateway saw it. Deliberately without `identity.apiKey` (the key itself is a secret):
-    `api_key_id` names the key without revealing it."""
-
-    request_id: str | None = None
-    stage: str | None = None
-    api_id: str | None = None
-    source_ip: str | None = None
-    user_agent: str | None = None
-    api_key_id: str | None = None
-    principal_id: str | None = None  # set by a Lambda (REQUEST/TOKEN) authorizer
-    claims: Mapping[str, Any] = field(default_factory=_empty)  # Cognito user pool / JWT authorizer claims
-    authorizer: Mapping[str, Any] = field(default_factory=_empty)  # the whole authorizer context (custom keys too)
 
 
 def in_lambda(env: Mapping[str, str] | None = None) -> bool:
@@ -121,31 +96,6 @@ def lambda_context(headers: Mapping[str, str], env: Mapping[str, str] | None = N
     )
 
 
-def request_context(headers: Mapping[str, str], env: Mapping[str, str] | None = None) -> GatewayIdentity | None:
-    """The caller's identity from LWA's `x-amzn-request-context` header (API Gateway's requestContext)."""
-    data = _json_header(headers, REQUEST_CONTEXT_HEADER, env)
-    if data is None:
-        return None
-    identity = data.get("identity") if isinstance(data.get("identity"), dict) else {}
-    http = data.get("http") if isinstance(data.get("http"), dict) else {}  # payload v2 (HTTP API, function URL)
-    authorizer = data.get("authorizer") if isinstance(data.get("authorizer"), dict) else {}
-    claims = authorizer.get("claims")
-    if not isinstance(claims, dict):
-        jwt = authorizer.get("jwt")  # payload v2 JWT authorizer
-        claims = jwt.get("claims") if isinstance(jwt, dict) and isinstance(jwt.get("claims"), dict) else {}
-    return GatewayIdentity(
-        request_id=_str(data.get("requestId")),
-        stage=_str(data.get("stage")),
-        api_id=_str(data.get("apiId")),
-        source_ip=_str(identity.get("sourceIp")) or _str(http.get("sourceIp")),
-        user_agent=_str(identity.get("userAgent")) or _str(http.get("userAgent")),
-        api_key_id=_str(identity.get("apiKeyId")),
-        principal_id=_str(authorizer.get("principalId")),
-        claims=MappingProxyType(dict(claims)),
-        authorizer=MappingProxyType(dict(authorizer)),
-    )
-
-
 def stream_deadline(
     headers: Mapping[str, str],
     configured_seconds: float | None,
@@ -169,4 +119,4 @@ def context_deadline(context: object, now: float) -> float | None:
     remaining = getattr(context, "get_remaining_time_in_millis", None)
     if not callable(remaining):
         return None
-    return now + remaining() / 1000.0
+    return now + float(remaining()) / 1000.0

@@ -185,7 +185,8 @@ async def run_direct(generation: Generation) -> dict[str, Any]:
             final = event
     if final is None:
         raise Failure("internal", "The response ended without a terminal event.", code="server_error")
-    return final["response"]
+    response: dict[str, Any] = final["response"]
+    return response
 
 
 # -- stored responses ---------------------------------------------------------------------------------------------

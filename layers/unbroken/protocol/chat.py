@@ -470,7 +470,9 @@ def completion_from_response(response: dict[str, Any], completion_id: str, creat
     if finish is None:
         err = _failure(response, error_event)
         raise Failure(_FAILURE_KIND.get(err["code"], "upstream_error"), err["message"], code=err["code"])
-    text, refusal, reasoning = [], [], []
+    text: list[str] = []
+    refusal: list[str] = []
+    reasoning: list[str] = []
     tool_calls = []
     for item in response.get("output") or []:
         if item["type"] == "message":

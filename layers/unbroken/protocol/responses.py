@@ -84,7 +84,8 @@ class ResponseEmitter:
 
     @property
     def output(self) -> list[dict[str, Any]]:
-        return self.response["output"]
+        output: list[dict[str, Any]] = self.response["output"]
+        return output
 
     @property
     def has_output(self) -> bool:
@@ -153,7 +154,7 @@ class ResponseEmitter:
                                       part=dict(part)))
         cur.text.append(text)
         type_ = "response.output_text.delta" if part_kind == "output_text" else "response.refusal.delta"
-        extra = {"logprobs": []} if part_kind == "output_text" else {}
+        extra: dict[str, Any] = {"logprobs": []} if part_kind == "output_text" else {}
         events.append(self._event(type_, item_id=cur.item["id"], output_index=cur.output_index,
                                   content_index=len(cur.item["content"]) - 1, delta=text, **extra))
         return events

@@ -135,8 +135,8 @@ class _Rounds:
 
     def backoff(self) -> float:
         self.rounds += 1
-        return max(self.retry_after_hint, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (self.rounds - 1)) *
-                   random.uniform(0.5, 1.5))
+        backoff = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (self.rounds - 1)) * random.uniform(0.5, 1.5)
+        return max(self.retry_after_hint, backoff)
 
     def new_round(self) -> None:
         self.tried_this_round.clear()
