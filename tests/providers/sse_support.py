@@ -1,5 +1,5 @@
-"""Helpers for the Gemini / Azure / OpenAI Responses adapter tests: run an adapter against a fake and fold its
-deltas into a summary, and compute the same summary straight from a recorded Responses or Chat stream (the
+"""Helpers for the Gemini / Azure / OpenAI Responses / OpenAI Chat adapter tests: run an adapter against a fake and
+fold its deltas into a summary, and compute the same summary straight from a recorded Responses or Chat stream (the
 expected values never come from the code under test)."""
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def expected_responses(frames: list[bytes]) -> Expected:
 
 
 def expected_chat(frames: list[bytes]) -> Expected:
-    """What a Chat Completions stream holds, read directly from its chunks."""
+    """What a Chat Completions stream holds, read directly from its chunks (reasoning as OpenAI-compatible servers
+    send it: `reasoning_content` or `reasoning`; Groq's usage inside `x_groq`). Reading stops at an error chunk."""
     e = Expected()
     names: dict[int, tuple[str, str]] = {}
     args: dict[int, str] = {}
@@ -187,10 +188,15 @@ def expected_chat(frames: list[bytes]) -> Expected:
         chunk = json.loads(payload)
         if e.model is None and chunk.get("model"):
             e.model = chunk["model"]
+        if chunk.get("error"):
+            err = chunk["error"]
+            e.error_code = str(err.get("code") or err.get("type")) if isinstance(err, dict) else "error"
+            break
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             e.text += delta.get("content") or ""
             e.refusal += delta.get("refusal") or ""
+            e.reasoning += delta.get("reasoning_content") or delta.get("reasoning") or ""
             for tc in delta.get("tool_calls") or []:
                 if tc.get("id"):
                     names[tc["index"]] = (tc["id"], tc["function"]["name"])
@@ -198,7 +204,7 @@ def expected_chat(frames: list[bytes]) -> Expected:
             if choice.get("finish_reason"):
                 e.finish = {"tool_calls": "tool_calls", "length": "length", "content_filter": "content_filter"}.get(
                     choice["finish_reason"], "stop")
-        u = chunk.get("usage")
+        u = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
         if u:
             e.usage = {"input": u["prompt_tokens"], "output": u["completion_tokens"],
                        "cached": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
