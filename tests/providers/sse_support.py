@@ -4,6 +4,7 @@ expected values never come from the code under test)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.fakes.sse_replay import frame_payloads
+from tests.fakes.sse_replay import ScriptedFake, frame_payloads
 from unbroken.config import Deployment
 from unbroken.ir import (
     Delta,
@@ -106,6 +107,34 @@ def make_provider(http: httpx.AsyncClient, provider: str, model: str, base_url: 
 
 def simple_request(text: str = "Hello", **kw: Any) -> GenerationRequest:
     return GenerationRequest(model="public-model", items=[Message("user", [TextPart(text)])], **kw)
+
+
+async def stall_then_reset(provider: Provider, fake: ScriptedFake, want_text: str) -> Summary:
+    """`fake` is serving a script that stalls: the text sent before the stall arrives and then nothing, until the
+    fake is closed and drops the connection, which must surface as a mid-stream connection error (stall timeouts
+    belong to the attempt loop). Returns what arrived."""
+    seen: list[Delta] = []
+    got_all = asyncio.Event()
+
+    async def consume() -> None:
+        async for d in provider.stream(simple_request()):
+            seen.append(d)
+            if fold(seen).text == want_text:
+                got_all.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_all.wait(), 10)
+    assert not task.done()
+    await asyncio.to_thread(fake.close)
+    try:
+        await asyncio.wait_for(task, 10)
+    except ProviderError as exc:
+        assert exc.kind == "connection" and exc.mid_stream, exc
+    else:
+        raise AssertionError("the stream ended without an error after the connection dropped")
+    got = fold(seen)
+    assert got.finish is None
+    return got
 
 
 async def drain(stream: AsyncIterator[Delta]) -> None:
