@@ -1,9 +1,10 @@
-"""Helpers for the Gemini / Azure / OpenAI Responses adapter tests: run an adapter against a fake and fold its
-deltas into a summary, and compute the same summary straight from a recorded Responses or Chat stream (the
+"""Helpers for the Gemini / Azure / OpenAI Responses / OpenAI Chat adapter tests: run an adapter against a fake and
+fold its deltas into a summary, and compute the same summary straight from a recorded Responses or Chat stream (the
 expected values never come from the code under test)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from tests.fakes.sse_replay import frame_payloads
+from tests.fakes.sse_replay import ScriptedFake, frame_payloads
 from unbroken.config import Deployment
 from unbroken.ir import (
     Delta,
@@ -108,6 +109,34 @@ def simple_request(text: str = "Hello", **kw: Any) -> GenerationRequest:
     return GenerationRequest(model="public-model", items=[Message("user", [TextPart(text)])], **kw)
 
 
+async def stall_then_reset(provider: Provider, fake: ScriptedFake, want_text: str) -> Summary:
+    """`fake` is serving a script that stalls: the text sent before the stall arrives and then nothing, until the
+    fake is closed and drops the connection, which must surface as a mid-stream connection error (stall timeouts
+    belong to the attempt loop). Returns what arrived."""
+    seen: list[Delta] = []
+    got_all = asyncio.Event()
+
+    async def consume() -> None:
+        async for d in provider.stream(simple_request()):
+            seen.append(d)
+            if fold(seen).text == want_text:
+                got_all.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_all.wait(), 10)
+    assert not task.done()
+    await asyncio.to_thread(fake.close)
+    try:
+        await asyncio.wait_for(task, 10)
+    except ProviderError as exc:
+        assert exc.kind == "connection" and exc.mid_stream, exc
+    else:
+        raise AssertionError("the stream ended without an error after the connection dropped")
+    got = fold(seen)
+    assert got.finish is None
+    return got
+
+
 async def drain(stream: AsyncIterator[Delta]) -> None:
     async for _ in stream:
         pass
@@ -177,7 +206,8 @@ def expected_responses(frames: list[bytes]) -> Expected:
 
 
 def expected_chat(frames: list[bytes]) -> Expected:
-    """What a Chat Completions stream holds, read directly from its chunks."""
+    """What a Chat Completions stream holds, read directly from its chunks (reasoning as OpenAI-compatible servers
+    send it: `reasoning_content` or `reasoning`; Groq's usage inside `x_groq`). Reading stops at an error chunk."""
     e = Expected()
     names: dict[int, tuple[str, str]] = {}
     args: dict[int, str] = {}
@@ -187,10 +217,15 @@ def expected_chat(frames: list[bytes]) -> Expected:
         chunk = json.loads(payload)
         if e.model is None and chunk.get("model"):
             e.model = chunk["model"]
+        if chunk.get("error"):
+            err = chunk["error"]
+            e.error_code = str(err.get("code") or err.get("type")) if isinstance(err, dict) else "error"
+            break
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             e.text += delta.get("content") or ""
             e.refusal += delta.get("refusal") or ""
+            e.reasoning += delta.get("reasoning_content") or delta.get("reasoning") or ""
             for tc in delta.get("tool_calls") or []:
                 if tc.get("id"):
                     names[tc["index"]] = (tc["id"], tc["function"]["name"])
@@ -198,7 +233,7 @@ def expected_chat(frames: list[bytes]) -> Expected:
             if choice.get("finish_reason"):
                 e.finish = {"tool_calls": "tool_calls", "length": "length", "content_filter": "content_filter"}.get(
                     choice["finish_reason"], "stop")
-        u = chunk.get("usage")
+        u = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
         if u:
             e.usage = {"input": u["prompt_tokens"], "output": u["completion_tokens"],
                        "cached": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0),

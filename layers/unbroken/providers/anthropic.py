@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from unbroken.ir import (
-    CONTINUE_INSTRUCTION,
     Delta,
-    Finish,
     FinishReason,
     FunctionCall,
     FunctionCallOutput,
@@ -33,26 +31,13 @@ from unbroken.ir import (
     ReasoningDelta,
     ReasoningSeal,
     TextDelta,
-    TextPart,
     ToolCallDelta,
     ToolCallStart,
     UpstreamModel,
-    Usage,
 )
+from unbroken.providers import claude
 from unbroken.providers._http import iter_sse, open_stream, parse_json
-from unbroken.providers._shared import (
-    DEFAULT_MAX_TOKENS,
-    PrefixSkip,
-    WhitespaceJoin,
-    fit_thinking,
-    json_tool_name,
-    json_tool_schema,
-    log,
-    parse_arguments,
-    split_prefill,
-    thinking_budget,
-    warn_dropped,
-)
+from unbroken.providers._shared import DEFAULT_MAX_TOKENS, PrefixSkip, WhitespaceJoin, parse_arguments, warn_dropped
 from unbroken.providers.base import Capabilities, ErrorKind, Provider, ProviderError
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -150,50 +135,16 @@ def _image_block(part: ImagePart) -> dict[str, Any]:
     raise ProviderError("bad_request", "image URLs must be https:// or data: URLs")
 
 
-def _content_blocks(msg: Message) -> list[dict[str, Any]]:
-    blocks: list[dict[str, Any]] = []
-    for part in msg.content:
-        if isinstance(part, TextPart):
-            # Anthropic rejects empty text blocks.
-            if part.text:
-                blocks.append({"type": "text", "text": part.text})
-        elif msg.role == "user":
-            if part.detail != "auto":
-                warn_dropped("input_image.detail", "Anthropic has no image detail setting")
-            blocks.append(_image_block(part))
-        else:
-            warn_dropped("input_image", "Anthropic accepts images in user turns only")
-    return blocks
+_BLOCK_KINDS: dict[str, claude.BlockKind] = {"text": "text", "tool_use": "tool_call", "tool_result": "tool_result",
+                                            "thinking": "reasoning", "redacted_thinking": "reasoning"}
 
 
-class _Turns:
-    """Builds strictly alternating turns: consecutive blocks of one role are merged into one message."""
+def _block_kind(block: dict[str, Any]) -> claude.BlockKind:
+    return _BLOCK_KINDS.get(block.get("type", ""), "other")
 
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
 
-    def add(self, role: str, blocks: list[dict[str, Any]]) -> None:
-        if not blocks:
-            return
-        if self.messages and self.messages[-1]["role"] == role:
-            self.messages[-1]["content"].extend(blocks)
-        else:
-            self.messages.append({"role": role, "content": list(blocks)})
-
-    def strip_last_assistant(self, block_types: set[str]) -> None:
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            kept = [b for b in self.messages[-1]["content"] if b.get("type") not in block_types]
-            if kept:
-                self.messages[-1]["content"] = kept
-            else:
-                self.messages.pop()
-
-    def finish(self) -> list[dict[str, Any]]:
-        for msg in self.messages:
-            if msg["role"] == "user":
-                # tool_result blocks must open the user turn that answers the tool_use turn.
-                msg["content"].sort(key=lambda b: b.get("type") != "tool_result")
-        return self.messages
+def _text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
 
 
 class AnthropicProvider(Provider):
@@ -224,128 +175,74 @@ class AnthropicProvider(Provider):
         body: dict[str, Any] = {"model": self.deployment.model, "stream": True}
         plan.body = body
 
-        system: list[str] = [request.instructions] if request.instructions else []
-        turns = _Turns()
+        turns = claude.Turns(_block_kind, _text_block)
         for item in request.items:
             if isinstance(item, Message):
-                if item.role in ("system", "developer"):
-                    # Anthropic has one system prompt; in-conversation system text joins it, in order.
-                    if item.text():
-                        system.append(item.text())
-                    if any(isinstance(p, ImagePart) for p in item.content):
-                        warn_dropped("input_image", "images in system messages are not supported")
-                else:
-                    turns.add(item.role, _content_blocks(item))
+                if item.role not in ("system", "developer"):  # those go into the system prompt
+                    turns.add(item.role, claude.content_blocks(item, text=_text_block, image=_image_block))
             elif isinstance(item, FunctionCall):
                 turns.add("assistant", [{"type": "tool_use", "id": item.call_id, "name": item.name,
                                          "input": parse_arguments(item.arguments)}])
             elif isinstance(item, FunctionCallOutput):
                 turns.add("user", [{"type": "tool_result", "tool_use_id": item.call_id, "content": item.output}])
             elif isinstance(item, Reasoning):
-                # Signed thinking only goes back where it came from; everything else is dropped quietly.
-                if item.provider != PROVIDER:
-                    continue
-                if item.signature:
+                form = claude.reasoning_form(item, PROVIDER)
+                if form == "signed":
                     turns.add("assistant", [{"type": "thinking", "thinking": item.text,
                                              "signature": item.signature}])
-                elif item.encrypted_content:
+                elif form == "redacted":
                     turns.add("assistant", [{"type": "redacted_thinking", "data": item.encrypted_content}])
 
-        # Structured output: native, or a forced tool whose input is the document.
+        # Tools; structured output natively or as a forced tool whose input is the document.
         fmt = request.text_format
         native_json = opts.get("native_json_schema")
-        tools = [
-            {"name": t.name, "input_schema": t.parameters or {"type": "object", "properties": {}},
-             **({"description": t.description} if t.description else {})}
-            for t in request.tools
-            if request.tool_choice.allowed is None or t.name in request.tool_choice.allowed
-        ]
+        tp = claude.tool_plan(request, native_json=bool(native_json))
+        plan.json_tool = tp.json_tool
         if any(t.strict for t in request.tools):
             warn_dropped("tools[].strict", "not sent to Anthropic")
-        tool_choice: dict[str, Any] | None = None
-        if tools:
-            choice = request.tool_choice
-            if choice.name:
-                tool_choice = {"type": "tool", "name": choice.name}
-            elif choice.mode == "required":
-                tool_choice = {"type": "any"}
-            elif choice.mode == "none":
-                tool_choice = {"type": "none"}
-            else:
-                tool_choice = {"type": "auto"}
+        tools: list[dict[str, Any]] = [
+            {"name": t.name, "input_schema": t.parameters or {"type": "object", "properties": {}},
+             **({"description": t.description} if t.description else {})}
+            for t in tp.tools
+        ]
+        if tp.json_offered:
+            tools.append({"name": tp.json_tool, "input_schema": tp.json_schema, "description": tp.json_description})
         if fmt is not None and native_json:
             schema_format = {"type": "json_schema", "schema": fmt.schema}
             if native_json == "output_format":
                 body["output_format"] = schema_format
             else:
                 body["output_config"] = {"format": schema_format}
-        elif fmt is not None:
-            plan.json_tool = json_tool_name(fmt)
-            json_tool: dict[str, Any] = {"name": plan.json_tool, "input_schema": json_tool_schema(fmt),
-                                         "description": fmt.description or "Respond with this JSON document."}
-            if tool_choice is None or tool_choice["type"] == "none":
-                tools, tool_choice = [json_tool], {"type": "tool", "name": plan.json_tool}
-            elif tool_choice["type"] in ("auto", "any"):
-                # The model must answer through a tool: one of the caller's or the JSON one.
-                tools, tool_choice = [*tools, json_tool], {"type": "any"}
         if tools:
-            body["tools"] = tools
-            assert tool_choice is not None
-            if request.parallel_tool_calls is False and tool_choice["type"] != "none":
+            assert tp.mode is not None
+            tool_choice: dict[str, Any] = {"type": tp.mode, **({"name": tp.name} if tp.name else {})}
+            if request.parallel_tool_calls is False and tp.mode != "none":
                 tool_choice["disable_parallel_tool_use"] = True
+            body["tools"] = tools
             body["tool_choice"] = tool_choice
 
         # Continuation of a cut answer.
-        cont = request.continuation
-        if cont is not None:
-            kept, stripped = split_prefill(cont)
-            if plan.json_tool is not None:
-                # A tool input cannot be prefilled: the document is generated again and the sent part skipped.
-                plan.skip = PrefixSkip(cont.text)
-            elif cont.literal:
-                # Prefill and thinking exclude each other: the prefilled turn keeps no thinking blocks.
-                turns.strip_last_assistant({"thinking", "redacted_thinking"})
-                # Anthropic 400s on a final assistant turn ending in whitespace; the client already has it.
-                turns.add("assistant", [{"type": "text", "text": kept}] if kept else [])
-                plan.join = WhitespaceJoin(stripped if kept else "")
-            else:
-                turns.add("assistant", [{"type": "text", "text": kept}] if kept else [])
-                turns.add("user", [{"type": "text", "text": CONTINUE_INSTRUCTION}])
+        if request.continuation is not None:
+            resume = claude.resume(request.continuation, json_tool=plan.json_tool is not None)
+            turns.continue_answer(resume)
+            plan.join, plan.skip = resume.join, resume.skip
 
         body["messages"] = turns.finish()
+        system = claude.system_texts(request)
         if system:
             body["system"] = "\n\n".join(system)
 
         # max_tokens is required; thinking must fit under it.
-        budget = thinking_budget(request.reasoning_effort, opts) if opts.get("thinking") else None
-        if budget is not None and plan.join is not None:
-            warn_dropped("reasoning.effort", "extended thinking cannot be combined with assistant prefill")
-            budget = None
-        if budget is not None and tool_choice is not None and tool_choice["type"] in ("any", "tool"):
-            warn_dropped("reasoning.effort", "extended thinking cannot be combined with a forced tool choice")
-            budget = None
-        if budget is not None and _unsigned_tool_turn(body["messages"]):
-            # With thinking on, Claude requires the last tool-calling turn to open with its (signed) thinking;
-            # history from another provider has none to give.
-            warn_dropped("reasoning.effort", "the last tool-calling turn carries no Anthropic thinking block")
-            budget = None
-        if request.reasoning_effort and request.reasoning_effort != "none" and not opts.get("thinking"):
-            log.debug("reasoning effort ignored: thinking is not enabled for this deployment")
-        default_max = int(opts.get("max_tokens", DEFAULT_MAX_TOKENS))
-        budget, max_tokens = fit_thinking(budget, request.max_output_tokens, default_max)
-        body["max_tokens"] = max_tokens
-        if budget is not None:
-            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-            # With thinking, temperature must stay 1 and top_p >= 0.95: leave both to the upstream.
-            if request.temperature is not None:
-                warn_dropped("temperature", "not adjustable with extended thinking")
-            if request.top_p is not None:
-                warn_dropped("top_p", "not adjustable with extended thinking")
-        else:
-            if request.temperature is not None:
-                body["temperature"] = request.temperature
-            if request.top_p is not None:
-                body["top_p"] = request.top_p
+        settings = claude.sampling(request, opts, prefill=plan.join is not None, forced_tool=tp.forced,
+                                   unsigned_tool_turn=turns.unsigned_tool_turn(),
+                                   default_max_tokens=DEFAULT_MAX_TOKENS)
+        body["max_tokens"] = settings.max_tokens
+        if settings.thinking_budget is not None:
+            body["thinking"] = {"type": "enabled", "budget_tokens": settings.thinking_budget}
+        if settings.temperature is not None:
+            body["temperature"] = settings.temperature
+        if settings.top_p is not None:
+            body["top_p"] = settings.top_p
         return plan
 
     # -- stream --------------------------------------------------------------------------------------------------
@@ -477,29 +374,14 @@ async def parse_stream(events: AsyncIterator[Any], plan: _Plan | None = None) ->
         elif etype == "message_stop":
             if not started:
                 raise ProviderError("malformed", "message_stop before message_start", mid_stream=True)
-            yield Usage(
-                input_tokens=usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
-                + usage.get("cache_creation_input_tokens", 0),
-                output_tokens=usage.get("output_tokens", 0),
-                cached_input_tokens=usage.get("cache_read_input_tokens", 0),
-            )
-            reason = STOP_REASONS.get(stop_reason or "", "stop")
-            if reason == "tool_calls" and real_tool_calls == 0:
-                reason = "stop"  # only the JSON-output tool was called: to the client that is a message
-            yield Finish(reason, raw=stop_reason)
+            yield claude.usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0),
+                               usage.get("cache_read_input_tokens", 0), usage.get("cache_creation_input_tokens", 0))
+            yield claude.finish(STOP_REASONS.get(stop_reason or "", "stop"), stop_reason, tool_calls=real_tool_calls)
             return
         elif etype == "error":
             raise stream_error(data)
         # Unknown event types are ignored, as the SDKs do.
     raise ProviderError("truncated", "upstream stream ended before message_stop", mid_stream=True)
-
-
-def _unsigned_tool_turn(messages: list[dict[str, Any]]) -> bool:
-    """The last assistant turn calls a tool but does not start with a thinking block."""
-    last = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
-    if last is None or not any(b.get("type") == "tool_use" for b in last["content"]):
-        return False
-    return last["content"][0].get("type") not in ("thinking", "redacted_thinking")
 
 
 def _take_usage(acc: dict[str, int], usage: Any) -> None:

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from unbroken.ir import (
-    CONTINUE_INSTRUCTION,
     Delta,
     Finish,
     FinishReason,
@@ -41,24 +40,12 @@ from unbroken.ir import (
     ReasoningDelta,
     ReasoningSeal,
     TextDelta,
-    TextPart,
     ToolCallDelta,
     ToolCallStart,
     Usage,
 )
-from unbroken.providers._shared import (
-    DEFAULT_MAX_TOKENS,
-    PrefixSkip,
-    WhitespaceJoin,
-    fit_thinking,
-    json_tool_name,
-    json_tool_schema,
-    log,
-    parse_arguments,
-    split_prefill,
-    thinking_budget,
-    warn_dropped,
-)
+from unbroken.providers import claude
+from unbroken.providers._shared import PrefixSkip, WhitespaceJoin, log, parse_arguments, warn_dropped
 from unbroken.providers.base import Capabilities, ErrorKind, Provider, ProviderError, parse_retry_after
 
 if TYPE_CHECKING:
@@ -238,34 +225,17 @@ def _image_block(part: ImagePart) -> dict[str, Any]:
     return {"image": {"format": fmt, "source": {"bytes": raw}}}
 
 
-class _Turns:
-    """Strictly alternating user/assistant turns; consecutive blocks of one role are merged."""
+_BLOCK_KINDS: dict[str, claude.BlockKind] = {"text": "text", "toolUse": "tool_call", "toolResult": "tool_result",
+                                            "reasoningContent": "reasoning"}
 
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-        self.tool_names: list[str] = []  # names used by toolUse blocks in the history
 
-    def add(self, role: str, blocks: list[dict[str, Any]]) -> None:
-        if not blocks:
-            return
-        if self.messages and self.messages[-1]["role"] == role:
-            self.messages[-1]["content"].extend(blocks)
-        else:
-            self.messages.append({"role": role, "content": list(blocks)})
+def _block_kind(block: dict[str, Any]) -> claude.BlockKind:
+    # A Converse content block is a union: exactly one member key.
+    return next((_BLOCK_KINDS[k] for k in block if k in _BLOCK_KINDS), "other")
 
-    def strip_last_assistant(self, key: str) -> None:
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            kept = [b for b in self.messages[-1]["content"] if key not in b]
-            if kept:
-                self.messages[-1]["content"] = kept
-            else:
-                self.messages.pop()
 
-    def finish(self) -> list[dict[str, Any]]:
-        for msg in self.messages:
-            if msg["role"] == "user":
-                msg["content"].sort(key=lambda b: "toolResult" not in b)  # tool results open the turn
-        return self.messages
+def _text_block(text: str) -> dict[str, Any]:
+    return {"text": text}
 
 
 def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
@@ -274,146 +244,94 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
     params: dict[str, Any] = {"modelId": deployment.model}
     plan.params = params
 
-    system: list[dict[str, Any]] = [{"text": request.instructions}] if request.instructions else []
-    turns = _Turns()
+    turns = claude.Turns(_block_kind, _text_block)
+    tool_names: list[str] = []  # names used by toolUse blocks in the history
     for item in request.items:
         if isinstance(item, Message):
-            if item.role in ("system", "developer"):
-                if item.text():
-                    system.append({"text": item.text()})
-                if any(isinstance(p, ImagePart) for p in item.content):
-                    warn_dropped("input_image", "images in system messages are not supported")
-                continue
-            blocks: list[dict[str, Any]] = []
-            for part in item.content:
-                if isinstance(part, TextPart):
-                    if part.text:  # Bedrock rejects blank text blocks
-                        blocks.append({"text": part.text})
-                elif item.role == "user":
-                    if part.detail != "auto":
-                        warn_dropped("input_image.detail", "Converse has no image detail setting")
-                    blocks.append(_image_block(part))
-                else:
-                    warn_dropped("input_image", "images are accepted in user turns only")
-            turns.add(item.role, blocks)
+            if item.role not in ("system", "developer"):  # those go into the system prompt
+                turns.add(item.role, claude.content_blocks(item, text=_text_block, image=_image_block))
         elif isinstance(item, FunctionCall):
-            turns.tool_names.append(item.name)
+            tool_names.append(item.name)
             turns.add("assistant", [{"toolUse": {"toolUseId": item.call_id, "name": item.name,
                                                  "input": parse_arguments(item.arguments)}}])
         elif isinstance(item, FunctionCallOutput):
             turns.add("user", [{"toolResult": {"toolUseId": item.call_id, "content": [{"text": item.output}]}}])
         elif isinstance(item, Reasoning):
-            if item.provider != PROVIDER:
-                continue  # signatures are provider-bound
-            if item.signature:
+            form = claude.reasoning_form(item, PROVIDER)
+            if form == "signed":
                 turns.add("assistant", [{"reasoningContent": {"reasoningText": {"text": item.text,
                                                                                 "signature": item.signature}}}])
-            elif item.encrypted_content:
+            elif form == "redacted":
                 try:
-                    redacted = base64.b64decode(item.encrypted_content)
+                    redacted = base64.b64decode(item.encrypted_content or "")
                 except ValueError:
                     warn_dropped("reasoning.encrypted_content", "not base64")
                     continue
                 turns.add("assistant", [{"reasoningContent": {"redactedContent": redacted}}])
 
     # Tools, tool choice, structured output.
-    choice = request.tool_choice
+    fmt = request.text_format
+    tp = claude.tool_plan(request, native_json=bool(opts.get("native_json_schema")))
+    plan.json_tool = tp.json_tool
+    if any(t.strict for t in request.tools):
+        warn_dropped("tools[].strict", "not sent to Converse")
     tools = [
         {"toolSpec": {"name": t.name, **({"description": t.description} if t.description else {}),
                       "inputSchema": {"json": t.parameters or {"type": "object", "properties": {}}}}}
-        for t in request.tools
-        if choice.allowed is None or t.name in choice.allowed
+        for t in tp.tools
     ]
-    if any(t.strict for t in request.tools):
-        warn_dropped("tools[].strict", "not sent to Converse")
-    tool_choice: dict[str, Any] | None = None
-    if tools:
-        if choice.name:
-            tool_choice = {"tool": {"name": choice.name}}
-        elif choice.mode == "required":
-            tool_choice = {"any": {}}
-        elif choice.mode == "none":
-            if turns.tool_names or any(isinstance(i, FunctionCallOutput) for i in request.items):
-                # Converse has no "none" and needs toolConfig whenever the history holds tool blocks.
-                warn_dropped("tool_choice", "Bedrock has no 'none'; tools are offered with 'auto'")
-            else:
-                tools = []
+    if tp.json_offered:
+        tools.append({"toolSpec": {"name": tp.json_tool, "description": tp.json_description,
+                                   "inputSchema": {"json": tp.json_schema}}})
+    tool_choice: dict[str, Any] | None = None  # None: auto, the default
+    if tp.mode == "tool":
+        tool_choice = {"tool": {"name": tp.name}}
+    elif tp.mode == "any":
+        tool_choice = {"any": {}}
+    elif tp.mode == "none":
+        if tool_names or any(isinstance(i, FunctionCallOutput) for i in request.items):
+            # Converse has no "none" and needs toolConfig whenever the history holds tool blocks.
+            warn_dropped("tool_choice", "Bedrock has no 'none'; tools are offered with 'auto'")
         else:
-            tool_choice = None  # auto is the default
-    fmt = request.text_format
+            tools = []
     if fmt is not None and opts.get("native_json_schema"):
         schema = {"schema": json.dumps(fmt.schema), "name": fmt.name}
         if fmt.description:
             schema["description"] = fmt.description
         params["outputConfig"] = {"textFormat": {"type": "json_schema", "structure": {"jsonSchema": schema}}}
-    elif fmt is not None:
-        plan.json_tool = json_tool_name(fmt)
-        json_tool = {"toolSpec": {"name": plan.json_tool,
-                                  "description": fmt.description or "Respond with this JSON document.",
-                                  "inputSchema": {"json": json_tool_schema(fmt)}}}
-        if not tools or choice.mode == "none":
-            tools, tool_choice = [json_tool], {"tool": {"name": plan.json_tool}}
-        elif not choice.name:
-            tools, tool_choice = [*tools, json_tool], {"any": {}}
-    if not tools and turns.tool_names:
+    if not tools and tool_names:
         # History with tool calls but no tool list: Converse insists on a toolConfig naming them.
         tools = [{"toolSpec": {"name": n, "inputSchema": {"json": {"type": "object", "properties": {}}}}}
-                 for n in dict.fromkeys(turns.tool_names)]
+                 for n in dict.fromkeys(tool_names)]
     if tools:
         params["toolConfig"] = {"tools": tools, **({"toolChoice": tool_choice} if tool_choice else {})}
     if request.parallel_tool_calls is False:
         warn_dropped("parallel_tool_calls", "Converse has no switch for it")
 
     # Continuation.
-    cont = request.continuation
-    if cont is not None:
-        kept, stripped = split_prefill(cont)
-        if plan.json_tool is not None:
-            plan.skip = PrefixSkip(cont.text)
-        elif cont.literal:
-            turns.strip_last_assistant("reasoningContent")  # prefill and thinking exclude each other
-            turns.add("assistant", [{"text": kept}] if kept else [])
-            plan.join = WhitespaceJoin(stripped if kept else "")
-        else:
-            turns.add("assistant", [{"text": kept}] if kept else [])
-            turns.add("user", [{"text": CONTINUE_INSTRUCTION}])
+    if request.continuation is not None:
+        resume = claude.resume(request.continuation, json_tool=plan.json_tool is not None)
+        turns.continue_answer(resume)
+        plan.join, plan.skip = resume.join, resume.skip
 
     params["messages"] = turns.finish()
+    system = claude.system_texts(request)
     if system:
-        params["system"] = system
+        params["system"] = [{"text": t} for t in system]
 
     # Inference settings and (Claude) extended thinking.
-    forced = tool_choice is not None and ("any" in tool_choice or "tool" in tool_choice)
-    budget = thinking_budget(request.reasoning_effort, opts) if opts.get("thinking") else None
-    if budget is not None and plan.join is not None:
-        warn_dropped("reasoning.effort", "extended thinking cannot be combined with assistant prefill")
-        budget = None
-    if budget is not None and forced:
-        warn_dropped("reasoning.effort", "extended thinking cannot be combined with a forced tool choice")
-        budget = None
-    if budget is not None and _unsigned_tool_turn(params["messages"]):
-        # Claude with thinking requires the last tool-calling turn to open with its signed reasoning.
-        warn_dropped("reasoning.effort", "the last tool-calling turn carries no Bedrock reasoning block")
-        budget = None
+    settings = claude.sampling(request, opts, prefill=plan.join is not None, forced_tool=tp.forced,
+                               unsigned_tool_turn=turns.unsigned_tool_turn(), default_max_tokens=None)
     inference: dict[str, Any] = {}
     extra: dict[str, Any] = dict(opts.get("additional_model_request_fields") or {})
-    if budget is not None:
-        budget, max_tokens = fit_thinking(budget, request.max_output_tokens,
-                                          int(opts.get("max_tokens", DEFAULT_MAX_TOKENS)))
-        inference["maxTokens"] = max_tokens
-    elif request.max_output_tokens is not None or opts.get("max_tokens"):
-        inference["maxTokens"] = int(request.max_output_tokens or opts["max_tokens"])
-    if budget is not None:
-        extra["thinking"] = {"type": "enabled", "budget_tokens": budget}
-        if request.temperature is not None:
-            warn_dropped("temperature", "not adjustable with extended thinking")
-        if request.top_p is not None:
-            warn_dropped("top_p", "not adjustable with extended thinking")
-    else:
-        if request.temperature is not None:
-            inference["temperature"] = request.temperature
-        if request.top_p is not None:
-            inference["topP"] = request.top_p
+    if settings.max_tokens is not None:
+        inference["maxTokens"] = settings.max_tokens
+    if settings.temperature is not None:
+        inference["temperature"] = settings.temperature
+    if settings.top_p is not None:
+        inference["topP"] = settings.top_p
+    if settings.thinking_budget is not None:
+        extra["thinking"] = {"type": "enabled", "budget_tokens": settings.thinking_budget}
     if inference:
         params["inferenceConfig"] = inference
     if extra:
@@ -421,14 +339,6 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
     if opts.get("guardrail_config"):
         params["guardrailConfig"] = opts["guardrail_config"]
     return plan
-
-
-def _unsigned_tool_turn(messages: list[dict[str, Any]]) -> bool:
-    """The last assistant turn calls a tool but does not start with a reasoning block."""
-    last = next((m for m in reversed(messages) if m["role"] == "assistant"), None)
-    if last is None or not any("toolUse" in b for b in last["content"]):
-        return False
-    return "reasoningContent" not in last["content"][0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -657,19 +567,11 @@ async def parse_events(events: AsyncIterator[dict[str, Any]], plan: _Plan | None
                 if isinstance(reason, str) and reason.startswith("malformed"):
                     raise ProviderError("server_error", f"the model produced unusable output ({reason})",
                                         code=reason, mid_stream=True)
-                mapped = STOP_REASONS.get(reason or "", "stop")
-                if mapped == "tool_calls" and real_tool_calls == 0:
-                    mapped = "stop"  # only the JSON-output tool was called
-                finish = Finish(mapped, raw=reason)
+                finish = claude.finish(STOP_REASONS.get(reason or "", "stop"), reason, tool_calls=real_tool_calls)
             elif "metadata" in event:
                 u = event["metadata"].get("usage") or {}
-                cache_read = int(u.get("cacheReadInputTokens") or 0)
-                usage = Usage(
-                    input_tokens=int(u.get("inputTokens") or 0) + cache_read
-                    + int(u.get("cacheWriteInputTokens") or 0),
-                    output_tokens=int(u.get("outputTokens") or 0),
-                    cached_input_tokens=cache_read,
-                )
+                usage = claude.usage(int(u.get("inputTokens") or 0), int(u.get("outputTokens") or 0),
+                                     int(u.get("cacheReadInputTokens") or 0), int(u.get("cacheWriteInputTokens") or 0))
     except ProviderError as exc:
         if finish is None:
             raise
