@@ -199,9 +199,10 @@ class SQLiteStore(Store):
         columns = _HEADER_COLUMNS + (", request, response" if snapshots else "")
 
         def run(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
-            return conn.execute(
+            row: tuple[Any, ...] | None = conn.execute(
                 f"SELECT {columns} FROM responses WHERE id = ? AND expires_at > ?", (response_id, self._clock())
             ).fetchone()
+            return row
 
         row = await self._run(run, write=False)
         if row is None:

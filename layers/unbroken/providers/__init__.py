@@ -27,4 +27,5 @@ def provider_class(name: str) -> type[Provider]:
     except KeyError:
         raise KeyError(f"unknown provider {name!r}; known: {', '.join(sorted(PROVIDERS))}") from None
     module_name, _, class_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    cls: type[Provider] = getattr(importlib.import_module(module_name), class_name)
+    return cls

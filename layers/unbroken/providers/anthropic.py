@@ -284,7 +284,7 @@ async def parse_stream(events: AsyncIterator[Any], plan: _Plan | None = None) ->
             delta = data.get("delta") or {}
             dtype = delta.get("type")
             kind = blocks.get(index) if isinstance(index, int) else None
-            if not started or kind is None:
+            if not started or kind is None or not isinstance(index, int):
                 raise ProviderError("malformed", "content_block_delta outside an open content block",
                                     mid_stream=True)
             if dtype == "text_delta":

@@ -57,7 +57,7 @@ def _auth_headers(deployment: Deployment) -> dict[str, str]:
 
 
 def _classic(deployment: Deployment) -> bool:
-    return deployment.option("api_style", "v1") == "classic"
+    return bool(deployment.option("api_style", "v1") == "classic")
 
 
 class AzureChatProvider(OpenAIChatProvider):

@@ -280,7 +280,7 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
                       "inputSchema": {"json": t.parameters or {"type": "object", "properties": {}}}}}
         for t in tp.tools
     ]
-    if tp.json_offered:
+    if tp.json_offered and tp.json_tool is not None:
         tools.append({"toolSpec": {"name": tp.json_tool, "description": tp.json_description,
                                    "inputSchema": {"json": tp.json_schema}}})
     tool_choice: dict[str, Any] | None = None  # None: auto, the default
