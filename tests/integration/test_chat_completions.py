@@ -19,7 +19,7 @@ from tests.support.client import TIMEOUT, headers
 from tests.support.server import API_KEY, RouterThread, base_config, sim_model
 from unbroken.api.errors import APIError
 from unbroken.protocol.chat import ChatChunker, completion_from_response
-from unbroken.providers.simulated_upstream import input_key_of, simulated_tokens
+from unbroken.simulator import input_key_of, simulated_tokens
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",

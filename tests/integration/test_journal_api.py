@@ -18,7 +18,7 @@ from tests.support.server import RouterProcess, RouterThread, base_config, sim_m
 from tests.support.sse import assert_well_formed, parse_sse
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.store import StoreUnavailable, open_store
-from unbroken.providers.simulated_upstream import SimulatedUpstream
+from unbroken.simulator import SimulatedUpstream
 
 
 @pytest.fixture(scope="module")
