@@ -568,14 +568,20 @@ async def test_parallel_tool_calls(client: httpx.AsyncClient) -> None:
     assert list(single) == [0]
 
 
-async def test_auto_tool_choice_and_after_tool_result_answer_text(client: httpx.AsyncClient) -> None:
+async def test_auto_tool_choice_calls_the_first_tool_then_answers_its_result(client: httpx.AsyncClient) -> None:
     auto = await stream(client, {**body(), "tools": TOOLS, "tool_choice": "auto"})
-    assert auto.text == "".join(full_text()) and not tool_calls_of(auto)
+    calls = tool_calls_of(auto)
+    assert [c["name"] for c in calls.values()] == ["get_weather"] and auto.finish_reason == "tool_calls"
+    jsonschema.Draft202012Validator(NESTED_SCHEMA).validate(json.loads(calls[0]["arguments"]))
+    none = await stream(client, {**body(), "tools": TOOLS, "tool_choice": "none"})
+    assert none.text == "".join(full_text()) and not tool_calls_of(none)
     msgs = [*USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "pong"}]
-    after = await stream(client, {**body(msgs), "tools": TOOLS, "tool_choice": "required"})
-    assert after.text == "".join(full_text(messages=msgs)) and after.finish_reason == "stop"
+    for choice in ("auto", "required"):
+        after = await stream(client, {**body(msgs), "tools": TOOLS, "tool_choice": choice})
+        assert after.text == 'The tool ping returned "pong". ' + "".join(full_text(messages=msgs))
+        assert after.finish_reason == "stop" and not tool_calls_of(after)
 
 
 async def test_json_schema_output(client: httpx.AsyncClient) -> None:

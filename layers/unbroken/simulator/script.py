@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from unbroken.simulator.controls import Controls
-from unbroken.simulator.conversation import count_prompt_tokens, input_key_of, role_of, split_tail
+from unbroken.simulator.conversation import count_prompt_tokens, input_key_of, role_of, split_tail, text_of
 from unbroken.simulator.errors import ApiError
 from unbroken.simulator.schema_examples import example_for_schema
 from unbroken.simulator.tokens import chunks_of, overlap_start, seeded_rng, simulated_tokens, tokens_from
 
 JSON_PIECE_CHARS = 8  # structured output is streamed in pieces of this many characters
+TOOL_RESULT_QUOTE_CHARS = 80  # how much of a tool result the answer after it quotes
 
 PREFILL_REJECTED_MESSAGE = (
     "This model does not support assistant message prefill. The conversation must end with a user message."
@@ -57,10 +59,62 @@ def _tool_functions(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _functions_to_call(body: dict[str, Any], functions: list[dict[str, Any]], forced: str | None,
+                       controls: Controls) -> list[dict[str, Any]]:
+    """The functions this turn calls, [] for a text answer. `required` or a named function: call, unless the
+    conversation ends with tool results (then answer them). `auto`, or no `tool_choice` (OpenAI's default when tools
+    are offered): call when the user spoke last, so that a client trying tools sees them work. `none`: never.
+    The call is to the named function, or to every offered one with `sim_parallel_tools`, or to the first one."""
+    last = role_of(body["messages"][-1])
+    choice = body.get("tool_choice")
+    if not functions:
+        return []
+    if forced is not None or choice == "required":
+        wanted = last != "tool"
+    else:
+        wanted = choice in (None, "auto") and last == "user"
+    if not wanted:
+        return []
+    if forced is not None:
+        return [f for f in functions if f["name"] == forced]
+    if controls.parallel_tools and body.get("parallel_tool_calls") is not False:
+        return functions
+    return functions[:1]
+
+
+def _tool_results_sentence(messages: Sequence[Any]) -> list[str]:
+    """A sentence quoting the tool results the conversation ends with, as tokens shaped like the prose (a leading
+    space on every one but the first), or [] if it does not end with tool results."""
+    start = len(messages)
+    while start > 0 and role_of(messages[start - 1]) == "tool":
+        start -= 1
+    if start == len(messages):
+        return []
+    names: dict[Any, str] = {}  # call id -> function name, from the assistant messages that made the calls
+    for m in messages[:start]:
+        calls = m.get("tool_calls") if role_of(m) == "assistant" else None
+        for call in calls if isinstance(calls, list) else []:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                names[call.get("id")] = fn["name"]
+    clauses = []
+    for m in messages[start:]:
+        result = " ".join(text_of(m).split())
+        if len(result) > TOOL_RESULT_QUOTE_CHARS:
+            result = result[: TOOL_RESULT_QUOTE_CHARS - 3].rstrip() + "..."
+        name = names.get(m.get("tool_call_id"))
+        clauses.append(f'the tool {name} returned "{result}"' if name else f'the tool returned "{result}"')
+    words = ("; ".join(clauses) + ".").split(" ")
+    words[0] = words[0].capitalize()
+    return [words[0], *(" " + w for w in words[1:])]
+
+
 def plan_answer(body: dict[str, Any], controls: Controls) -> Plan:
-    """What this request answers (README "How the simulator decides")."""
+    """What this request answers (README "How the simulator decides"): tool calls when `_functions_to_call` says
+    so; otherwise text, a JSON document for structured output or else prose led by a sentence quoting the tool
+    results the conversation ends with. A continuation gets only the part of that text still missing."""
     messages: list[Any] = body["messages"]
-    _, mode, partial = split_tail(messages)
+    base, mode, partial = split_tail(messages)
     if mode == "prefill" and controls.reject_prefill:
         raise ApiError(400, PREFILL_REJECTED_MESSAGE, param="messages")
     key = input_key_of(messages)
@@ -75,14 +129,8 @@ def plan_answer(body: dict[str, Any], controls: Controls) -> Plan:
         if forced is not None and not any(f["name"] == forced for f in functions):
             raise ApiError(400, f"Invalid value for 'tool_choice': no function named {forced!r} in 'tools'.",
                            param="tool_choice")
-    wants_call = bool(functions) and (choice == "required" or forced is not None)
-    if wants_call and mode is None and role_of(messages[-1]) != "tool":
-        if forced is not None:
-            chosen = [f for f in functions if f["name"] == forced]
-        elif controls.parallel_tools and body.get("parallel_tool_calls") is not False:
-            chosen = functions
-        else:
-            chosen = functions[:1]
+    chosen = _functions_to_call(body, functions, forced, controls) if mode is None else []
+    if chosen:
         for index, fn in enumerate(chosen):
             rng = seeded_rng("tool", controls.seed, key, fn["name"], str(index))
             params = fn.get("parameters")
@@ -99,7 +147,11 @@ def plan_answer(body: dict[str, Any], controls: Controls) -> Plan:
         document = json.dumps(example_for_schema(schema, seeded_rng("json", controls.seed, key), root=schema))
         tokens = chunks_of(document, JSON_PIECE_CHARS)
     else:
-        tokens = simulated_tokens(controls.seed, key, controls.length)
+        lead = _tool_results_sentence(base)
+        prose = simulated_tokens(controls.seed, key, controls.length)
+        if lead and prose:
+            prose[0] = " " + prose[0]
+        tokens = lead + prose
 
     full = "".join(tokens)
     out = tokens
