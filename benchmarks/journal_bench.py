@@ -232,7 +232,7 @@ async def measure() -> dict[str, Any]:
         finally:
             await sqlite.close()
     try:
-        from unbroken.journal.ddb_local import DynamoDBLocal
+        from tests.support.dynamodb_local import DynamoDBLocal
         from unbroken.journal.dynamodb import DynamoDBStore
 
         with DynamoDBLocal() as server:

@@ -85,7 +85,7 @@ def _drain(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[s
 
 
 def measure(report: dict[str, Any]) -> None:
-    upstream, line = _spawn(["-m", "unbroken.providers.simulated_upstream", "--port", "0"], "simulated upstream on")
+    upstream, line = _spawn(["-m", "unbroken.simulator", "--port", "0"], "simulated upstream on")
     upstream_url = line.split()[-1]
     tmp = Path(tempfile.mkdtemp(prefix="unbroken-bench-"))
     config = tmp / "bench.yaml"
@@ -148,7 +148,7 @@ def measure(report: dict[str, Any]) -> None:
 
 def _journal_on(upstream_url: str, config: Path, tmp: Path) -> dict[str, Any]:
     """The same long stream and first-token samples through a router that journals to SQLite (its default)."""
-    upstream, line = _spawn(["-m", "unbroken.providers.simulated_upstream", "--port", "0"], "simulated upstream on")
+    upstream, line = _spawn(["-m", "unbroken.simulator", "--port", "0"], "simulated upstream on")
     config.write_text(_config(line.split()[-1], journal=True))
     router, ready = _spawn(["-m", "unbroken.cli", "serve", "--config", str(config), "--port", "0", "--store",
                             f"sqlite:///{tmp / 'journal.db'}", "--log-level", "WARNING"], "unbroken ready on")

@@ -53,7 +53,7 @@ from tests.support.server import RouterProcess, RouterThread, base_config
 from tests.support.sse import Stream, parse_sse
 from unbroken.ir import CONTINUE_INSTRUCTION
 from unbroken.journal.backends import open_store
-from unbroken.providers.simulated_upstream import SimulatedUpstream, SimulatedUpstreamThread
+from unbroken.simulator import SimulatedUpstream, SimulatedUpstreamThread
 
 N = int(os.environ.get("UNBROKEN_CHAOS_N", "30"))
 SEED = int(os.environ.get("UNBROKEN_CHAOS_SEED", "20260424"))

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from unbroken.journal.ddb_local import DynamoDBLocal, DynamoDBLocalMissing
+from tests.support.dynamodb_local import DynamoDBLocal, DynamoDBLocalMissing
 from unbroken.journal.store import Store
 
 STORE_KINDS = ["memory", "sqlite", "moto", pytest.param("ddb_local", marks=pytest.mark.dynamodb_local),

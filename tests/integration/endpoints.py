@@ -18,7 +18,7 @@ import httpx
 from tests.integration.test_chat_completions import read_chat_stream
 from tests.support.client import TIMEOUT, headers
 from tests.support.sse import Stream, assert_well_formed, parse_sse
-from unbroken.providers.simulated_upstream import SimulatedUpstream, input_key_of, simulated_tokens
+from unbroken.simulator import SimulatedUpstream, input_key_of, simulated_tokens
 
 ENDPOINTS = ("responses", "chat")
 RECOVERY = {"x-unbroken-recovery-events": "true"}

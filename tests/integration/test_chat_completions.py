@@ -20,7 +20,7 @@ from tests.support.server import API_KEY, RouterThread, base_config, sim_model
 from unbroken.api.errors import STATUS
 from unbroken.errors import Failure
 from unbroken.protocol.chat import ChatChunker, completion_from_response
-from unbroken.providers.simulated_upstream import input_key_of, simulated_tokens
+from unbroken.simulator import input_key_of, simulated_tokens
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -266,8 +266,8 @@ def test_non_stream_tool_call_and_tool_result_round_trip(client: openai.OpenAI) 
                {"role": "tool", "tool_call_id": calls[0].id, "content": "21C and sunny"}]
     second = client.chat.completions.create(model="demo", messages=history, tools=[WEATHER_TOOL])
     assert second.choices[0].finish_reason == "stop"
-    # What the upstream saw is the same conversation: its answer is keyed on roles and texts.
-    assert second.choices[0].message.content == expected_text([
+    # What the upstream saw is the same conversation: its answer quotes the result and is keyed on roles and texts.
+    assert second.choices[0].message.content == 'The tool get_weather returned "21C and sunny". ' + expected_text([
         *WEATHER_Q, {"role": "assistant", "content": ""}, {"role": "tool", "content": "21C and sunny"}])
 
 

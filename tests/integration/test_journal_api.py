@@ -19,7 +19,7 @@ from tests.support.sse import assert_well_formed, parse_sse
 from unbroken.journal.backends import open_store
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.store import StoreUnavailable
-from unbroken.providers.simulated_upstream import SimulatedUpstream
+from unbroken.simulator import SimulatedUpstream
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,25 @@ def test_responses_create_non_stream_tool_call(client: OpenAI) -> None:
     jsonschema.validate(json.loads(response.output[0].arguments), WEATHER_TOOL["parameters"])
 
 
+def test_two_turn_tool_call_under_auto(client: OpenAI) -> None:
+    """What a client trying tools does: offer one (tool_choice left to the model), run the call it gets, send the
+    result back with the conversation, and get an answer that uses it."""
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.responses.create(model="demo", input=question, tools=[WEATHER_TOOL])  # type: ignore[arg-type,list-item]
+    validate_response(first.model_dump(mode="json", exclude_unset=True))
+    assert first.status == "completed" and [i.type for i in first.output] == ["function_call"]
+    call = first.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["parameters"])
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "21C and sunny"}
+    with client.responses.stream(model="demo", tools=[WEATHER_TOOL],  # type: ignore[list-item]
+                                 input=[*question, call.model_dump(exclude_none=True), result]) as stream:
+        second = stream.get_final_response()
+    validate_response(second.model_dump(mode="json", exclude_unset=True))
+    assert second.status == "completed" and [i.type for i in second.output] == ["message"]
+    assert second.output_text.startswith('The tool get_weather returned "21C and sunny". ')
+
+
 def test_models_list(client: OpenAI) -> None:
     assert [m.id for m in client.models.list()] == ["demo"]
 

@@ -15,7 +15,7 @@ from tests.support.client import post_json, post_stream
 from tests.support.server import RouterThread, base_config, sim_model
 from tests.support.spec import validate_response
 from tests.support.sse import assert_well_formed
-from unbroken.providers.simulated_upstream import input_key_of, simulated_tokens
+from unbroken.simulator import input_key_of, simulated_tokens
 
 
 def expected_text(user_text: str, *, seed: str = "7", length: int = 40, instructions: str | None = None) -> str:

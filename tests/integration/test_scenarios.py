@@ -29,8 +29,8 @@ from tests.integration.endpoints import (
 )
 from tests.support.server import RouterThread, base_config
 from unbroken.ir import CONTINUE_INSTRUCTION
-from unbroken.providers.simulated_upstream import SimulatedUpstream, SimulatedUpstreamThread
 from unbroken.routing import policy
+from unbroken.simulator import SimulatedUpstream, SimulatedUpstreamThread
 
 LENGTH = 24
 CUT_AFTER = 5

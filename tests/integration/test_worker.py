@@ -14,7 +14,7 @@ from tests.support.server import base_config, config_from, sim_model
 from unbroken.api.app import create_app
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.store import ResponseHeader
-from unbroken.providers.simulated_upstream import SimulatedUpstream
+from unbroken.simulator import SimulatedUpstream
 from unbroken.worker import HANDOFF_MARGIN_SECONDS, run_event
 
 

@@ -55,7 +55,8 @@ class SimulatedProvider(OpenAIChatProvider):
         if self.deployment.base_url:
             self._base_url = self.deployment.base_url
         else:
-            from unbroken.providers.simulated_upstream import shared_upstream
+            # Imported here, not at the top: a deployment of real providers never loads the simulator (cold start).
+            from unbroken.simulator import shared_upstream
 
             self._base_url = (await shared_upstream()).base_url
         async for delta in super().stream(request):

@@ -1,10 +1,13 @@
-"""The simulated upstream, exercised over real HTTP on 127.0.0.1 with httpx and the official openai SDK."""
+"""The simulator, exercised over real HTTP on 127.0.0.1 with httpx and the official openai SDK."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from unbroken.ir import CONTINUE_INSTRUCTION
-from unbroken.providers.simulated_upstream import (
+from unbroken.simulator import (
     PREFILL_REJECTED_MESSAGE,
     SimulatedUpstream,
     close_shared_upstream,
@@ -25,6 +28,7 @@ from unbroken.providers.simulated_upstream import (
     shared_upstream,
     simulated_tokens,
 )
+from unbroken.simulator.conversation import CONTINUE_INSTRUCTION as SIMULATORS_CONTINUE_INSTRUCTION
 
 USER = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me a story"}]
 
@@ -117,6 +121,17 @@ def test_tokens_are_pure_and_read_like_text() -> None:
     assert all(t.startswith(" ") and not t[1:].isspace() and " " not in t[1:] for t in a[1:])
     assert "".join(a).endswith((".", "?"))
     assert simulated_tokens("s", "key", 0) == []
+
+
+def test_the_simulator_imports_nothing_of_the_router() -> None:
+    code = ("import sys, unbroken.simulator, unbroken.simulator.__main__; "
+            "print(sorted(m for m in sys.modules if m.startswith('unbroken')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert all(m == "unbroken" or m.startswith("unbroken.simulator") for m in ast.literal_eval(loaded)), loaded
+
+
+def test_the_continue_instruction_is_the_routers() -> None:
+    assert SIMULATORS_CONTINUE_INSTRUCTION == CONTINUE_INSTRUCTION
 
 
 def test_input_key_ignores_prefill_continue_pair_and_tools() -> None:
@@ -553,14 +568,20 @@ async def test_parallel_tool_calls(client: httpx.AsyncClient) -> None:
     assert list(single) == [0]
 
 
-async def test_auto_tool_choice_and_after_tool_result_answer_text(client: httpx.AsyncClient) -> None:
+async def test_auto_tool_choice_calls_the_first_tool_then_answers_its_result(client: httpx.AsyncClient) -> None:
     auto = await stream(client, {**body(), "tools": TOOLS, "tool_choice": "auto"})
-    assert auto.text == "".join(full_text()) and not tool_calls_of(auto)
+    calls = tool_calls_of(auto)
+    assert [c["name"] for c in calls.values()] == ["get_weather"] and auto.finish_reason == "tool_calls"
+    jsonschema.Draft202012Validator(NESTED_SCHEMA).validate(json.loads(calls[0]["arguments"]))
+    none = await stream(client, {**body(), "tools": TOOLS, "tool_choice": "none"})
+    assert none.text == "".join(full_text()) and not tool_calls_of(none)
     msgs = [*USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "pong"}]
-    after = await stream(client, {**body(msgs), "tools": TOOLS, "tool_choice": "required"})
-    assert after.text == "".join(full_text(messages=msgs)) and after.finish_reason == "stop"
+    for choice in ("auto", "required"):
+        after = await stream(client, {**body(msgs), "tools": TOOLS, "tool_choice": choice})
+        assert after.text == 'The tool ping returned "pong". ' + "".join(full_text(messages=msgs))
+        assert after.finish_reason == "stop" and not tool_calls_of(after)
 
 
 async def test_json_schema_output(client: httpx.AsyncClient) -> None:

