@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 DDB_LOCAL_VERSION := 10.3.0
 DDB_LOCAL_DIR := .cache/dynamodb-local
 
-.PHONY: run test install lint bench chaos dynamodb-local clean check-config
+.PHONY: run test install lint bench chaos dynamodb-local clean check-config docs
 
 $(VENV_STAMP):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || (echo "Python 3.11+ is needed" && exit 1)
@@ -56,6 +56,10 @@ bench: $(RUN_STAMP) dynamodb-local
 N ?= 1000
 chaos: $(DEV_STAMP) dynamodb-local
 	UNBROKEN_CHAOS_N=$(N) UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) $(BIN)/pytest -q -m chaos -p no:cacheprovider
+
+# The architecture picture, from its source (needs Graphviz's `dot`).
+docs:
+	dot -Tsvg docs/diagrams/layers.dot -o docs/diagrams/layers.svg
 
 clean:
 	rm -rf $(VENV) .cache .aws-sam .pytest_cache
