@@ -45,6 +45,8 @@ check-config: $(RUN_STAMP)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check layers tests functions benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
+	$(BIN)/vulture layers/unbroken vulture_whitelist.py --min-confidence 60
 	$(BIN)/cfn-lint template.yaml
 
 test: $(DEV_STAMP) dynamodb-local lint

@@ -157,14 +157,3 @@ class MemoryStore(Store):
         if key is not None and self._idem.get((entry.header.tenant, key), ("",))[0] == response_id:
             del self._idem[(entry.header.tenant, key)]
         return True
-
-    def purge_expired(self) -> int:
-        """Drop expired responses (memory never frees them otherwise). Returns how many went."""
-        now = self._clock()
-        gone = [rid for rid, e in self._entries.items() if e.header.expires_at <= now]
-        for rid in gone:
-            entry = self._entries.pop(rid)
-            key = entry.header.idempotency_key
-            if key is not None and self._idem.get((entry.header.tenant, key), ("",))[0] == rid:
-                del self._idem[(entry.header.tenant, key)]
-        return len(gone)

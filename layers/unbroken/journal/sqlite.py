@@ -341,10 +341,6 @@ class SQLiteStore(Store):
 
         return await self._run(run, write=True)
 
-    async def purge_expired(self) -> None:
-        """Physically remove expired rows (reads already ignore them)."""
-        await self._run(lambda conn: _purge(conn, self._clock()), write=True)
-
     async def close(self) -> None:
         def run() -> None:
             with self._lock:

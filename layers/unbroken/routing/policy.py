@@ -24,8 +24,6 @@ class DeploymentHealth:
     consecutive_failures: int = 0
     open_until: float = 0.0
     ttft_ewma: float | None = None
-    successes: int = 0
-    failures: int = 0
 
     def is_open(self, now: float) -> bool:
         return now < self.open_until
@@ -47,14 +45,12 @@ class HealthBoard:
         h = self.of(model, deployment)
         h.consecutive_failures = 0
         h.open_until = 0.0
-        h.successes += 1
         if ttft is not None:
             h.ttft_ewma = ttft if h.ttft_ewma is None else (1 - EWMA_WEIGHT) * h.ttft_ewma + EWMA_WEIGHT * ttft
 
     def record_failure(self, model: str, deployment: str) -> None:
         h = self.of(model, deployment)
         h.consecutive_failures += 1
-        h.failures += 1
         if h.consecutive_failures >= FAILURES_TO_OPEN:
             h.open_until = self._now() + OPEN_SECONDS
 

@@ -109,9 +109,6 @@ class SimulatedUpstream:
     def attempts(self, request_key: str) -> int:
         return self._attempts.get(request_key)
 
-    def reset_attempts(self) -> None:
-        self._attempts.clear()
-
     # -- connections ----------------------------------------------------------------------------------------
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
