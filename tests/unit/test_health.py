@@ -1,0 +1,100 @@
+"""The health board (`routing/policy.py`): circuit breaker per deployment and the ranking that reads it."""
+
+from __future__ import annotations
+
+import pytest
+
+from unbroken.config import Deployment, PublicModel
+from unbroken.routing.policy import EWMA_WEIGHT, FAILURES_TO_OPEN, OPEN_SECONDS, HealthBoard
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def model(*names: str) -> PublicModel:
+    return PublicModel(name="m", deployments=[Deployment(name=n, provider="openai", model=f"x-{n}") for n in names])
+
+
+def names(deployments: list[Deployment]) -> list[str]:
+    return [d.name for d in deployments]
+
+
+def test_the_circuit_opens_after_consecutive_failures(clock: Clock) -> None:
+    board = HealthBoard(clock)
+    for _ in range(FAILURES_TO_OPEN - 1):
+        board.record_failure("m", "a")
+    assert not board.of("m", "a").is_open(clock.now)
+    board.record_failure("m", "a")
+    assert board.of("m", "a").is_open(clock.now)
+    assert board.of("m", "b").is_open(clock.now) is False  # per deployment
+    assert board.of("other", "a").is_open(clock.now) is False  # and per model
+
+
+def test_a_success_between_failures_resets_the_count(clock: Clock) -> None:
+    board = HealthBoard(clock)
+    for _ in range(FAILURES_TO_OPEN - 1):
+        board.record_failure("m", "a")
+    board.record_success("m", "a", None)
+    for _ in range(FAILURES_TO_OPEN - 1):
+        board.record_failure("m", "a")
+    assert not board.of("m", "a").is_open(clock.now)
+
+
+def test_the_circuit_goes_back_after_open_seconds(clock: Clock) -> None:
+    board = HealthBoard(clock)
+    for _ in range(FAILURES_TO_OPEN):
+        board.record_failure("m", "a")
+    clock.now += OPEN_SECONDS - 0.001
+    assert board.of("m", "a").is_open(clock.now)
+    clock.now += 0.002
+    assert not board.of("m", "a").is_open(clock.now)
+
+
+def test_a_success_closes_an_open_circuit(clock: Clock) -> None:
+    board = HealthBoard(clock)
+    for _ in range(FAILURES_TO_OPEN):
+        board.record_failure("m", "a")
+    board.record_success("m", "a", 0.5)
+    h = board.of("m", "a")
+    assert not h.is_open(clock.now) and h.consecutive_failures == 0
+    assert (h.successes, h.failures) == (1, FAILURES_TO_OPEN)
+
+
+def test_rank_puts_open_circuits_last_but_keeps_them(clock: Clock) -> None:
+    board = HealthBoard(clock)
+    m = model("a", "b", "c")
+    assert names(board.rank(m)) == ["a", "b", "c"]
+    for _ in range(FAILURES_TO_OPEN):
+        board.record_failure("m", "a")
+    assert names(board.rank(m)) == ["b", "c", "a"]
+    clock.now += OPEN_SECONDS + 1
+    assert names(board.rank(m)) == ["a", "b", "c"]
+
+
+def test_rank_by_latency_reads_the_ttft_average(clock: Clock) -> None:
+    board = HealthBoard(clock)
+    m = model("slow", "fast")
+    board.record_success("m", "slow", 2.0)
+    board.record_success("m", "fast", 0.2)
+    assert names(board.rank(m, "latency")) == ["fast", "slow"]
+    assert names(board.rank(m)) == ["slow", "fast"]  # ordered: as configured
+
+
+def test_ttft_is_an_exponentially_weighted_average(clock: Clock) -> None:
+    board = HealthBoard(clock)
+    board.record_success("m", "a", 1.0)
+    assert board.of("m", "a").ttft_ewma == 1.0
+    board.record_success("m", "a", 2.0)
+    assert board.of("m", "a").ttft_ewma == pytest.approx((1 - EWMA_WEIGHT) * 1.0 + EWMA_WEIGHT * 2.0)
+    board.record_success("m", "a", None)  # a success without a first token leaves the average alone
+    assert board.of("m", "a").ttft_ewma == pytest.approx((1 - EWMA_WEIGHT) * 1.0 + EWMA_WEIGHT * 2.0)
