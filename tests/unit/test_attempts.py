@@ -264,9 +264,6 @@ async def test_rate_limited_with_a_short_retry_after_is_retried_in_the_next_roun
     assert out.final_text() == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the Retry-After of a deployment excluded for it still sets the "
-                   "round's backoff, so the next round waits past the remaining time and the loop gives up "
-                   "although another deployment is still usable")
 async def test_rate_limited_with_retry_after_beyond_the_remaining_time_excludes_the_deployment(
         instant_backoff: _SleepRecorder) -> None:
     out = await run([(dep("a"), [[Fail("rate_limited", retry_after=10_000)]]),

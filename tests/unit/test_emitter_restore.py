@@ -119,10 +119,6 @@ def test_restore_at_a_delta_boundary_matches_and_goes_on_like_the_uncut_run(n: i
     rest += em.complete()
     assert normal(rest) == normal(EVENTS[n:])
 
-@pytest.mark.xfail(strict=True, reason="bug: output_item.added of a reasoning item shares its `summary` list with "
-                   "the live item, so an event is changed after it was emitted (JournalWriter.emit: 'do not mutate "
-                   "it afterwards'); a batch encoded later carries summary parts in the added item and "
-                   "restore_emitter then holds each summary part twice")
 def test_emitted_events_are_not_changed_by_later_deltas() -> None:
     em = fresh()
     events = em.start() + em.in_progress()

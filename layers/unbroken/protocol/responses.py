@@ -267,7 +267,8 @@ class ResponseEmitter:
         self.output.append(item)
         cur = _OpenItem(kind, len(self.output) - 1, item)
         self.open = cur
-        added = dict(item)
+        # A copy all the way down: the live item keeps growing, and an event must never change after it is emitted.
+        added = _copy_item(item)
         if kind == "message":
             added["content"] = []
         events.append(self._event("response.output_item.added", output_index=cur.output_index, item=added))

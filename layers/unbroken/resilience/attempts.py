@@ -254,8 +254,9 @@ class Generation:
                     rounds.exclude_smaller_windows(deployment)
                 if err.retry_after is not None:
                     if err.retry_after > self._remaining():
-                        rounds.excluded.add(deployment.name)
-                    rounds.retry_after_hint = max(rounds.retry_after_hint, err.retry_after)
+                        rounds.excluded.add(deployment.name)  # its hint is not ours to wait for
+                    else:
+                        rounds.retry_after_hint = max(rounds.retry_after_hint, err.retry_after)
                 # A held call cut in half was never shown: forget it whatever else happened.
                 for ev in self.emitter.drop_open_tool_call():
                     yield ev
