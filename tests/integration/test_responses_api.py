@@ -141,7 +141,7 @@ def test_heartbeat_comments_while_no_event_flows(router: RouterThread) -> None:
 
 
 def test_stream_deadline_ends_with_a_terminal_event() -> None:
-    config = base_config(sim_model("demo", deployments=1, tps=50, length=400), stream_deadline_seconds=0.3)
+    config = base_config(sim_model("demo", deployments=1, tps=50, length=400), stream_deadline_seconds=1.5)
     with RouterThread(config) as router:
         _, stream = post_stream(router.base_url, {"model": "demo", "input": "Hello"})
     assert_well_formed(stream)

@@ -19,7 +19,6 @@ import pytest
 
 from tests.fakes.openai_responses import openai_error_body
 from tests.fakes.sse_replay import (
-    FIXTURES,
     ScriptedFake,
     cassette_bodies,
     data_frame,
@@ -40,6 +39,7 @@ from tests.providers.sse_support import (
     stall_then_reset,
     usage_dict,
 )
+from tests.support.paths import FIXTURES
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
     Continuation,

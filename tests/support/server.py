@@ -21,7 +21,7 @@ from unbroken.api.app import create_app
 from unbroken.config import Config, parse_config
 
 API_KEY = "sk-test"
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
 
 
 def config_from(data: dict[str, Any] | str) -> Config:
