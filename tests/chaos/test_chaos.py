@@ -39,6 +39,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.contract.moto_http import MotoTransport
 from tests.integration.endpoints import (
     ENDPOINTS,
     RECOVERY,
@@ -219,37 +220,30 @@ class References:
 # -- the store that throttles ------------------------------------------------------------------------------------------
 
 
-class ThrottlingClient:
-    """A boto3 DynamoDB client (moto) that answers calls with a throttling error first, at random. A call the store
-    retries carries the same parameters (its transactions even carry a ClientRequestToken), so each one is
-    throttled at most `MAX_PER_CALL` times: well inside the store's retry bound, as real throttling usually is.
-    Calls reach moto one at a time: its backend is not thread-safe (the store calls from a thread pool)."""
+class ThrottlingTransport(httpx.AsyncBaseTransport):
+    """The DynamoDB store's HTTP transport over moto (`tests.contract.moto_http.MotoTransport`), answering calls
+    with a throttling error first, at random. A call the store retries carries the same body (its transactions even
+    carry a ClientRequestToken), so each one is throttled at most `MAX_PER_CALL` times: well inside the store's
+    retry bound, as real throttling usually is. Calls reach moto one at a time: its backend is not thread-safe."""
 
     MAX_PER_CALL = 2
-    OPS = frozenset({"transact_write_items", "update_item", "put_item", "get_item", "query", "batch_write_item"})
+    OPS = frozenset({"TransactWriteItems", "UpdateItem", "PutItem", "GetItem", "Query", "BatchWriteItem"})
 
-    def __init__(self, inner: Any, rng: random.Random, rate: float = 0.3) -> None:
-        self.inner = inner
+    def __init__(self, rng: random.Random, rate: float = 0.3) -> None:
+        self.inner = MotoTransport()
         self.rng = rng
         self.rate = rate
         self.lock = threading.Lock()
-        self.moto_lock = threading.Lock()
-        self.throttled: dict[str, int] = {}
+        self.throttled: dict[bytes, int] = {}
         self.injected = 0
         self.calls = 0
 
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if not callable(attr):
-            return attr
-
-        def call(*args: Any, **params: Any) -> Any:
-            from botocore.exceptions import ClientError
-
-            if name not in self.OPS:
-                with self.moto_lock:
-                    return attr(*args, **params)
-            key = name + json.dumps(params, sort_keys=True, default=repr)
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        op = request.headers.get("x-amz-target", "").rpartition(".")[2]
+        body = await request.aread()
+        throttle = False
+        if op in self.OPS:
+            key = op.encode() + body
             with self.lock:
                 self.calls += 1
                 count = self.throttled.get(key, 0)
@@ -259,14 +253,12 @@ class ThrottlingClient:
                         self.throttled.clear()
                     self.throttled[key] = count + 1
                     self.injected += 1
-            if throttle:
-                raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException",
-                                             "Message": "Rate of requests exceeds the allowed throughput."},
-                                   "ResponseMetadata": {"HTTPStatusCode": 400}}, name)
-            with self.moto_lock:
-                return attr(**params)
-
-        return call
+        if throttle:
+            return httpx.Response(400, json={
+                "__type": "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+                "message": "Rate of requests exceeds the allowed throughput."}, request=request)
+        with self.lock:
+            return await self.inner.handle_async_request(request)
 
 
 # -- router bugs this suite found --------------------------------------------------------------------------------------
@@ -496,7 +488,6 @@ def aws() -> Iterator[None]:
 @pytest.mark.chaos
 @pytest.mark.timeout(180 + N)  # about a second a stream at most, on 2 cores
 def test_chaos(tmp_path: Path, aws: None, capsys: pytest.CaptureFixture[str]) -> None:
-    import boto3
 
     from unbroken.journal.dynamodb import DynamoDBStore
 
@@ -507,8 +498,9 @@ def test_chaos(tmp_path: Path, aws: None, capsys: pytest.CaptureFixture[str]) ->
         config = chaos_config(upstream.base_url)
         config_path = tmp_path / "router.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        throttling = ThrottlingClient(boto3.client("dynamodb", region_name="us-east-1"), random.Random(SEED))
-        throttled_store = DynamoDBStore("chaos-journal", region="us-east-1", client=throttling, backoff_base=0.005)
+        throttling = ThrottlingTransport(random.Random(SEED))
+        throttled_store = DynamoDBStore("chaos-journal", region="us-east-1", http_transport=throttling,
+                                        backoff_base=0.005)
         asyncio.run(throttled_store.create_table_if_missing())
         process_store = f"sqlite:///{tmp_path / 'shared.db'}"
         with RouterThread(config) as plain, \

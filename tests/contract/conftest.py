@@ -2,11 +2,11 @@
 
 - memory: `MemoryStore`.
 - sqlite: `SQLiteStore` on a fresh file.
-- moto: `DynamoDBStore` on its boto3 transport inside moto's `mock_aws` (fast, in-process).
-- ddb_local / ddb_local_http: `DynamoDBStore` on its default boto3 / opt-in lean HTTP transport against DynamoDB
-  Local (Amazon's jar, Java 17), started once per test session, that is once per xdist worker, on a free port; a
-  fresh table per test. If the jar is not installed these tests FAIL with instructions: CI installs it
-  (`make dynamodb-local`), and a silent skip would hide a whole backend.
+- moto: `DynamoDBStore` inside moto's `mock_aws`, its httpx requests handed to moto in process (moto_http.py):
+  fast, and still the whole signed JSON exchange.
+- ddb_local: `DynamoDBStore` against DynamoDB Local (Amazon's jar, Java 17), started once per test session, that is
+  once per xdist worker, on a free port; a fresh table per test. If the jar is not installed these tests FAIL with
+  instructions: CI installs it (`make dynamodb-local`), and a silent skip would hide a whole backend.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import pytest
 from tests.support.dynamodb_local import DynamoDBLocal, DynamoDBLocalMissing
 from unbroken.journal.store import Store
 
-STORE_KINDS = ["memory", "sqlite", "moto", pytest.param("ddb_local", marks=pytest.mark.dynamodb_local),
-               pytest.param("ddb_local_http", marks=pytest.mark.dynamodb_local)]
+STORE_KINDS = ["memory", "sqlite", "moto", pytest.param("ddb_local", marks=pytest.mark.dynamodb_local)]
 
 
 class Clock:
@@ -69,24 +68,24 @@ async def make_store(kind: str, request: pytest.FixtureRequest, tmp_path: object
     elif kind == "moto":
         from moto import mock_aws
 
+        from tests.contract.moto_http import MotoTransport
         from unbroken.journal.dynamodb import DynamoDBStore
 
         with mock_aws():
-            store = DynamoDBStore(f"journal-{uuid.uuid4().hex}", region="us-east-1", clock=clock, transport="boto3")
+            store = DynamoDBStore(f"journal-{uuid.uuid4().hex}", region="us-east-1", clock=clock,
+                                  http_transport=MotoTransport())
             await store.create_table_if_missing()
             yield store
             await store.close()
-    elif kind in ("ddb_local", "ddb_local_http"):
+    elif kind == "ddb_local":
         from unbroken.journal.dynamodb import DynamoDBStore
 
         server: DynamoDBLocal = request.getfixturevalue("ddb_local")
         table = f"journal-{uuid.uuid4().hex}"
-        # The default boto3 transport, and the opt-in lean HTTP one, against Amazon's own emulator.
-        store = DynamoDBStore(table, region="us-east-1", endpoint_url=server.endpoint_url, clock=clock,
-                              transport="http" if kind == "ddb_local_http" else "boto3")
+        store = DynamoDBStore(table, region="us-east-1", endpoint_url=server.endpoint_url, clock=clock)
         await store.create_table_if_missing()
         yield store
-        await store._call("delete_table", TableName=table)
+        await store._call("DeleteTable", TableName=table)
         await store.close()
     else:  # pragma: no cover
         raise AssertionError(kind)
@@ -117,7 +116,7 @@ async def twin(store: Store, clock: Clock) -> AsyncIterator[Store]:
             region=store.region,
             endpoint_url=store.endpoint_url,
             clock=clock,
-            transport=store._transport_kind,
+            http_transport=store._http_transport,
         )
     else:
         yield store  # memory is process-local: the same instance is the only sharing there is

@@ -419,7 +419,7 @@ async def test_multi_megabyte_response_keeps_items_small(store: Store, clock: Cl
         assert store.stats.max_item_bytes < 400_000
         assert store.stats.max_item_bytes <= PIECE_BYTES + 1024
         # And as stored: every item of the table (header, batch pieces, snapshot pieces).
-        scanned = await store._call("scan", TableName=store.table)
+        scanned = await store._call("Scan", TableName=store.table)
         assert scanned["Items"] and max(item_size(i) for i in scanned["Items"]) <= PIECE_BYTES + 1024
 
 

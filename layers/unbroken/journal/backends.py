@@ -29,6 +29,5 @@ def open_store(url: str) -> Store:
         query = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
         if not parsed.netloc:
             raise ValueError("dynamodb store URL needs a table: dynamodb://TABLE?region=R")
-        return DynamoDBStore(parsed.netloc, region=query.get("region"), endpoint_url=query.get("endpoint_url"),
-                             transport=query.get("transport", "boto3"))
+        return DynamoDBStore(parsed.netloc, region=query.get("region"), endpoint_url=query.get("endpoint_url"))
     raise ValueError(f"unknown store URL {url!r}: use sqlite:///PATH, memory:// or dynamodb://TABLE")

@@ -16,36 +16,35 @@ conditional on `owner_epoch` and `last_seq`, so a zombie writer can never make a
 `ClientRequestToken`, so retrying after an ambiguous failure (timeout, 5xx) cannot apply a commit twice. Every item
 carries `expires_at` (epoch seconds, integer); reads drop expired items because TTL deletion is lazy.
 
-Calls go through a transport (ddb_http.py): by default a boto3 client; opt-in (`transport="http"`, URL
-`?transport=http`) a lean SigV4-signed JSON client, because a botocore call costs ~3 ms of CPU and there is one per
-committed batch (experimental: not yet run against AWS itself).
+Calls go through one transport (`Transport` below): DynamoDB's JSON protocol on the event loop over a kept-alive
+httpx client, signed by botocore's SigV4 signer with credentials from botocore's chain. No boto3 client: its
+per-call machinery (validation, event hooks, parsing) costs milliseconds of CPU, and there is a call per committed
+batch. Retries (throttling, 5xx, connection errors; bounded, exponential with full jitter) are the store's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import base64
 import hashlib
+import json
 import math
+import os
 import random
 import secrets
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
 
 from unbroken.journal.codec import check_dense, decode_events, decode_json, encode_events, encode_json
-from unbroken.journal.ddb_http import (
-    BotoTransport,
-    HttpTransport,
-    ServiceError,
-    Unreachable,
-    credentials_provider,
-    resolve_endpoint,
-    resolve_region,
-)
 from unbroken.journal.store import (
     TERMINAL_STATUSES,
     AlreadyExists,
@@ -85,6 +84,8 @@ _RETRY_REASONS = frozenset(
     {"ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded", "TransactionConflict"}
 )
 _TERMINAL = sorted(TERMINAL_STATUSES)
+_API_VERSION = "DynamoDB_20120810"
+_CONTENT_TYPE = "application/x-amz-json-1.0"
 
 
 class _CallFailed(Exception):
@@ -121,7 +122,7 @@ def _cut(blob: bytes) -> list[bytes]:
     return [blob[i : i + size] for i in range(0, len(blob), size)] or [b""]
 
 
-def item_size(item: dict[str, dict[str, Any]]) -> int:
+def item_size(item: dict[str, Any]) -> int:
     """An item's size as DynamoDB meters it (attribute names + values), close enough for WRU accounting."""
     total = 0
     for name, value in item.items():
@@ -147,6 +148,198 @@ def _idem_pk(tenant: str, key: str) -> str:
     return pk
 
 
+# -- transport --------------------------------------------------------------------------------------------------------
+
+
+class ServiceError(Exception):
+    """DynamoDB answered with an error. `.response` is shaped like botocore's error response: `Error.Code`,
+    `Error.Message`, `ResponseMetadata.HTTPStatusCode`, plus the body's other fields (`CancellationReasons`, `Item`)
+    with binary values decoded."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self.response = response
+        error = response.get("Error", {})
+        super().__init__(f"{error.get('Code', '?')}: {error.get('Message', '')}")
+
+
+class Unreachable(Exception):
+    """No usable answer (connect / send / read failure, or a garbled body). The request may have been applied."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _decode_binary(node: Any) -> None:
+    """Turn `{"B": "<base64>"}` attribute values back into bytes, in place, anywhere in a response."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "B" and isinstance(value, str) and len(node) == 1:
+                node[key] = base64.b64decode(value)
+            elif isinstance(value, dict | list):
+                _decode_binary(value)
+    elif isinstance(node, list):
+        for value in node:
+            if isinstance(value, dict | list):
+                _decode_binary(value)
+
+
+def _error_code(body: dict[str, Any], headers: httpx.Headers, status: int) -> str:
+    # `__type` is "com.amazonaws.dynamodb.v20120810#Code"; front ends may only send x-amzn-ErrorType "Code:uri".
+    raw = str(body.get("__type") or headers.get("x-amzn-errortype") or "")
+    return raw.split(":", 1)[0].rsplit("#", 1)[-1] or f"HTTP{status}"
+
+
+def resolve_region(region: str | None) -> str:
+    return region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def resolve_endpoint(endpoint_url: str | None, region: str) -> str:
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return (
+        endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_DYNAMODB")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or f"https://dynamodb.{region}.{suffix}"
+    )
+
+
+class Transport:
+    """DynamoDB's JSON protocol (`X-Amz-Target: DynamoDB_20120810.<Op>`) over httpx's kept-alive connection pool
+    (`httpx.AsyncHTTPTransport`), each request signed by botocore's `SigV4Auth`. Credentials come from botocore's
+    chain (environment — what Lambda gives —, profiles, SSO, container / instance roles), resolved once; refreshable
+    ones are re-frozen, off the event loop, when botocore says they are due. Retries are the store's.
+
+    The transport is used without an `httpx.AsyncClient` around it: the client's per-request work (merging URL,
+    headers and cookies, extracting cookies, redirect and auth flows) is of no use here and measured ~13% of a
+    commit's CPU. A pool belongs to the event loop it was used on: a call from another loop (a CLI that creates the
+    table under one `asyncio.run` and serves under another) gets a pool of its own."""
+
+    def __init__(
+        self,
+        endpoint_url: str,
+        region: str,
+        *,
+        local: bool = False,
+        credentials: Any = None,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 32,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 10.0,
+    ) -> None:
+        parts = urlsplit(endpoint_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"bad DynamoDB endpoint URL {endpoint_url!r}")
+        self.url = endpoint_url if parts.path else endpoint_url + "/"
+        self.region = region
+        self._local = local  # an explicit endpoint (DynamoDB Local): dummy credentials if the chain has none
+        self._credentials = credentials  # botocore Credentials / RefreshableCredentials, or None until resolved
+        self._frozen: Any = None  # botocore ReadOnlyCredentials the next request is signed with
+        self._credentials_lock = threading.Lock()  # resolution and refresh run in worker threads
+        self._http_transport = http_transport
+        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout).as_dict()
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=20.0
+        )
+        self._pool: httpx.AsyncBaseTransport | None = None
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
+
+    # -- credentials
+
+    def _freeze(self) -> Any:
+        """Resolve the chain if not done yet, and freeze (refreshing if due). Blocking: runs in a worker thread."""
+        from botocore.credentials import Credentials
+
+        with self._credentials_lock:
+            if self._credentials is None:
+                import botocore.session
+
+                resolved = botocore.session.get_session().get_credentials()
+                if resolved is None:
+                    if not self._local:
+                        raise Unreachable("no AWS credentials found for DynamoDB")
+                    resolved = Credentials("local", "local")  # DynamoDB Local checks only that a signature is there
+                self._credentials = resolved
+            if self._frozen is None or self._refresh_due():
+                self._frozen = self._credentials.get_frozen_credentials()
+            return self._frozen
+
+    def _refresh_due(self) -> bool:
+        refresh_needed = getattr(self._credentials, "refresh_needed", None)  # RefreshableCredentials only
+        return bool(refresh_needed is not None and refresh_needed())
+
+    async def credentials(self) -> Any:
+        """Frozen credentials for the next request; resolving or refreshing them (network, maybe) off the loop."""
+        frozen = self._frozen
+        if frozen is not None and not self._refresh_due():
+            return frozen
+        return await asyncio.to_thread(self._freeze)
+
+    # -- requests
+
+    def sign(self, target: str, body: bytes, credentials: Any) -> dict[str, str]:
+        """The headers of a signed request: Content-Type, X-Amz-Target, X-Amz-Date, (X-Amz-Security-Token),
+        Authorization. Host is signed as taken from the URL, which is what httpx sends."""
+        request = AWSRequest(
+            method="POST",
+            url=self.url,
+            data=body,
+            headers={"Content-Type": _CONTENT_TYPE, "X-Amz-Target": target},
+        )
+        SigV4Auth(credentials, "dynamodb", self.region).add_auth(request)
+        return dict(request.headers.items())
+
+    def _http(self) -> httpx.AsyncBaseTransport:
+        loop = asyncio.get_running_loop()
+        if self._pool is None or self._pool_loop is not loop:
+            self._pool = self._http_transport or httpx.AsyncHTTPTransport(limits=self._limits, retries=0)
+            self._pool_loop = loop
+        return self._pool
+
+    async def __call__(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        body = json.dumps(params, default=_json_default, separators=(",", ":")).encode()
+        headers = self.sign(f"{_API_VERSION}.{op}", body, await self.credentials())
+        # identity: DynamoDB's x-amz-crc32 is over the bytes sent, and small JSON gains little from gzip
+        headers.update({"Accept-Encoding": "identity", "User-Agent": "unbroken"})
+        request = httpx.Request("POST", self.url, content=body, headers=headers, extensions={"timeout": self._timeout})
+        try:
+            response = await self._http().handle_async_request(request)
+            try:
+                data = await response.aread()
+            finally:
+                await response.aclose()  # back to the pool (or closed, if the server said so)
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
+        crc = response.headers.get("x-amz-crc32")
+        if crc is not None and crc.isdigit() and zlib.crc32(data) != int(crc):
+            raise Unreachable(f"{op}: response body does not match its x-amz-crc32")
+        status = response.status_code
+        try:
+            parsed: dict[str, Any] = json.loads(data) if data else {}
+        except ValueError:
+            if status < 300:
+                raise Unreachable(f"{op}: answer is not JSON: {data[:200]!r}") from None
+            parsed = {"message": data[:200].decode(errors="replace")}
+        _decode_binary(parsed)
+        if status >= 300:
+            code = _error_code(parsed, response.headers, status)
+            parsed.pop("__type", None)
+            message = parsed.pop("message", None) or parsed.pop("Message", "")
+            raise ServiceError(
+                {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}} | parsed
+            )
+        return parsed
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        loop, self._pool_loop = self._pool_loop, None
+        # A pool of another (finished) loop is just dropped; a transport given by the caller is the caller's to close.
+        if pool is not None and pool is not self._http_transport and loop is asyncio.get_running_loop():
+            await pool.aclose()
+
+
 class DynamoDBStore(Store):
     def __init__(
         self,
@@ -154,32 +347,28 @@ class DynamoDBStore(Store):
         region: str | None = None,
         endpoint_url: str | None = None,
         *,
-        client: Any = None,
-        transport: str = "boto3",
         max_attempts: int = 8,
         backoff_base: float = 0.025,
         backoff_cap: float = 1.0,
-        max_workers: int = 16,
+        max_connections: int = 32,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+        credentials: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`http_transport` replaces httpx's network transport (tests: moto in-process, fault injection);
+        `credentials` (botocore `Credentials` / `RefreshableCredentials`) replaces botocore's credential chain."""
         self.stats = StoreStats()
         self._clock = clock  # epoch seconds, for expiry checks; tests move it forward
         self.table = table
         self.region = region
         self.endpoint_url = endpoint_url
-        self._client = client
-        # "boto3" (default): a boto3 client (also whenever `client` is given). "http": the lean SigV4 transport, opt-in
-        # and experimental (checked against botocore's signatures and DynamoDB Local, not yet against AWS).
-        self._transport_kind = "boto3" if client is not None else transport
-        if self._transport_kind not in ("http", "boto3"):
-            raise ValueError(f"unknown DynamoDB transport {transport!r}: use 'http' or 'boto3'")
-        self._transport: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
-        self._transport_lock = threading.Lock()
+        self._http_transport = http_transport
+        self._credentials = credentials
+        self._max_connections = max_connections
+        self._transport: Transport | None = None
         self._max_attempts = max(1, max_attempts)
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
-        self._max_workers = max_workers
-        self._executor: ThreadPoolExecutor | None = None
         # Per-response facts this instance learnt, to avoid a read per commit. Cleared when large.
         self._expires: dict[str, int] = {}
         self._header_size: dict[str, int] = {}
@@ -187,63 +376,33 @@ class DynamoDBStore(Store):
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
 
-    def _make_transport(self) -> Callable[[str, dict[str, Any]], dict[str, Any]]:
-        with self._transport_lock:
-            if self._transport is None:
-                region = resolve_region(self.region)
-                if self._transport_kind == "http":
-                    endpoint = resolve_endpoint(self.endpoint_url, region)
-                    self._transport = HttpTransport(endpoint, region, credentials_provider(bool(self.endpoint_url)))
-                else:
-                    self._transport = BotoTransport(self._client or self._boto_client(region))
-            return self._transport
-
-    def _boto_client(self, region: str) -> Any:
-        # Imported here: boto3 costs ~100 ms to import, and only the boto3 transport needs it.
-        import boto3
-        from botocore.config import Config
-
-        session = boto3.session.Session()
-        extra: dict[str, str] = {}
-        if self.endpoint_url and session.get_credentials() is None:
-            # DynamoDB Local accepts any credentials but botocore refuses to sign without some.
-            extra = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
-        return session.client(
-            "dynamodb",
-            region_name=region,
-            endpoint_url=self.endpoint_url,
-            # Retries are ours (bounded, token-aware); botocore's would hide ambiguity from us.
-            config=Config(
-                retries={"total_max_attempts": 1},
-                connect_timeout=3,
-                read_timeout=10,
-                max_pool_connections=self._max_workers,
-                tcp_keepalive=True,
-                parameter_validation=False,
-            ),
-            **extra,
-        )
-
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self._max_workers, thread_name_prefix="unbroken-ddb")
-        return self._executor
+    def _make_transport(self) -> Transport:
+        if self._transport is None:
+            region = resolve_region(self.region)
+            self._transport = Transport(
+                resolve_endpoint(self.endpoint_url, region),
+                region,
+                local=bool(self.endpoint_url),
+                credentials=self._credentials,
+                http_transport=self._http_transport,
+                max_connections=self._max_connections,
+            )
+        return self._transport
 
     async def _call(self, op: str, **kwargs: Any) -> dict[str, Any]:
-        """One DynamoDB call with bounded exponential backoff and full jitter. Raises `StoreUnavailable` when the
-        attempts run out, `_CallFailed` for an error retrying cannot fix."""
-        loop = asyncio.get_running_loop()
-        pool = self._pool()
+        """One DynamoDB call (`op` as the API names it: "TransactWriteItems") with bounded exponential backoff and
+        full jitter. Raises `StoreUnavailable` when the attempts run out, `_CallFailed` for an error retrying cannot
+        fix."""
+        transport = self._transport or self._make_transport()
         try:
-            transport = self._transport or await loop.run_in_executor(pool, self._make_transport)
+            await transport.credentials()
         except Unreachable as exc:
             raise StoreUnavailable(f"dynamodb: {exc}") from exc
-        call = functools.partial(transport, op, kwargs)
         ambiguous = False
         last: Exception | None = None
         for attempt in range(self._max_attempts):
             try:
-                return await loop.run_in_executor(pool, call)
+                return await transport(op, kwargs)
             except ServiceError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0
@@ -277,7 +436,7 @@ class DynamoDBStore(Store):
     async def _query(self, **kwargs: Any) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         for _ in range(_MAX_PAGES):
-            page = await self._call("query", TableName=self.table, ConsistentRead=True, **kwargs)
+            page = await self._call("Query", TableName=self.table, ConsistentRead=True, **kwargs)
             items.extend(page.get("Items", []))
             if "LastEvaluatedKey" not in page:
                 return items
@@ -289,7 +448,7 @@ class DynamoDBStore(Store):
         for start in range(0, len(requests), 25):
             pending: dict[str, Any] = {self.table: requests[start : start + 25]}
             for attempt in range(self._max_attempts):
-                result = await self._call("batch_write_item", RequestItems=pending)
+                result = await self._call("BatchWriteItem", RequestItems=pending)
                 pending = result.get("UnprocessedItems") or {}
                 if not pending:
                     break
@@ -338,7 +497,7 @@ class DynamoDBStore(Store):
         expires = self._expires.get(response_id)
         if expires is None:
             got = await self._call(
-                "get_item",
+                "GetItem",
                 TableName=self.table,
                 Key=self._key(response_id),
                 ConsistentRead=True,
@@ -352,12 +511,14 @@ class DynamoDBStore(Store):
 
     async def _current_header(self, failure: _CallFailed, index: int, response_id: str) -> dict[str, Any] | None:
         """The header as of a failed conditional write: from ALL_OLD in the error if the backend gave it, else read."""
+        item: dict[str, Any] | None = None
         if failure.code == "ConditionalCheckFailedException" and "Item" in failure.error.response:
-            return failure.error.response["Item"]
-        reasons = failure.reasons
-        if index < len(reasons) and "Item" in reasons[index]:
-            return reasons[index]["Item"]
-        got = await self._call("get_item", TableName=self.table, Key=self._key(response_id), ConsistentRead=True)
+            item = failure.error.response["Item"]
+        elif index < len(failure.reasons) and "Item" in failure.reasons[index]:
+            item = failure.reasons[index]["Item"]
+        if item is not None:
+            return item
+        got = await self._call("GetItem", TableName=self.table, Key=self._key(response_id), ConsistentRead=True)
         return got.get("Item")
 
     # -- Store ------------------------------------------------------------------------------------------------------
@@ -393,7 +554,7 @@ class DynamoDBStore(Store):
         }
         try:
             if header.idempotency_key is None:
-                await self._call("put_item", **put_header)
+                await self._call("PutItem", **put_header)
                 self.stats.add_item(item_size(item), wru_factor=1)
             else:
                 idem = {
@@ -403,7 +564,7 @@ class DynamoDBStore(Store):
                     "expires_at": _n(expires),
                 }
                 await self._call(
-                    "transact_write_items",
+                    "TransactWriteItems",
                     TransactItems=[
                         {"Put": put_header},
                         {
@@ -433,7 +594,7 @@ class DynamoDBStore(Store):
 
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
         try:
-            got = await self._call("get_item", TableName=self.table, Key=self._key(response_id), ConsistentRead=True)
+            got = await self._call("GetItem", TableName=self.table, Key=self._key(response_id), ConsistentRead=True)
         except _CallFailed as failure:
             raise StoreError(f"dynamodb get: {failure}") from failure.error
         item = got.get("Item")
@@ -468,7 +629,7 @@ class DynamoDBStore(Store):
     async def find_by_idempotency_key(self, tenant: str, key: str) -> ResponseHeader | None:
         try:
             got = await self._call(
-                "get_item",
+                "GetItem",
                 TableName=self.table,
                 Key={"pk": {"S": _idem_pk(tenant, key)}, "sk": {"N": "0"}},
                 ConsistentRead=True,
@@ -565,7 +726,7 @@ class DynamoDBStore(Store):
         expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
         try:
             result = await self._call(
-                "update_item",
+                "UpdateItem",
                 TableName=self.table,
                 Key=self._key(response_id),
                 UpdateExpression=expression,
@@ -647,7 +808,7 @@ class DynamoDBStore(Store):
                 }
             )
             try:
-                await self._call("transact_write_items", TransactItems=actions, ClientRequestToken=str(uuid.uuid4()))
+                await self._call("TransactWriteItems", TransactItems=actions, ClientRequestToken=str(uuid.uuid4()))
             except _CallFailed as failure:
                 ambiguous = ambiguous or failure.ambiguous
                 if failure.code != "TransactionCanceledException":
@@ -727,7 +888,7 @@ class DynamoDBStore(Store):
             terminal.append(f":t{i}")
         try:
             result = await self._call(
-                "update_item",
+                "UpdateItem",
                 TableName=self.table,
                 Key=self._key(response_id),
                 UpdateExpression="SET #ep = :new, #le = :le",
@@ -762,7 +923,7 @@ class DynamoDBStore(Store):
     async def request_cancel(self, response_id: str) -> bool:
         try:
             await self._call(
-                "update_item",
+                "UpdateItem",
                 TableName=self.table,
                 Key=self._key(response_id),
                 UpdateExpression="SET #cx = :t",
@@ -781,7 +942,7 @@ class DynamoDBStore(Store):
     async def delete(self, response_id: str) -> bool:
         try:
             got = await self._call(
-                "delete_item", TableName=self.table, Key=self._key(response_id), ReturnValues="ALL_OLD"
+                "DeleteItem", TableName=self.table, Key=self._key(response_id), ReturnValues="ALL_OLD"
             )
             header = got.get("Attributes")
             # The header went first, so a writer still running is fenced (NotFound) from here on.
@@ -794,7 +955,7 @@ class DynamoDBStore(Store):
             if header is not None and "idempotency_key" in header:
                 try:
                     await self._call(
-                        "delete_item",
+                        "DeleteItem",
                         TableName=self.table,
                         Key={
                             "pk": {"S": _idem_pk(header["tenant"]["S"], header["idempotency_key"]["S"])},
@@ -817,7 +978,7 @@ class DynamoDBStore(Store):
         created = True
         try:
             await self._call(
-                "create_table",
+                "CreateTable",
                 TableName=self.table,
                 AttributeDefinitions=[
                     {"AttributeName": "pk", "AttributeType": "S"},
@@ -835,7 +996,7 @@ class DynamoDBStore(Store):
             created = False
         deadline = time.monotonic() + wait_seconds
         while True:  # bounded by the deadline
-            described = await self._call("describe_table", TableName=self.table)
+            described = await self._call("DescribeTable", TableName=self.table)
             if described["Table"].get("TableStatus") == "ACTIVE":
                 break
             if time.monotonic() > deadline:
@@ -843,7 +1004,7 @@ class DynamoDBStore(Store):
             await asyncio.sleep(0.5)
         try:
             await self._call(
-                "update_time_to_live",
+                "UpdateTimeToLive",
                 TableName=self.table,
                 TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
             )
@@ -854,13 +1015,9 @@ class DynamoDBStore(Store):
         return created
 
     async def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
         transport, self._transport = self._transport, None
-        close = getattr(transport, "close", None)
-        if close is not None:
-            close()
+        if transport is not None:
+            await transport.aclose()
 
 
 def _split(events: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], bytes]]:
