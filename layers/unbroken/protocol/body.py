@@ -83,8 +83,6 @@ def failure_from_validation(errors: list[Any], *, prefix: tuple[Any, ...] = ()) 
     if loc[: len(prefix)] == prefix:
         loc = loc[len(prefix):]
     param = param_path(loc)
-    if err.get("type") in _TAG_ERRORS:
-        param = f"{param}.type"
     if err.get("type") == "missing" and param == "body":
         return invalid("The request body must be a JSON object.", param="body")
     msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -101,8 +99,6 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "none", "list"}
 # union, `ItemParam`); never part of the parameter's name. Only these: a tag that is also a field name (`text`,
 # `refusal`, `function`) would otherwise swallow the field that is wrong (`content[0].text`).
 _ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning", "item_reference", "compaction"}
-# Errors of the discriminator itself: the parameter to blame is the item's `type`.
-_TAG_ERRORS = {"union_tag_invalid", "union_tag_not_found"}
 
 
 def param_path(loc: tuple[Any, ...]) -> str:
