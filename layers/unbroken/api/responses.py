@@ -7,6 +7,7 @@ header hold), a failure can still be an honest 4xx/5xx; after that it is an `err
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -32,6 +33,7 @@ from unbroken.resilience.attempts import Generation, NoOutput
 router = APIRouter()
 
 RECOVERY_HEADER = "x-unbroken-recovery-events"
+_SEQUENCE_NUMBER = re.compile(r"-?[0-9]+", re.ASCII)
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -119,8 +121,13 @@ def _cursor(request: Request, starting_after: str | None) -> tuple[int, str]:
         if last_event_id is None:
             return -1, "starting_after"
         raw, param = last_event_id, "Last-Event-ID"
+    # ASCII digits only: `int()` would also take `1_0`, `\u0663` (an Arabic-Indic 3) or padding of any Unicode
+    # whitespace, none of which a sequence number is written as. Over 4300 digits `int()` refuses (ValueError).
+    text = raw.strip(" \t")
     try:
-        return int(raw.strip()), param
+        if _SEQUENCE_NUMBER.fullmatch(text) is None:
+            raise ValueError(text)
+        return int(text), param
     except ValueError:
         raise invalid(f"{param} must be a sequence number (an integer).", param=param) from None
 

@@ -10,6 +10,7 @@ nesting deeper than any real request needs. Both are refused here, once, at the 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, TypeVar
 
@@ -35,7 +36,9 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise invalid("The request body is not valid UTF-8.", param="body", code="invalid_json") from None
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except _NotFinite as exc:
+        raise invalid(f"The request body is not valid JSON: {exc}.", param="body", code="invalid_json") from None
     except RecursionError:
         raise invalid("The request body is nested too deeply.", param="body", code="invalid_json") from None
     except ValueError as exc:  # JSONDecodeError, and the int parser's limit on digits
@@ -45,6 +48,22 @@ def parse_json(raw: bytes) -> Any:
     if problem is not None:
         path, what = problem
         raise invalid(f"Invalid value for '{path}': {what}.", param=path)
+    return value
+
+
+class _NotFinite(ValueError):
+    """A number JSON cannot hold: Python's parser takes `NaN` and `Infinity`, and reads `1e400` as infinity; none
+    of them can be written back as JSON (the journal, an upstream) or compared as a number."""
+
+
+def _no_constant(name: str) -> float:
+    raise _NotFinite(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotFinite("a number is out of range")
     return value
 
 
@@ -76,10 +95,10 @@ def most_specific(errors: list[Any]) -> Any:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "none", "list"}
-# Union-member and discriminator tags pydantic puts into a `loc`; never part of the parameter's name.
-_ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning", "item_reference", "compaction",
-              "function", "allowed_tools", "input_text", "output_text", "text", "input_image", "refusal",
-              "input_file", "summary_text", "reasoning_text"}
+# The discriminator values pydantic puts into a `loc` after the index of an input item (the one discriminated
+# union, `ItemParam`); never part of the parameter's name. Only these: a tag that is also a field name (`text`,
+# `refusal`, `function`) would otherwise swallow the field that is wrong (`content[0].text`).
+_ITEM_TAGS = {"message", "function_call", "function_call_output", "reasoning", "item_reference", "compaction"}
 
 
 def param_path(loc: tuple[Any, ...]) -> str:

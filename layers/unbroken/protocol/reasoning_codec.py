@@ -40,8 +40,19 @@ def decode_reasoning(value: str) -> Reasoning:
         return Reasoning(encrypted_content=value, provider="openai_responses")
     try:
         data = json.loads(base64.urlsafe_b64decode(value[len(PREFIX):].encode()))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: a payload nested thousands deep
         raise MalformedReasoning("not valid base64 JSON") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k, ""), str) for k in ("p", "s", "e")):
+    if not isinstance(data, dict) or not all(_text(data.get(k, "")) for k in ("p", "s", "e")):
         raise MalformedReasoning("not the router's reasoning envelope")
     return Reasoning(provider=data.get("p"), signature=data.get("s"), encrypted_content=data.get("e"))
+
+
+def _text(value: object) -> bool:
+    """A string that can go to an upstream: no lone surrogate (`\\ud800` escapes in the JSON of the envelope)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
