@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from unbroken.providers.base import Provider
+from unbroken.providers.base import Provider
 
 # provider name in config -> "module:Class". Modules are imported on first use only.
 PROVIDERS: dict[str, str] = {

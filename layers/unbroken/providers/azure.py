@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from unbroken.config import Deployment
 from unbroken.ir import Delta, GenerationRequest
 from unbroken.providers.base import Capabilities, Provider, ProviderError
 from unbroken.providers.openai_chat import OpenAIChatProvider
@@ -27,8 +28,6 @@ from unbroken.providers.openai_responses import OpenAIResponsesProvider
 
 if TYPE_CHECKING:
     import httpx
-
-    from unbroken.config import Deployment
 
 CLASSIC_CHAT_API_VERSION = "2024-10-21"
 CLASSIC_RESPONSES_API_VERSION = "2025-04-01-preview"

@@ -13,12 +13,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from unbroken.config import Deployment
 from unbroken.ir import Delta, GenerationRequest
 
 if TYPE_CHECKING:
     import httpx
-
-    from unbroken.config import Deployment
 
 log = logging.getLogger("unbroken.providers")
 

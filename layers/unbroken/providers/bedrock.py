@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from unbroken.config import Deployment
 from unbroken.ir import (
     Delta,
     Finish,
@@ -46,12 +47,17 @@ from unbroken.ir import (
 )
 from unbroken.providers import claude
 from unbroken.providers._shared import PrefixSkip, WhitespaceJoin, log, parse_arguments, warn_dropped
-from unbroken.providers.base import Capabilities, ErrorKind, Provider, ProviderError, parse_retry_after
+from unbroken.providers.base import (
+    Capabilities,
+    ErrorKind,
+    Provider,
+    ProviderError,
+    error_from_status,
+    parse_retry_after,
+)
 
 if TYPE_CHECKING:
     import httpx
-
-    from unbroken.config import Deployment
 
 PROVIDER = "bedrock"
 
@@ -122,8 +128,6 @@ def classify(exc: BaseException, *, mid_stream: bool) -> ProviderError:
     import urllib3.exceptions
     from botocore import exceptions as bex
     from botocore.eventstream import ParserError
-
-    from unbroken.providers.base import error_from_status
 
     if isinstance(exc, ProviderError):
         return exc
