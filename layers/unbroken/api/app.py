@@ -40,6 +40,11 @@ def create_app(config: Config, store: Store | None = None, *, launch_background:
                   description="Open Responses router whose streams do not break")
     app.state.runtime = runtime
     app.state.lambda_env = dict(lambda_env or {})
+    app.state.jwt_verifier = None
+    if config.auth.jwt is not None:
+        from unbroken.api.tokens import JwtVerifier  # PyJWT only when tokens are verified here
+
+        app.state.jwt_verifier = JwtVerifier(config.auth.jwt)
     for module in (responses, compact, chat, models):
         app.include_router(module.router)
 
