@@ -26,6 +26,9 @@ _._known_provider
 _._unique_deployments
 _._one_form
 _._unique_models
+_._origins
+_._no_credentials_for_everyone
+_._one_key_source
 _.phase
 _.include
 

@@ -1,12 +1,15 @@
 """The gateway Lambda's entry point (`functions/gateway/run.sh` → uvicorn → `unbroken.app:lambda_app`): the app
 built from the environment. Config from UNBROKEN_CONFIG (a file) or UNBROKEN_CONFIG_SSM (a parameter), provider
 secrets from UNBROKEN_SECRETS (Secrets Manager ARNs), store from UNBROKEN_STORE, and background responses handed
-to the worker Lambda named by UNBROKEN_WORKER_FUNCTION."""
+to the worker Lambda named by UNBROKEN_WORKER_FUNCTION. Two template parameters override the config:
+UNBROKEN_CORS_ALLOW_ORIGINS (comma-separated: server.cors.allow_origins) and UNBROKEN_GATEWAY_TENANT_CLAIM
+(auth.gateway_tenant_claim, set when the API has a Cognito authorizer)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -28,15 +31,28 @@ def _worker_launcher(function_name: str) -> BackgroundLauncher:
     return launch
 
 
+def config_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """The part of the config the deployment's environment sets (empty variables set nothing)."""
+    out: dict[str, Any] = {}
+    origins = [o.strip() for o in env.get("UNBROKEN_CORS_ALLOW_ORIGINS", "").split(",") if o.strip()]
+    if origins:
+        out["server"] = {"cors": {"allow_origins": origins}}
+    claim = env.get("UNBROKEN_GATEWAY_TENANT_CLAIM", "").strip()
+    if claim:
+        out["auth"] = {"gateway_tenant_claim": claim}
+    return out
+
+
 def app_from_env() -> FastAPI:
     secrets = [a for a in os.environ.get("UNBROKEN_SECRETS", "").split(",") if a.strip()]
     if secrets:
         aws.load_secrets_into_env(secrets)
     ssm_name = os.environ.get("UNBROKEN_CONFIG_SSM")
+    overrides = config_overrides(os.environ)
     if ssm_name:
-        config = parse_config(aws.read_config_text_from_ssm(ssm_name), f"ssm:{ssm_name}")
+        config = parse_config(aws.read_config_text_from_ssm(ssm_name), f"ssm:{ssm_name}", overrides=overrides)
     else:
-        config = load_config(os.environ.get("UNBROKEN_CONFIG", "router.yaml"))
+        config = load_config(os.environ.get("UNBROKEN_CONFIG", "router.yaml"), overrides=overrides)
     store_url = os.environ.get("UNBROKEN_STORE")
     worker = os.environ.get("UNBROKEN_WORKER_FUNCTION")
     return create_app(config, open_store(store_url) if store_url else None,

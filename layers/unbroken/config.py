@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -106,6 +106,76 @@ class ApiKey(_Strict):
         return hashlib.sha256(self.key.encode()).digest()
 
 
+# -- server.cors and auth.jwt (issue 11) -----------------------------------------------------------------------------
+
+
+class CorsSettings(_Strict):
+    """Browser access (`server.cors`). No origins: CORS is off, and a preflight is an ordinary 405."""
+
+    # Exact origins ("https://app.example.com": scheme, host and port as the browser sends them), or "*" for any.
+    allow_origins: list[str] = Field(default_factory=list)
+    # Request headers allowed beyond the router's own (api/cors.py ROUTER_REQUEST_HEADERS); "*" allows any.
+    allow_headers: list[str] = Field(default_factory=list)
+    max_age_seconds: int = Field(default=600, ge=0, le=86400)
+    # Cookies / HTTP auth in credentialed fetches. A bearer token in Authorization needs no credentials mode.
+    allow_credentials: bool = False
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin: give scheme://host[:port] with no path, or \"*\"")
+        return value
+
+    @model_validator(mode="after")
+    def _no_credentials_for_everyone(self) -> CorsSettings:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_credentials with allow_origins \"*\" would let any site send credentialed "
+                             "requests; list the origins")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow_origins)
+
+
+JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"]
+_DEFAULT_JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = ("RS256", "ES256")
+
+
+class JwtSettings(_Strict):
+    """Bearer JWTs verified by the router itself (`auth.jwt`): signature by a key of the JWKS, issuer, audience,
+    expiry. The tenant is `jwt:` + the value of `tenant_claim`."""
+
+    issuer: str = Field(min_length=1)
+    audience: str | list[str]
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    tenant_claim: str = Field(default="sub", min_length=1)
+    # Asymmetric only: an HMAC algorithm would let a public key be used as a shared secret.
+    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: list(_DEFAULT_JWT_ALGORITHMS), min_length=1)
+    leeway_seconds: float = Field(default=30.0, ge=0, le=600)
+    # How long keys fetched from jwks_url are kept before they are fetched again (a kid not in them refetches).
+    jwks_cache_seconds: int = Field(default=300, gt=0)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtSettings:
+        if (self.jwks_url is None) == (self.jwks_file is None):
+            raise ValueError("give exactly one of `jwks_url` or `jwks_file`")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("jwks_url must be an http(s) URL")
+        return self
+
+
+class AuthSettings(_Strict):
+    jwt: JwtSettings | None = None
+    # Behind an API Gateway authorizer (Cognito user pool): the claim of `requestContext.authorizer.claims` that
+    # names the tenant ("jwt:" + its value). None: the claims are not read. Trusted only inside Lambda under the
+    # Web Adapter (api/identity.in_lambda), where the adapter, not the client, writes the request context header.
+    gateway_tenant_claim: str | None = Field(default=None, min_length=1)
+
+
 class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     heartbeat_seconds: float = Field(default=15.0, gt=0)
@@ -125,12 +195,14 @@ class ServerSettings(_Strict):
     # Hold function-call argument deltas until the call is complete, so a failover never leaves half a call.
     hold_tool_arguments: bool = True
     compaction_key: str | None = None
+    cors: CorsSettings = CorsSettings()
 
 
 class Config(_Strict):
     api_keys: list[ApiKey] = Field(default_factory=list)
     models: list[PublicModel] = Field(default_factory=list)
     server: ServerSettings = ServerSettings()
+    auth: AuthSettings = AuthSettings()
     allow_anonymous: bool = False  # only for local experiments; every request is tenant "anonymous"
 
     @model_validator(mode="after")
@@ -139,8 +211,8 @@ class Config(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique: {', '.join(dupes)}")
-        if not self.api_keys and not self.allow_anonymous:
-            raise ValueError("no api_keys configured (set allow_anonymous: true to run without keys)")
+        if not (self.api_keys or self.allow_anonymous or self.auth.jwt or self.auth.gateway_tenant_claim):
+            raise ValueError("no api_keys or auth.jwt configured (set allow_anonymous: true to run without keys)")
         return self
 
     def model(self, name: str) -> PublicModel | None:
@@ -224,7 +296,18 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None = None) -> Config:
+def _merge(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(tree)
+    for key, value in overrides.items():
+        below = out.get(key)
+        out[key] = _merge(below, value) if isinstance(value, dict) and isinstance(below, dict) else value
+    return out
+
+
+def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None = None,
+                 overrides: dict[str, Any] | None = None) -> Config:
+    """`overrides` (a tree like the YAML's, e.g. from the deployment's environment) is merged over the file before
+    validation."""
     env_map = os.environ if env is None else env
     try:
         node = yaml.compose(text)
@@ -238,6 +321,8 @@ def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None
     if not isinstance(tree, dict):
         raise ConfigError([ConfigProblem(source, "the top level must be a mapping")])
     tree = expand_env(tree, env_map)
+    if overrides:
+        tree = _merge(tree, overrides)
     _switch_off_keyless(tree)
     try:
         return Config.model_validate(tree)
@@ -252,11 +337,12 @@ def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None
         raise ConfigError(problems) from None
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
+def load_config(path: str | Path, env: dict[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([ConfigProblem(str(p), f"cannot read: {exc.strerror}")]) from None
-    return parse_config(text, str(p), env)
+    return parse_config(text, str(p), env, overrides)
 

@@ -43,9 +43,10 @@ def base_config(*models: dict[str, Any], **server: Any) -> dict[str, Any]:
 
 
 class RouterThread:
-    def __init__(self, config: Config | dict[str, Any], store: Any = None) -> None:
+    def __init__(self, config: Config | dict[str, Any], store: Any = None,
+                 lambda_env: dict[str, str] | None = None) -> None:
         self.config = config if isinstance(config, Config) else config_from(config)
-        self.app = create_app(self.config, store)
+        self.app = create_app(self.config, store, lambda_env=lambda_env)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))

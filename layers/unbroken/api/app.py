@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from unbroken.api import chat, compact, models, responses
+from unbroken.api.edge import Edge
 from unbroken.api.errors import error_response
 from unbroken.api.guard import Guard
 from unbroken.config import Config
@@ -39,6 +40,11 @@ def create_app(config: Config, store: Store | None = None, *, launch_background:
                   description="Open Responses router whose streams do not break")
     app.state.runtime = runtime
     app.state.lambda_env = dict(lambda_env or {})
+    app.state.jwt_verifier = None
+    if config.auth.jwt is not None:
+        from unbroken.api.tokens import JwtVerifier  # PyJWT only when tokens are verified here
+
+        app.state.jwt_verifier = JwtVerifier(config.auth.jwt)
     for module in (responses, compact, chat, models):
         app.include_router(module.router)
 
@@ -66,4 +72,6 @@ def create_app(config: Config, store: Store | None = None, *, launch_background:
         return {"status": "ok"}
 
     app.add_middleware(Guard, max_body_bytes=config.server.max_body_bytes)
+    # Outside the guard, so that its 413 and 500 answers carry the request id and CORS headers too.
+    app.add_middleware(Edge, cors=config.server.cors, lambda_env=app.state.lambda_env)
     return app

@@ -7,7 +7,8 @@ documented in its guide, `docs/guide/src/features/request-context.md`):
 - `x-amzn-lambda-context`: the Rust runtime's `lambda_runtime::Context` serialised with serde, i.e.
   `{"request_id": str, "deadline": <epoch ms>, "invoked_function_arn": str, "xray_trace_id": str|null,
   "client_context": ..., "identity": ..., "env_config": {...}}` (aws-lambda-rust-runtime `lambda-runtime/src/types.rs`).
-- `x-amzn-request-context`: the event's `requestContext` (API Gateway's view of the caller), not read yet.
+- `x-amzn-request-context`: the event's `requestContext` (API Gateway's view of the caller): its `requestId`, and
+  `authorizer.claims` when a Cognito user pool authorizer verified the caller's token.
 
 Outside Lambda nothing rewrites those headers, so a client could forge them: `lambda_context` returns None unless
 the process runs inside Lambda under LWA (`in_lambda`).
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LAMBDA_CONTEXT_HEADER = "x-amzn-lambda-context"
+REQUEST_CONTEXT_HEADER = "x-amzn-request-context"
 
 # Time kept in hand before the Lambda deadline to write the last journal batch, send the terminal event and
 # `data: [DONE]`, and flush logs/metrics.
@@ -94,6 +96,19 @@ def lambda_context(headers: Mapping[str, str], env: Mapping[str, str] | None = N
         function_arn=_str(data.get("invoked_function_arn")) or "",
         xray_trace_id=_str(data.get("xray_trace_id")),
     )
+
+
+def request_context(headers: Mapping[str, str], env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """API Gateway's `requestContext` for this request, from LWA's `x-amzn-request-context` header."""
+    return _json_header(headers, REQUEST_CONTEXT_HEADER, env)
+
+
+def authorizer_claims(headers: Mapping[str, str], env: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The claims of the token API Gateway's Cognito authorizer verified (`requestContext.authorizer.claims`)."""
+    ctx = request_context(headers, env)
+    authorizer = ctx.get("authorizer") if ctx else None
+    claims = authorizer.get("claims") if isinstance(authorizer, dict) else None
+    return claims if isinstance(claims, dict) else None
 
 
 def stream_deadline(
