@@ -59,3 +59,7 @@ LambdaContextInfo.xray_trace_id
 
 # logging.Formatter reads `converter` to make timestamps.
 _.converter
+
+# The Python client's public functions: called by users of `unbroken.client` (and its tests), not by the router.
+_.stream_events
+_.async_stream_events
