@@ -132,9 +132,9 @@ async def get_response(request: Request, response_id: str, tenant: Annotated[str
     """The response as it stands, or (`stream=true`) its events after `starting_after` followed live until the
     terminal one. `Last-Event-ID` is accepted as the cursor; `id:` lines only with `include_event_ids=true`."""
     runtime = runtime_of(request)
-    header = await service.owned_response(runtime, response_id, tenant)
     if not stream:
-        return JSONResponse(await service.snapshot(runtime, header))
+        return JSONResponse(await service.poll_response(runtime, response_id, tenant))
+    header = await service.owned_response(runtime, response_id, tenant)
     after, param = _cursor(request, starting_after)
     service.check_cursor(header, after, param)
     return _journal_stream(runtime, response_id, after, with_ids=include_event_ids)
