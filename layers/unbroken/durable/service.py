@@ -23,7 +23,13 @@ from unbroken.durable.takeover import nobody_produces, stored_skeleton, take_ove
 from unbroken.errors import Failure, invalid
 from unbroken.journal.store import TERMINAL_EVENT_TYPES, AlreadyExists, ResponseHeader
 from unbroken.protocol.compaction import expand_compaction_for
-from unbroken.protocol.request import ResponsesRequest, output_as_input, response_skeleton
+from unbroken.protocol.request import (
+    ResponsesRequest,
+    input_item_resource,
+    output_as_input,
+    own_input,
+    response_skeleton,
+)
 from unbroken.protocol.responses import Event, ResponseEmitter, new_id, restore_emitter
 from unbroken.resilience.attempts import Generation, GenerationOptions, RunControl
 
@@ -229,6 +235,29 @@ async def poll_response(runtime: Runtime, response_id: str, tenant: str) -> dict
         else:
             await take_over(runtime, response_id, header.owner_epoch)  # None: another reader got there first
     return await snapshot(runtime, header)
+
+
+INPUT_ITEMS_INCLUDE_ENCRYPTED = "reasoning.encrypted_content"
+
+
+async def list_input_items(runtime: Runtime, response_id: str, tenant: str, *, limit: int, order: str,
+                           after: str | None, include: list[str]) -> dict[str, Any]:
+    """`GET /v1/responses/{id}/input_items`: the input items the request itself sent (not the previous_response_id
+    chain it continued), each with its id, newest first for `order=desc`, a page of `limit` after the item `after`."""
+    header = await owned_response(runtime, response_id, tenant)
+    encrypted = INPUT_ITEMS_INCLUDE_ENCRYPTED in include
+    items = [input_item_resource(item, f"{response_id}/{i}", encrypted_reasoning=encrypted)
+             for i, item in enumerate(own_input(header.request))]
+    if order == "desc":
+        items.reverse()
+    start = 0
+    if after is not None:
+        start = next((i + 1 for i, item in enumerate(items) if item["id"] == after), -1)
+        if start < 0:
+            raise invalid(f"No input item '{after}' in response '{response_id}'.", param="after")
+    page = items[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
 
 
 def check_cursor(header: ResponseHeader, after: int, param: str) -> int:
