@@ -68,3 +68,8 @@ def validate_response(response: dict[str, Any]) -> None:
     required = _spec()["components"]["schemas"]["ResponseResource"]["required"]
     missing = [k for k in required if k not in response]
     assert not missing, f"response lacks required keys {missing}"
+
+
+def validate_item(item: dict[str, Any]) -> None:
+    """An item as the API lists it (`GET /v1/responses/{id}/input_items`): the spec's `ItemField`."""
+    _check("ItemField", item)

@@ -187,6 +187,28 @@ async def test_batch_closes_at_size(store: ControlledStore, feeds: LocalFeeds) -
     await writer.aclose()
 
 
+async def test_mark_status_commits_with_the_batch_of_the_next_event(store: ControlledStore, feeds: LocalFeeds) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_bytes=500, batch_ms=NEVER, max_append_bytes=500, feeds=feeds)
+    await writer.emit(delta(0))
+    writer.mark_status("in_progress")  # no commit of its own: it rides with the open batch
+    assert store.attempted.empty()
+    await writer.emit(delta(1))
+    await writer.boundary()
+    call = await store.next_commit()
+    assert (call.events, call.status) == ([delta(0), delta(1)], "in_progress")
+    writer.mark_status("in_progress")  # nothing open: the event emitted next carries it, even if it closes a batch
+    await writer.emit(delta(2, "x" * 400))
+    call = await store.next_commit()
+    assert (call.events, call.status) == ([delta(2, "x" * 400)], "in_progress")
+    await writer.emit(delta(3))
+    await writer.boundary()
+    assert (await store.next_commit()).status is None
+    header = await store.inner.get(rid)
+    assert header is not None and header.status == "in_progress"
+    await writer.aclose()
+
+
 async def test_batch_closes_at_time(store: ControlledStore, feeds: LocalFeeds) -> None:
     rid = await new_response(store)
     writer = JournalWriter(store, rid, 0, batch_bytes=1 << 30, batch_ms=5, feeds=feeds)

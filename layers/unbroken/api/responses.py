@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from unbroken.api.auth import authenticate
@@ -139,12 +139,25 @@ async def get_response(request: Request, response_id: str, tenant: Annotated[str
     """The response as it stands, or (`stream=true`) its events after `starting_after` followed live until the
     terminal one. `Last-Event-ID` is accepted as the cursor; `id:` lines only with `include_event_ids=true`."""
     runtime = runtime_of(request)
-    header = await service.owned_response(runtime, response_id, tenant)
     if not stream:
-        return JSONResponse(await service.snapshot(runtime, header))
+        return JSONResponse(await service.poll_response(runtime, response_id, tenant))
+    header = await service.owned_response(runtime, response_id, tenant)
     after, param = _cursor(request, starting_after)
     service.check_cursor(header, after, param)
     return _journal_stream(runtime, response_id, after, with_ids=include_event_ids)
+
+
+@router.get("/v1/responses/{response_id}/input_items", response_model=None)
+async def list_input_items(request: Request, response_id: str, tenant: Annotated[str, Depends(authenticate)],
+                           limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                           order: Literal["asc", "desc"] = "desc", after: str | None = None,
+                           include: Annotated[list[str] | None, Query()] = None,
+                           include_brackets: Annotated[list[str] | None, Query(alias="include[]")] = None
+                           ) -> Response:
+    """The input items of a response, a page at a time (`include[]=` is how the openai SDK sends the list)."""
+    return JSONResponse(await service.list_input_items(
+        runtime_of(request), response_id, tenant, limit=limit, order=order, after=after,
+        include=[*(include or ()), *(include_brackets or ())]))
 
 
 @router.post("/v1/responses/{response_id}/cancel", response_model=None)

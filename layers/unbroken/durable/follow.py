@@ -4,14 +4,13 @@ over, so a reader never waits on a response nobody is generating."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
-from unbroken.durable.takeover import header_is_stale, take_over
-from unbroken.journal.feed import LOCAL_FEEDS, follow
+from unbroken.durable.takeover import nobody_produces, take_over
+from unbroken.journal.feed import follow
 from unbroken.journal.store import TERMINAL_EVENT_TYPES
 
 
@@ -37,7 +36,7 @@ async def journal_events(runtime: Runtime, response_id: str, after: int, run: Re
         header = await store.get(response_id, snapshots=False)
         if header is None or header.terminal:
             continue  # follow ends at once for a finished response (or raises NotFound)
-        if header_is_stale(header, time.time()) and not LOCAL_FEEDS.has_writer(response_id):
+        if nobody_produces(header):
             run = await take_over(runtime, response_id, header.owner_epoch) or run
 
 

@@ -103,6 +103,8 @@ class ResponseRun:
             emitter = self.generation.emitter
             await writer.finish(event, status=emitter.response["status"], response=emitter.snapshot())
             return True
+        if event["type"] == "response.in_progress":
+            writer.mark_status("in_progress")  # the header leaves `queued` in the batch that holds this event
         await writer.emit(event)
         if event["type"] == "response.output_item.done":
             await writer.boundary()

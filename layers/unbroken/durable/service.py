@@ -19,10 +19,17 @@ from unbroken.config import PublicModel
 from unbroken.durable.follow import journal_events
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
+from unbroken.durable.takeover import nobody_produces, stored_skeleton, take_over
 from unbroken.errors import Failure, invalid
 from unbroken.journal.store import TERMINAL_EVENT_TYPES, AlreadyExists, ResponseHeader
 from unbroken.protocol.compaction import expand_compaction_for
-from unbroken.protocol.request import ResponsesRequest, output_as_input, response_skeleton
+from unbroken.protocol.request import (
+    ResponsesRequest,
+    input_item_resource,
+    output_as_input,
+    own_input,
+    response_skeleton,
+)
 from unbroken.protocol.responses import Event, ResponseEmitter, new_id, restore_emitter
 from unbroken.resilience.attempts import Generation, GenerationOptions, RunControl
 
@@ -204,16 +211,53 @@ async def owned_response(runtime: Runtime, response_id: str, tenant: str) -> Res
 
 
 async def snapshot(runtime: Runtime, header: ResponseHeader) -> dict[str, Any]:
-    """The response object as it stands: the stored snapshot once terminal, else rebuilt from the journal."""
+    """The response object as it stands: the stored snapshot once terminal, else rebuilt from the journal (the
+    output so far, an open content part with its text so far), or, before any event, from the stored request."""
     if header.terminal and header.response is not None:
         return header.response
     assert runtime.store is not None
     events = await runtime.store.read_events(header.id, -1)
     if not events:
-        return dict(header.response or {}, status=header.status)
+        return dict(header.response or stored_skeleton(header), status=header.status)
     emitter = restore_emitter(events)
     emitter.response["status"] = header.status
     return emitter.snapshot()
+
+
+async def poll_response(runtime: Runtime, response_id: str, tenant: str) -> dict[str, Any]:
+    """A non-streaming GET: the response as it stands. A response nobody produces any more (its producer died,
+    its lease expired) gets a new producer first, as a streaming reader would give it: the next polls see it go
+    on. On AWS the worker takes it over (this invocation ends with its answer); elsewhere this process does."""
+    header = await owned_response(runtime, response_id, tenant)
+    if nobody_produces(header):
+        if runtime.launch_background is not None:
+            await runtime.launch_background(response_id, header.owner_epoch)  # a duplicate is fenced, harmless
+        else:
+            await take_over(runtime, response_id, header.owner_epoch)  # None: another reader got there first
+    return await snapshot(runtime, header)
+
+
+INPUT_ITEMS_INCLUDE_ENCRYPTED = "reasoning.encrypted_content"
+
+
+async def list_input_items(runtime: Runtime, response_id: str, tenant: str, *, limit: int, order: str,
+                           after: str | None, include: list[str]) -> dict[str, Any]:
+    """`GET /v1/responses/{id}/input_items`: the input items the request itself sent (not the previous_response_id
+    chain it continued), each with its id, newest first for `order=desc`, a page of `limit` after the item `after`."""
+    header = await owned_response(runtime, response_id, tenant)
+    encrypted = INPUT_ITEMS_INCLUDE_ENCRYPTED in include
+    items = [input_item_resource(item, f"{response_id}/{i}", encrypted_reasoning=encrypted)
+             for i, item in enumerate(own_input(header.request))]
+    if order == "desc":
+        items.reverse()
+    start = 0
+    if after is not None:
+        start = next((i + 1 for i, item in enumerate(items) if item["id"] == after), -1)
+        if start < 0:
+            raise invalid(f"No input item '{after}' in response '{response_id}'.", param="after")
+    page = items[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
 
 
 def check_cursor(header: ResponseHeader, after: int, param: str) -> int:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
+from unbroken.journal.feed import LOCAL_FEEDS
 from unbroken.journal.store import Fenced, ResponseHeader
 from unbroken.protocol.compaction import expand_compaction_for
 from unbroken.protocol.request import ResponsesRequest, response_skeleton
@@ -21,6 +23,19 @@ log = logging.getLogger("unbroken.producer")
 def header_is_stale(header: ResponseHeader, now: float) -> bool:
     """A non-terminal response whose producer stopped renewing its lease: nobody is generating it."""
     return not header.terminal and header.lease_expires_at < now
+
+
+def nobody_produces(header: ResponseHeader) -> bool:
+    """Its lease expired and no writer of it runs in this process: the response needs a new producer."""
+    return header_is_stale(header, time.time()) and not LOCAL_FEEDS.has_writer(header.id)
+
+
+def stored_skeleton(header: ResponseHeader, parsed: ResponsesRequest | None = None) -> dict[str, Any]:
+    """The response object before any output, rebuilt from the stored request as its creator built it."""
+    body = (parsed or ResponsesRequest.from_stored(header.request)).body
+    skeleton = response_skeleton(body, header.id, body.model or "")
+    skeleton["created_at"] = int(header.created_at)
+    return skeleton
 
 
 async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
@@ -44,9 +59,7 @@ async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
     if events:
         emitter = restore_emitter(events, hold_tool_arguments=settings.hold_tool_arguments)
     else:  # nothing was produced yet (a queued background response): start it as its creator would have
-        skeleton = response_skeleton(body, response_id, body.model or "")
-        skeleton["created_at"] = int(header.created_at)
-        emitter = ResponseEmitter(skeleton, hold_tool_arguments=settings.hold_tool_arguments)
+        emitter = ResponseEmitter(stored_skeleton(header, parsed), hold_tool_arguments=settings.hold_tool_arguments)
     request = parsed.to_ir(expand_compaction=expand_compaction_for(header.tenant, settings.compaction_key))
     options = GenerationOptions(queued=header.background, header_hold_seconds=math.inf,
                                 recovery_events=bool(header.request.get("_recovery_events")),

@@ -114,6 +114,7 @@ class JournalWriter:
 
         self._open: list[dict[str, Any]] = []
         self._open_bytes = 0
+        self._open_status: str | None = None  # a status to commit with the open batch (`mark_status`)
         self._ready: deque[_Batch] = deque()
         self._ready_bytes = 0  # closed and not yet committed, the batch in flight included
         self._inflight: _Batch | None = None
@@ -185,6 +186,12 @@ class JournalWriter:
             return
         await self._wait_for(batch)
 
+    def mark_status(self, status: str) -> None:
+        """Commit `status` with the open batch, which the next `emit` joins if none is open: no commit of its own
+        and no wait, e.g. a queued response's `in_progress` in the batch of its `response.in_progress` event."""
+        self._check()
+        self._open_status = status
+
     async def set_status(self, status: str, response: dict[str, Any] | None = None) -> None:
         """Commit a status (and optionally a response snapshot) after what was emitted so far; waits for it."""
         self._check()
@@ -229,6 +236,9 @@ class JournalWriter:
         if self._batch_timer is not None:
             self._batch_timer.cancel()
             self._batch_timer = None
+        if status is None:
+            status = self._open_status
+        self._open_status = None
         batch = _Batch(self._open, self._open_bytes, status=status, response=response, final=final)
         self._open = []
         self._open_bytes = 0

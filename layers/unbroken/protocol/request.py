@@ -6,6 +6,7 @@ the background worker alike."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from unbroken.ir import (
 )
 from unbroken.protocol.body import validate
 from unbroken.protocol.reasoning_codec import MalformedReasoning, decode_reasoning
+from unbroken.protocol.responses import new_id
 
 MAX_INPUT_STRING = 10 * 1024 * 1024
 
@@ -283,8 +285,11 @@ class ResponsesRequest:
 
     def stored(self, context: list[dict[str, Any]]) -> dict[str, Any]:
         """What the journal keeps: the body as sent, with `input` resolved to the full context (a previous
-        response's included), enough to continue the generation in another process (`from_stored`)."""
-        return {**self.raw, "input": context + input_items(self.raw.get("input"))}
+        response's included), enough to continue the generation in another process (`from_stored`). The request's
+        own input items get ids (`GET .../input_items` lists them) and are told apart from the context by
+        `CONTEXT_ITEMS`, the number of context items before them."""
+        own = [_with_id(item) for item in input_items(self.raw.get("input"))]
+        return {**self.raw, "input": context + own, CONTEXT_ITEMS: len(context)}
 
     @classmethod
     def from_stored(cls, stored: dict[str, Any]) -> ResponsesRequest:
@@ -315,6 +320,51 @@ def input_items(raw_input: Any) -> list[dict[str, Any]]:
     if isinstance(raw_input, str):
         return [{"type": "message", "role": "user", "content": raw_input}]
     return list(raw_input)
+
+
+# In a stored request: how many items of its `input` came from the previous_response_id chain.
+CONTEXT_ITEMS = "_context_items"
+# The id prefix of each input item type the router names (an item sent with an id keeps it).
+_ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs",
+                   "compaction": "cmp"}
+
+
+def _with_id(item: Any) -> Any:
+    if not isinstance(item, dict) or item.get("id"):
+        return item
+    type_ = item.get("type", "message")
+    return {**item, "type": type_, "id": new_id(_ITEM_ID_PREFIX.get(type_, "item"))}
+
+
+def own_input(stored: dict[str, Any]) -> list[dict[str, Any]]:
+    """The input items a stored request sent itself, without the previous_response_id chain before them."""
+    return input_items(stored.get("input"))[int(stored.get(CONTEXT_ITEMS, 0)):]
+
+
+def input_item_resource(item: dict[str, Any], fallback_id: str, *, encrypted_reasoning: bool) -> dict[str, Any]:
+    """An input item as the API lists it: with an id (`fallback_id`, derived stably, for an item stored without
+    one), a status, and a message's string content as a content part. `encrypted_reasoning`: keep a reasoning
+    item's encrypted_content (the `reasoning.encrypted_content` include)."""
+    out = {k: v for k, v in item.items() if v is not None}
+    type_ = out.setdefault("type", "message")
+    if not out.get("id"):
+        digest = hashlib.sha256(fallback_id.encode()).hexdigest()[:32]
+        out["id"] = f"{_ITEM_ID_PREFIX.get(type_, 'item')}_{digest}"
+    if type_ == "message":
+        assistant = out.get("role") == "assistant"
+        content = out.get("content")
+        if isinstance(content, str):
+            content = [{"type": "output_text", "text": content} if assistant
+                       else {"type": "input_text", "text": content}]
+        out["content"] = [dict(p, annotations=p.get("annotations", [])) if p.get("type") == "output_text" else p
+                          for p in content or []]
+    if type_ in ("message", "function_call", "function_call_output"):
+        out.setdefault("status", "completed")
+    if type_ == "reasoning":
+        out.setdefault("summary", [])
+        if not encrypted_reasoning:
+            out.pop("encrypted_content", None)
+    return out
 
 
 def output_as_input(output: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -92,10 +92,17 @@ class ResponseEmitter:
         return bool(self.output)
 
     def snapshot(self) -> dict[str, Any]:
-        """A copy of the response object as it stands, safe to serialise while streaming goes on."""
+        """A copy of the response object as it stands, safe to serialise while streaming goes on. The open
+        content part shows its text so far: the pieces are joined here, once per snapshot, never per delta."""
         import copy
 
-        return copy.deepcopy(self.response)
+        response = copy.deepcopy(self.response)
+        cur = self.open
+        if cur is not None and cur.part_kind is not None and not cur.deferred:
+            item = response["output"][cur.output_index]
+            parts = item["summary"] if cur.part_kind == "summary_text" else item["content"]
+            parts[-1]["refusal" if cur.part_kind == "refusal" else "text"] = "".join(cur.text)
+        return response
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
