@@ -16,10 +16,11 @@ conditional on `owner_epoch` and `last_seq`, so a zombie writer can never make a
 `ClientRequestToken`, so retrying after an ambiguous failure (timeout, 5xx) cannot apply a commit twice. Every item
 carries `expires_at` (epoch seconds, integer); reads drop expired items because TTL deletion is lazy.
 
-Calls go through one transport (`Transport` below): DynamoDB's JSON protocol on the event loop over a kept-alive
-httpx client, signed by botocore's SigV4 signer with credentials from botocore's chain. No boto3 client: its
-per-call machinery (validation, event hooks, parsing) costs milliseconds of CPU, and there is a call per committed
-batch. Retries (throttling, 5xx, connection errors; bounded, exponential with full jitter) are the store's.
+Calls go through one transport (`Transport` below): DynamoDB's JSON protocol on the event loop over kept-alive
+HTTP/1.1 connections (h11 on asyncio streams, journal/http11.py), signed by botocore's SigV4 signer with credentials
+from botocore's chain. No boto3 client: its per-call machinery (validation, event hooks, parsing) costs milliseconds
+of CPU, and there is a call per committed batch; httpx's pool (httpcore + anyio) cost twice the CPU of h11 alone.
+Retries (throttling, 5xx, connection errors; bounded, exponential with full jitter) are the store's.
 """
 
 from __future__ import annotations
@@ -208,15 +209,14 @@ def resolve_endpoint(endpoint_url: str | None, region: str) -> str:
 
 
 class Transport:
-    """DynamoDB's JSON protocol (`X-Amz-Target: DynamoDB_20120810.<Op>`) over httpx's kept-alive connection pool
-    (`httpx.AsyncHTTPTransport`), each request signed by botocore's `SigV4Auth`. Credentials come from botocore's
-    chain (environment — what Lambda gives —, profiles, SSO, container / instance roles), resolved once; refreshable
-    ones are re-frozen, off the event loop, when botocore says they are due. Retries are the store's.
+    """DynamoDB's JSON protocol (`X-Amz-Target: DynamoDB_20120810.<Op>`) over a kept-alive HTTP/1.1 pool (h11 on
+    asyncio streams, `journal.http11.Pool`), each request signed by botocore's `SigV4Auth`. Credentials come from
+    botocore's chain (environment — what Lambda gives —, profiles, SSO, container / instance roles), resolved once;
+    refreshable ones are re-frozen, off the event loop, when botocore says they are due. Retries are the store's.
 
-    The transport is used without an `httpx.AsyncClient` around it: the client's per-request work (merging URL,
-    headers and cookies, extracting cookies, redirect and auth flows) is of no use here and measured ~13% of a
-    commit's CPU. A pool belongs to the event loop it was used on: a call from another loop (a CLI that creates the
-    table under one `asyncio.run` and serves under another) gets a pool of its own."""
+    `http_transport` (an `httpx.AsyncBaseTransport`: tests' moto in process, fault injection) replaces the pool.
+    A pool belongs to the event loop it was used on: a call from another loop (a CLI that creates the table under
+    one `asyncio.run` and serves under another) gets a pool of its own."""
 
     def __init__(
         self,
@@ -288,7 +288,7 @@ class Transport:
 
     def sign(self, target: str, body: bytes, credentials: Any) -> dict[str, str]:
         """The headers of a signed request: Content-Type, X-Amz-Target, X-Amz-Date, (X-Amz-Security-Token),
-        Authorization. Host is signed as taken from the URL, which is what httpx sends."""
+        Authorization. Host is signed as taken from the URL, which is what `__call__` sends (`self._host`)."""
         request = AWSRequest(
             method="POST",
             url=self.url,
@@ -398,7 +398,7 @@ class DynamoDBStore(Store):
         credentials: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`http_transport` replaces httpx's network transport (tests: moto in-process, fault injection);
+        """`http_transport` (an httpx transport) replaces the h11 pool (tests: moto in-process, fault injection);
         `credentials` (botocore `Credentials` / `RefreshableCredentials`) replaces botocore's credential chain."""
         self.stats = StoreStats()
         self._clock = clock  # epoch seconds, for expiry checks; tests move it forward
