@@ -3,7 +3,10 @@
 A commit is one `TransactWriteItems` of a typical batch: 5 `response.output_text.delta` events of ~200 bytes each,
 as the store builds it (one batch piece + the fenced header update). Measured, in this process only (DynamoDB
 Local is another process), with `time.process_time()` around a run of sequential commits:
-- transport: the store's transport (httpx on the event loop, botocore's SigV4 signer), called as the store does;
+- transport (h11): the store's transport (h11 over asyncio streams on the event loop, journal/http11.py, botocore's
+  SigV4 signer), called as the store does;
+- transport (httpx): the same transport with httpx's connection pool (`httpx.AsyncHTTPTransport`, as the store
+  sent before the h11 pool) injected as its `http_transport`;
 - boto3: `client.transact_write_items(**params)` of a boto3 client configured as the store had it (no retries, no
   parameter validation, keep-alive), run in a thread pool from the event loop, as the store ran it before;
 - store append: `DynamoDBStore.append` of the 5 events, i.e. the transport plus encoding and building the request.
@@ -29,8 +32,10 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from unbroken.journal.ddb_local import DynamoDBLocal
-from unbroken.journal.dynamodb import DynamoDBStore
+import httpx
+
+from tests.support.dynamodb_local import DynamoDBLocal
+from unbroken.journal.dynamodb import DynamoDBStore, Transport
 from unbroken.journal.store import ResponseHeader
 
 EVENTS_PER_BATCH = 5
@@ -107,7 +112,7 @@ async def new_response(store: DynamoDBStore) -> str:
 
 
 async def measure(commits: int, warmup: int, rounds: int) -> dict[str, Any]:
-    names = ("transport", "boto3", "store_append")
+    names = ("transport", "httpx", "boto3", "store_append")
     cpu: dict[str, list[float]] = {name: [] for name in names}  # per round: mean CPU seconds per commit
     wall: dict[str, list[float]] = {name: [] for name in names}  # per round: median wall seconds per commit
     total = warmup + commits
@@ -119,6 +124,10 @@ async def measure(commits: int, warmup: int, rounds: int) -> dict[str, Any]:
         pool = ThreadPoolExecutor(16, thread_name_prefix="bench-boto3")
         loop = asyncio.get_running_loop()
         transport = store._make_transport()
+        # the store's former send path: the same Transport over httpx's pool (as configured before the h11 pool)
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32, keepalive_expiry=20.0)
+        httpx_pool = httpx.AsyncHTTPTransport(limits=limits, retries=0)
+        via_httpx = Transport(server.endpoint_url, "us-east-1", local=True, http_transport=httpx_pool)
 
         def boto(p: dict[str, Any]) -> Awaitable[Any]:
             return loop.run_in_executor(pool, functools.partial(client.transact_write_items, **p))
@@ -130,6 +139,10 @@ async def measure(commits: int, warmup: int, rounds: int) -> dict[str, Any]:
                 calls["transport"] = [
                     functools.partial(transport, "TransactWriteItems", p)
                     for p in await prepared_commits(store, rids["transport"], 0, total)
+                ]
+                calls["httpx"] = [
+                    functools.partial(via_httpx, "TransactWriteItems", p)
+                    for p in await prepared_commits(store, rids["httpx"], 0, total)
                 ]
                 calls["boto3"] = [
                     functools.partial(boto, p) for p in await prepared_commits(store, rids["boto3"], 0, total)
@@ -157,6 +170,7 @@ async def measure(commits: int, warmup: int, rounds: int) -> dict[str, Any]:
         finally:
             pool.shutdown(wait=True)
             client.close()
+            await httpx_pool.aclose()
             await store.close()
     results: dict[str, Any] = {}
     for name in names:
@@ -165,9 +179,10 @@ async def measure(commits: int, warmup: int, rounds: int) -> dict[str, Any]:
             "cpu_us_per_commit_rounds": [round(c * 1e6, 1) for c in cpu[name]],
             "wall_ms_per_commit": round(statistics.median(wall[name]) * 1e3, 2),
         }
-    results["boto3_over_transport"] = round(
-        results["boto3"]["cpu_us_per_commit"] / results["transport"]["cpu_us_per_commit"], 2
-    )
+    for other in ("httpx", "boto3"):
+        results[f"{other}_over_transport"] = round(
+            results[other]["cpu_us_per_commit"] / results["transport"]["cpu_us_per_commit"], 2
+        )
     event_bytes = [len(json.dumps(e, separators=(",", ":"))) for e in batch(0)]
     return {
         "events_per_commit": EVENTS_PER_BATCH,
@@ -183,16 +198,22 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"DynamoDB Local, TransactWriteItems of {report['events_per_commit']} events of ~{report['event_json_bytes']} "
         f"B, {report['commits_per_round']} commits each x {report['rounds']} rounds (median round)",
-        f"{'':<16} {'CPU us/commit':>14} {'wall ms/commit':>15}   rounds (CPU us)",
+        f"{'':<18} {'CPU us/commit':>14} {'wall ms/commit':>15}   rounds (CPU us)",
     ]
-    labels = {"transport": "transport", "boto3": "boto3 in thread", "store_append": "store.append"}
+    labels = {
+        "transport": "transport (h11)",
+        "httpx": "transport (httpx)",
+        "boto3": "boto3 in thread",
+        "store_append": "store.append",
+    }
     for name, label in labels.items():
         row = report["results"][name]
         lines.append(
-            f"{label:<16} {row['cpu_us_per_commit']:>14} {row['wall_ms_per_commit']:>15}   "
+            f"{label:<18} {row['cpu_us_per_commit']:>14} {row['wall_ms_per_commit']:>15}   "
             f"{row['cpu_us_per_commit_rounds']}"
         )
-    lines.append(f"boto3 / transport CPU: x{report['results']['boto3_over_transport']}")
+    for other in ("httpx", "boto3"):
+        lines.append(f"{other} / transport (h11) CPU: x{report['results'][f'{other}_over_transport']}")
     return "\n".join(lines)
 
 

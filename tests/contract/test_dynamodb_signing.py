@@ -24,7 +24,7 @@ import pytest
 from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.credentials import Credentials, RefreshableCredentials
 
-from unbroken.journal.ddb_local import DynamoDBLocal
+from tests.support.dynamodb_local import DynamoDBLocal
 from unbroken.journal.dynamodb import DynamoDBStore
 
 NOW = datetime.datetime(2026, 3, 4, 5, 6, 7)

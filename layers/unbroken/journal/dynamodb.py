@@ -16,10 +16,11 @@ conditional on `owner_epoch` and `last_seq`, so a zombie writer can never make a
 `ClientRequestToken`, so retrying after an ambiguous failure (timeout, 5xx) cannot apply a commit twice. Every item
 carries `expires_at` (epoch seconds, integer); reads drop expired items because TTL deletion is lazy.
 
-Calls go through one transport (`Transport` below): DynamoDB's JSON protocol on the event loop over a kept-alive
-httpx client, signed by botocore's SigV4 signer with credentials from botocore's chain. No boto3 client: its
-per-call machinery (validation, event hooks, parsing) costs milliseconds of CPU, and there is a call per committed
-batch. Retries (throttling, 5xx, connection errors; bounded, exponential with full jitter) are the store's.
+Calls go through one transport (`Transport` below): DynamoDB's JSON protocol on the event loop over kept-alive
+HTTP/1.1 connections (h11 on asyncio streams, journal/http11.py), signed by botocore's SigV4 signer with credentials
+from botocore's chain. No boto3 client: its per-call machinery (validation, event hooks, parsing) costs milliseconds
+of CPU, and there is a call per committed batch; httpx's pool (httpcore + anyio) cost twice the CPU of h11 alone.
+Retries (throttling, 5xx, connection errors; bounded, exponential with full jitter) are the store's.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 
 from unbroken.journal.codec import check_dense, decode_events, decode_json, encode_events, encode_json
+from unbroken.journal.http11 import HTTPFailure, Pool, Response
 from unbroken.journal.store import (
     TERMINAL_STATUSES,
     AlreadyExists,
@@ -186,7 +188,7 @@ def _decode_binary(node: Any) -> None:
                 _decode_binary(value)
 
 
-def _error_code(body: dict[str, Any], headers: httpx.Headers, status: int) -> str:
+def _error_code(body: dict[str, Any], headers: dict[str, str], status: int) -> str:
     # `__type` is "com.amazonaws.dynamodb.v20120810#Code"; front ends may only send x-amzn-ErrorType "Code:uri".
     raw = str(body.get("__type") or headers.get("x-amzn-errortype") or "")
     return raw.split(":", 1)[0].rsplit("#", 1)[-1] or f"HTTP{status}"
@@ -207,15 +209,14 @@ def resolve_endpoint(endpoint_url: str | None, region: str) -> str:
 
 
 class Transport:
-    """DynamoDB's JSON protocol (`X-Amz-Target: DynamoDB_20120810.<Op>`) over httpx's kept-alive connection pool
-    (`httpx.AsyncHTTPTransport`), each request signed by botocore's `SigV4Auth`. Credentials come from botocore's
-    chain (environment — what Lambda gives —, profiles, SSO, container / instance roles), resolved once; refreshable
-    ones are re-frozen, off the event loop, when botocore says they are due. Retries are the store's.
+    """DynamoDB's JSON protocol (`X-Amz-Target: DynamoDB_20120810.<Op>`) over a kept-alive HTTP/1.1 pool (h11 on
+    asyncio streams, `journal.http11.Pool`), each request signed by botocore's `SigV4Auth`. Credentials come from
+    botocore's chain (environment — what Lambda gives —, profiles, SSO, container / instance roles), resolved once;
+    refreshable ones are re-frozen, off the event loop, when botocore says they are due. Retries are the store's.
 
-    The transport is used without an `httpx.AsyncClient` around it: the client's per-request work (merging URL,
-    headers and cookies, extracting cookies, redirect and auth flows) is of no use here and measured ~13% of a
-    commit's CPU. A pool belongs to the event loop it was used on: a call from another loop (a CLI that creates the
-    table under one `asyncio.run` and serves under another) gets a pool of its own."""
+    `http_transport` (an `httpx.AsyncBaseTransport`: tests' moto in process, fault injection) replaces the pool.
+    A pool belongs to the event loop it was used on: a call from another loop (a CLI that creates the table under
+    one `asyncio.run` and serves under another) gets a pool of its own."""
 
     def __init__(
         self,
@@ -239,11 +240,17 @@ class Transport:
         self._frozen: Any = None  # botocore ReadOnlyCredentials the next request is signed with
         self._credentials_lock = threading.Lock()  # resolution and refresh run in worker threads
         self._http_transport = http_transport
-        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout).as_dict()
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=20.0
-        )
-        self._pool: httpx.AsyncBaseTransport | None = None
+        self._origin = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), parts.scheme == "https")
+        self._target = (parts.path or "/").encode() + (b"?" + parts.query.encode() if parts.query else b"")
+        # Host as botocore signs it: the URL's host, bracketed if IPv6, with its port unless the scheme's default.
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        if parts.port is not None and parts.port != (443 if parts.scheme == "https" else 80):
+            host = f"{host}:{parts.port}"
+        self._host = host.encode("ascii")
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._pool: Pool | _Injected | None = None
         self._pool_loop: asyncio.AbstractEventLoop | None = None
 
     # -- credentials
@@ -281,7 +288,7 @@ class Transport:
 
     def sign(self, target: str, body: bytes, credentials: Any) -> dict[str, str]:
         """The headers of a signed request: Content-Type, X-Amz-Target, X-Amz-Date, (X-Amz-Security-Token),
-        Authorization. Host is signed as taken from the URL, which is what httpx sends."""
+        Authorization. Host is signed as taken from the URL, which is what `__call__` sends (`self._host`)."""
         request = AWSRequest(
             method="POST",
             url=self.url,
@@ -291,31 +298,40 @@ class Transport:
         SigV4Auth(credentials, "dynamodb", self.region).add_auth(request)
         return dict(request.headers.items())
 
-    def _http(self) -> httpx.AsyncBaseTransport:
+    def _http(self) -> Pool | _Injected:
         loop = asyncio.get_running_loop()
         if self._pool is None or self._pool_loop is not loop:
-            self._pool = self._http_transport or httpx.AsyncHTTPTransport(limits=self._limits, retries=0)
+            if self._http_transport is not None:
+                self._pool = _Injected(self._http_transport, self.url, self._connect_timeout, self._read_timeout)
+            else:
+                host, port, tls = self._origin
+                self._pool = Pool(
+                    host,
+                    port,
+                    tls=tls,
+                    max_connections=self._max_connections,
+                    connect_timeout=self._connect_timeout,
+                    read_timeout=self._read_timeout,
+                )
             self._pool_loop = loop
         return self._pool
 
     async def __call__(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
         body = json.dumps(params, default=_json_default, separators=(",", ":")).encode()
-        headers = self.sign(f"{_API_VERSION}.{op}", body, await self.credentials())
+        signed = self.sign(f"{_API_VERSION}.{op}", body, await self.credentials())
+        headers = [(b"host", self._host)]
+        headers += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in signed.items()]
         # identity: DynamoDB's x-amz-crc32 is over the bytes sent, and small JSON gains little from gzip
-        headers.update({"Accept-Encoding": "identity", "User-Agent": "unbroken"})
-        request = httpx.Request("POST", self.url, content=body, headers=headers, extensions={"timeout": self._timeout})
+        headers += [(b"accept-encoding", b"identity"), (b"user-agent", b"unbroken")]
         try:
-            response = await self._http().handle_async_request(request)
-            try:
-                data = await response.aread()
-            finally:
-                await response.aclose()  # back to the pool (or closed, if the server said so)
-        except httpx.TransportError as exc:
-            raise Unreachable(f"{type(exc).__name__}: {exc}") from exc
+            response = await self._http().request(b"POST", self._target, headers, body)
+        except HTTPFailure as exc:
+            raise Unreachable(str(exc)) from exc
+        data = response.body
         crc = response.headers.get("x-amz-crc32")
         if crc is not None and crc.isdigit() and zlib.crc32(data) != int(crc):
             raise Unreachable(f"{op}: response body does not match its x-amz-crc32")
-        status = response.status_code
+        status = response.status
         try:
             parsed: dict[str, Any] = json.loads(data) if data else {}
         except ValueError:
@@ -335,9 +351,36 @@ class Transport:
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
         loop, self._pool_loop = self._pool_loop, None
-        # A pool of another (finished) loop is just dropped; a transport given by the caller is the caller's to close.
-        if pool is not None and pool is not self._http_transport and loop is asyncio.get_running_loop():
+        # A pool of another (finished) loop is just dropped (its connections went with that loop).
+        if pool is not None and loop is asyncio.get_running_loop():
             await pool.aclose()
+
+
+class _Injected:
+    """An `httpx.AsyncBaseTransport` given by the caller (tests: moto in process, fault injection) in the place of
+    the h11 pool. It is the caller's to close."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, url: str, connect_timeout: float, read_timeout: float):
+        self._transport = transport
+        self._url = url
+        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout).as_dict()
+
+    async def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+        request = httpx.Request(
+            method.decode(), self._url, content=body, headers=headers, extensions={"timeout": self._timeout}
+        )
+        try:
+            response = await self._transport.handle_async_request(request)
+            try:
+                data = await response.aread()
+            finally:
+                await response.aclose()
+        except httpx.TransportError as exc:
+            raise HTTPFailure(f"{type(exc).__name__}: {exc}") from exc
+        return Response(response.status_code, {k.lower(): v for k, v in response.headers.items()}, data)
+
+    async def aclose(self) -> None:
+        pass
 
 
 class DynamoDBStore(Store):
@@ -355,7 +398,7 @@ class DynamoDBStore(Store):
         credentials: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        """`http_transport` replaces httpx's network transport (tests: moto in-process, fault injection);
+        """`http_transport` (an httpx transport) replaces the h11 pool (tests: moto in-process, fault injection);
         `credentials` (botocore `Credentials` / `RefreshableCredentials`) replaces botocore's credential chain."""
         self.stats = StoreStats()
         self._clock = clock  # epoch seconds, for expiry checks; tests move it forward
