@@ -356,8 +356,8 @@ async def test_tls_checks_the_certificate_and_host_name(
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(cert, key)
     default_context = ssl.create_default_context
-    # the pool's context as made by ssl.create_default_context(), trusting this test's certificate
-    monkeypatch.setattr(http11.ssl, "create_default_context", lambda: default_context(cafile=str(cert)))
+    # the pool's context as made by ssl.create_default_context(), trusting this test's certificate instead of the bundle
+    monkeypatch.setattr(http11.ssl, "create_default_context", lambda **_: default_context(cafile=str(cert)))
     async with Server(tls=server_context) as server:
         pool = Pool("localhost", server.port, tls=True)
         if cert_name == "localhost":

@@ -17,10 +17,12 @@ No retries here: a failed request raises `HTTPFailure` and the caller decides (t
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from collections.abc import Sequence
 
+import certifi
 import h11
 
 _READ_CHUNK = 65536
@@ -93,7 +95,9 @@ class Pool:
 
     async def _connect(self) -> _Connection:
         if self._tls and self._ssl is None:
-            self._ssl = ssl.create_default_context()  # loads the CA store: once per pool
+            # The CA bundle botocore would use (AWS_CA_BUNDLE), else certifi's (httpx's own): not the system store,
+            # which a slim Lambda container image may lack. Loaded once per pool.
+            self._ssl = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or certifi.where())
         try:
             async with asyncio.timeout(self._connect_timeout):
                 reader, writer = await asyncio.open_connection(
