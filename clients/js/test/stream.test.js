@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { streamResponse, UnbrokenError } from "../index.js";
-import { AUTH, checkSequence, referenceEvents, simBody, startProxy, startRouter, textOf } from "./support.js";
+import { AUTH, checkSequence, referenceEvents, simBody, startProxy, startRouter, textOf } from "../testing/support.js";
 
 const FAST = { initialDelayMs: 5, maxDelayMs: 40 };
 
