@@ -111,7 +111,7 @@ function retryAfterMs(response) {
 }
 
 /** The error a non-2xx answer carries: `{error: {message, type, param, code}}` per the spec, else its text. */
-async function httpError(response, what, state, code = "http_error") {
+async function httpError(response, describe, state, code = "http_error") {
   let text = "";
   try {
     text = await response.text();
@@ -126,7 +126,7 @@ async function httpError(response, what, state, code = "http_error") {
     // not JSON
   }
   const detail = error?.message ?? (text.trim().slice(0, 300) || response.statusText || "no detail");
-  return new UnbrokenError(`${what} answered HTTP ${response.status}: ${detail}`, {
+  return new UnbrokenError(describe(`HTTP ${response.status}: ${detail}`), {
     code, status: response.status, error, responseId: state.responseId, lastSequenceNumber: state.lastSeq,
     retryAfterMs: retryAfterMs(response),
   });
@@ -198,17 +198,20 @@ export async function* resilientEvents(o) {
   let attempt = 0;
   for (;;) {
     let progressed = false;
+    let answered = false;
     let cut;
     const conn = linkedController(opts.signal);
     try {
       const response = await request(conn.signal);
+      answered = true;
       if (!response.ok) {
-        const what = resuming ? "The resume request" : "The server";
         if (resuming && [404, 405, 501].includes(response.status)) {
-          throw await httpError(response, `${what} (GET /responses/${st.responseId}) cannot resume: it`, st,
-            "resume_unsupported");
+          throw await httpError(response, (status) => `The server cannot resume the stream: GET /responses/`
+            + `${st.responseId} answered ${status} (a server without resume, or a response with store: false).`,
+          st, "resume_unsupported");
         }
-        const err = await httpError(response, what, st);
+        const err = await httpError(response, (status) => (resuming ? `The resume request answered ${status}`
+          : `The server answered ${status}`), st);
         // The first POST's error is the answer; a resume or a safe re-POST retries what may pass.
         if (request === opts.post && !resuming && attempt === 0) throw err;
         if (!RETRYABLE_STATUS.has(response.status)) throw err;
@@ -286,8 +289,10 @@ export async function* resilientEvents(o) {
     const where = { responseId: st.responseId, lastSequenceNumber: st.lastSeq, cause: cut };
     if (!st.responseId) {
       if (!opts.canRePost) {
-        throw new UnbrokenError("The stream was cut before the response id arrived, so it cannot be resumed "
-          + "(an idempotencyKey makes a retried POST safe).", { code: "not_resumable", ...where });
+        const why = answered ? "The stream was cut before the response id arrived"
+          : `The request failed before any answer (${cut?.message ?? cut})`;
+        throw new UnbrokenError(`${why}, so it cannot be resumed, and a retried POST could start a second `
+          + "response (an idempotencyKey makes a retried POST safe).", { code: "not_resumable", ...where });
       }
       request = opts.post; // the router attaches a retried POST with the same Idempotency-Key to the same response
       resuming = false;
