@@ -196,6 +196,7 @@ export async function* resilientEvents(o) {
   let request = opts.post;
   let resuming = false;
   let attempt = 0;
+  let unsequenced = false;
   for (;;) {
     let progressed = false;
     let answered = false;
@@ -261,6 +262,8 @@ export async function* resilientEvents(o) {
         if (typeof seq === "number") {
           if (seq <= st.lastSeq) continue; // a duplicate from a replay
           st.lastSeq = seq;
+        } else {
+          unsequenced = true; // no cursor to resume from, no way to tell a replayed event from a new one
         }
         if (!st.responseId && typeof event?.response?.id === "string") {
           st.responseId = event.response.id;
@@ -287,6 +290,10 @@ export async function* resilientEvents(o) {
     if (progressed) attempt = 0;
     attempt += 1;
     const where = { responseId: st.responseId, lastSequenceNumber: st.lastSeq, cause: cut };
+    if (unsequenced) {
+      throw new UnbrokenError("The stream was cut, and its events carry no sequence_number to resume from.",
+        { code: "not_resumable", ...where });
+    }
     if (!st.responseId) {
       if (!opts.canRePost) {
         const why = answered ? "The stream was cut before the response id arrived"

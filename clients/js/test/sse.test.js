@@ -136,3 +136,17 @@ describe("streamResponse body reading", () => {
     assert.equal(retries[0].error.code, "idle_timeout");
   });
 });
+
+describe("streamResponse without sequence numbers", () => {
+  test("a cut stream whose events have no sequence_number is not resumed (no cursor, no dedup)", async () => {
+    let calls = 0;
+    const fetchPlain = async () => {
+      calls += 1;
+      return new Response(`data: ${JSON.stringify({ type: "response.created", response: { id: "resp_n" } })}\n\n`,
+        { headers: { "content-type": "text/event-stream" } });
+    };
+    const stream = streamResponse("http://h.invalid/v1", {}, { fetch: fetchPlain, initialDelayMs: 1 });
+    await assert.rejects(stream.done, { code: "not_resumable", message: /sequence_number/ });
+    assert.equal(calls, 1);
+  });
+});
