@@ -26,7 +26,8 @@ const DEFAULTS = Object.freeze({ maxRetries: 6, initialDelayMs: 200, maxDelayMs:
  * Every failure this package reports. `code` says which:
  * - `http_error`: the server answered 4xx/5xx (`status`, and `error`, the Open Responses error object);
  * - `not_resumable`: the stream was cut before the response id arrived (and no `idempotencyKey` made a re-POST safe);
- * - `resume_unsupported`: the resume GET answered 404/405/501 (a server without resume, or a `store: false` response);
+ * - `resume_unsupported`: the resume GET answered 404/405/501 or not with an event stream (a server without resume,
+ *   or a `store: false` response);
  * - `retries_exhausted`: every reconnection failed (`cause` is the last failure);
  * - `protocol_error`: the server sent something that is not an Open Responses stream;
  * - `stream_cut`, `resume_requested`, `journal_unavailable`, `idle_timeout`: why a connection ended (seen in
@@ -191,7 +192,8 @@ async function* readFrames(body, ctrl, idleTimeoutMs) {
  * @param {(id: string) => void} [o.onResponseId]
  */
 export async function* resilientEvents(o) {
-  const opts = { ...DEFAULTS, ...o };
+  const opts = { ...o };
+  for (const [key, value] of Object.entries(DEFAULTS)) opts[key] ??= value;
   const st = opts.state;
   let request = opts.post;
   let resuming = false;
@@ -214,7 +216,7 @@ export async function* resilientEvents(o) {
         const err = await httpError(response, (status) => (resuming ? `The resume request answered ${status}`
           : `The server answered ${status}`), st);
         // The first POST's error is the answer; a resume or a safe re-POST retries what may pass.
-        if (request === opts.post && !resuming && attempt === 0) throw err;
+        if (!resuming && attempt === 0) throw err;
         if (!RETRYABLE_STATUS.has(response.status)) throw err;
         err.retryable = true;
         throw err;
@@ -230,8 +232,16 @@ export async function* resilientEvents(o) {
           yield { json };
           return;
         }
-        throw new UnbrokenError(`Expected an event stream, got ${response.headers.get("content-type") ?? "no "
-          + "content type"}.`, { code: "protocol_error", status: response.status, responseId: st.responseId });
+        const got = response.headers.get("content-type") ?? "no content type";
+        await response.body?.cancel().catch(() => {});
+        if (resuming) {
+          // e.g. a server that has GET /responses/{id} but ignores stream=true
+          throw new UnbrokenError(`The server cannot resume the stream: GET /responses/${st.responseId}`
+            + `?stream=true answered ${got}, not an event stream.`, { code: "resume_unsupported",
+            status: response.status, responseId: st.responseId, lastSequenceNumber: st.lastSeq });
+        }
+        throw new UnbrokenError(`Expected an event stream, got ${got}.`, { code: "protocol_error",
+          status: response.status, responseId: st.responseId });
       }
       if (!response.body) throw new UnbrokenError("The stream has no body.", { code: "protocol_error" });
       for await (const frame of readFrames(response.body, conn, opts.idleTimeoutMs)) {

@@ -150,3 +150,14 @@ describe("streamResponse without sequence numbers", () => {
     assert.equal(calls, 1);
   });
 });
+
+describe("streamResponse against servers that cannot resume", () => {
+  test("a GET that answers the JSON object (stream=true ignored) is resume_unsupported", async () => {
+    const first = { type: "response.created", sequence_number: 0, response: { id: "resp_g" } };
+    const fetchOld = async (url, init) => (init.method === "POST"
+      ? new Response(`data: ${JSON.stringify(first)}\n\n`, { headers: { "content-type": "text/event-stream" } })
+      : Response.json({ id: "resp_g", object: "response", status: "in_progress" }));
+    const stream = streamResponse("http://h.invalid/v1", {}, { fetch: fetchOld, initialDelayMs: 1 });
+    await assert.rejects(stream.done, { code: "resume_unsupported", status: 200, lastSequenceNumber: 0 });
+  });
+});
