@@ -5,6 +5,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { createOpenAI } from "@ai-sdk/openai";
+import { streamText } from "ai";
 import OpenAI from "openai";
 
 import { resumableFetch } from "../index.js";
@@ -175,6 +176,25 @@ describe("resumableFetch", () => {
       }
       assert.equal(text, textOf(reference.events));
       assert.equal(parts.filter((t) => t === "finish").length, 1);
+      assert.ok(retries.length >= 3, `cut several times (${retries.length})`);
+    });
+  });
+  test("AI SDK: streamText (the README example) through cuts", async () => {
+    const body = simBody("ai sdk streamText", { length: 80, tps: 300 });
+    const reference = await referenceEvents(router.url, body);
+    await withProxy(SEVERAL_CUTS, async (proxy) => {
+      const retries = [];
+      const unbroken = createOpenAI({ baseURL: proxy.url, apiKey: API_KEY,
+        fetch: resumableFetch(undefined, { ...FAST, onRetry: (r) => retries.push(r) }) });
+      const errors = [];
+      const result = streamText({ model: unbroken.responses("demo"), prompt: body.input, maxRetries: 0,
+        providerOptions: { openai: { metadata: body.metadata } }, onError: ({ error }) => errors.push(error) });
+      let text = "";
+      for await (const delta of result.textStream) text += delta;
+      assert.deepEqual(errors, []);
+      assert.equal(text, textOf(reference.events));
+      assert.equal(await result.text, textOf(reference.events));
+      assert.equal(await result.finishReason, "stop");
       assert.ok(retries.length >= 3, `cut several times (${retries.length})`);
     });
   });

@@ -265,4 +265,21 @@ describe("streamResponse", () => {
     }
     assert.equal(status, "completed");
   });
+  test("recovery events (opt-in) pass through with their sequence numbers, across cuts", async () => {
+    const body = simBody("recovery events", { length: 60 });
+    const reference = await referenceEvents(router.url, body);
+    const faulty = { ...body, metadata: { ...body.metadata, sim_fault: "cut:10" } };
+    await withProxy((n) => (n < 3 ? 2000 : undefined), async (proxy) => {
+      const retries = [];
+      const stream = streamResponse(proxy.url, faulty, { headers: AUTH, recoveryEvents: true, ...FAST,
+        onRetry: (r) => retries.push(r) });
+      const events = await collect(stream);
+      checkSequence(assert, events);
+      const types = events.map((e) => e.type);
+      assert.ok(types.includes("router:stream.interrupted"), types.join(" "));
+      assert.ok(types.includes("router:stream.resumed"), types.join(" "));
+      assert.equal(textOf(events), textOf(reference.events));
+      assert.equal(retries.length, 3);
+    });
+  });
 });
