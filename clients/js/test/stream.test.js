@@ -282,4 +282,36 @@ describe("streamResponse", () => {
       assert.equal(retries.length, 3);
     });
   });
+  test("the router is SIGKILLed mid-stream: the client resumes from a restarted router sharing the store", async () => {
+    const first = await startRouter();
+    let second;
+    const proxy = await startProxy(first.url);
+    try {
+      const body = simBody("crash and resume", { length: 120, tps: 60 });
+      const retries = [];
+      let deltas = 0;
+      let restarting;
+      const stream = streamResponse(proxy.url, body, { headers: AUTH, maxRetries: 30, initialDelayMs: 100,
+        maxDelayMs: 1000, onRetry: (r) => retries.push(r),
+        onTextDelta: () => {
+          if (++deltas !== 15) return;
+          restarting = (async () => {
+            await first.kill();
+            second = await startRouter({ dir: first.dir });
+            proxy.retarget(second.url);
+          })();
+        } });
+      const events = await collect(stream);
+      await restarting;
+      checkSequence(assert, events);
+      assert.ok(retries.length >= 1);
+      const reference = await referenceEvents(second.url, body);
+      assert.equal(textOf(events), textOf(reference.events));
+      assert.equal(events.at(-1).type, "response.completed");
+    } finally {
+      await proxy.close();
+      await second?.stop();
+      await first.stop();
+    }
+  });
 });

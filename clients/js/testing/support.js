@@ -33,13 +33,17 @@ models:
         options: {seed: 7, ttft_ms: 0, tps: 0, length: 40}
 server:
   heartbeat_seconds: 0.5
+  lease_seconds: 1.5
 `;
 
-/** Start `unbroken serve` on an ephemeral port; resolves `{ url, stop() }` once it printed its ready line. */
-export async function startRouter() {
-  const dir = mkdtempSync(path.join(tmpdir(), "unbroken-js-"));
+/**
+ * Start `unbroken serve` on an ephemeral port; resolves `{ url, dir, stop(), kill() }` once it printed its ready
+ * line. `dir` (another router's) shares that router's SQLite store; the router that made the dir removes it.
+ */
+export async function startRouter({ dir: shared } = {}) {
+  const dir = shared ?? mkdtempSync(path.join(tmpdir(), "unbroken-js-"));
   const config = path.join(dir, "router.yaml");
-  writeFileSync(config, CONFIG);
+  if (!shared) writeFileSync(config, CONFIG);
   const proc = spawn(unbrokenBin(), ["serve", "--config", config, "--host", "127.0.0.1", "--port", "0",
     "--store", `sqlite:///${path.join(dir, "j.db")}`, "--log-level", "WARNING"],
   { stdio: ["ignore", "pipe", "pipe"] });
@@ -60,17 +64,26 @@ export async function startRouter() {
       reject(new Error(`router exited with ${code}: ${stderr}`));
     });
   });
+  const exited = new Promise((resolve) => {
+    if (proc.exitCode !== null || proc.signalCode !== null) resolve();
+    else proc.once("exit", resolve);
+  });
   return {
     url,
+    dir,
+    /** SIGKILL: no cleanup, like a crashed Lambda. */
+    async kill() {
+      proc.kill("SIGKILL");
+      await exited;
+    },
     async stop() {
-      if (proc.exitCode === null) {
-        const exited = new Promise((resolve) => proc.once("exit", resolve));
+      if (proc.exitCode === null && proc.signalCode === null) {
         proc.kill("SIGTERM");
         const timer = setTimeout(() => proc.kill("SIGKILL"), 10_000);
         await exited;
         clearTimeout(timer);
       }
-      rmSync(dir, { recursive: true, force: true });
+      if (!shared) rmSync(dir, { recursive: true, force: true });
     },
   };
 }
@@ -79,10 +92,10 @@ export async function startRouter() {
  * A TCP proxy to `target` (a router URL). `plan(n)` says what happens to the n-th connection (0-based):
  * `undefined`/`Infinity` forwards everything; a number N forwards the response head and N bytes of its body, then
  * destroys both sides; `"head"` destroys the connection after 10 bytes of the response head.
- * Resolves `{ url, connections, close() }` (`url` with the target's path, e.g. `/v1`).
+ * Resolves `{ url, stats, retarget(url), close() }` (`url` with the target's path, e.g. `/v1`).
  */
 export async function startProxy(target, plan = () => undefined) {
-  const upstream = new URL(target);
+  let upstream = new URL(target);
   const sockets = new Set();
   const stats = { connections: 0 };
   const server = net.createServer((client) => {
@@ -144,6 +157,10 @@ export async function startProxy(target, plan = () => undefined) {
   return {
     url: `http://127.0.0.1:${port}${upstream.pathname}`,
     stats,
+    /** Send new connections to another router (same path). */
+    retarget(url) {
+      upstream = new URL(url);
+    },
     async close() {
       for (const socket of sockets) socket.destroy();
       await new Promise((resolve) => server.close(resolve));
