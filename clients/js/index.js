@@ -360,8 +360,9 @@ async function cancelOnServer(fetchImpl, url, headers) {
  * @param {object} [options]
  */
 export function streamResponse(baseUrl, body, options = {}) {
-  const fetchImpl = options.fetch ?? globalThis.fetch;
-  if (typeof fetchImpl !== "function") throw new TypeError("no fetch: pass options.fetch");
+  if (typeof (options.fetch ?? globalThis.fetch) !== "function") throw new TypeError("no fetch: pass options.fetch");
+  // Called through a closure: some platforms' fetch throws "Illegal invocation" when called off its global.
+  const fetchImpl = options.fetch ?? ((...args) => globalThis.fetch(...args));
   const base = trimBase(baseUrl);
   const common = mergeHeaders(options.headers);
   if (options.recoveryEvents) common.set(RECOVERY_EVENTS_HEADER, "true");
