@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 DDB_LOCAL_VERSION := 10.3.0
 DDB_LOCAL_DIR := .cache/dynamodb-local
 
-.PHONY: run test install lint bench chaos dynamodb-local clean check-config docs
+.PHONY: run test test-js install lint bench chaos dynamodb-local clean check-config docs
 
 $(VENV_STAMP):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || (echo "Python 3.11+ is needed" && exit 1)
@@ -49,8 +49,13 @@ lint: $(DEV_STAMP)
 	$(BIN)/vulture layers/unbroken vulture_whitelist.py --min-confidence 60
 	$(BIN)/cfn-lint template.yaml
 
-test: $(DEV_STAMP) dynamodb-local lint
+test: $(DEV_STAMP) dynamodb-local lint test-js
 	UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) $(BIN)/pytest -q -n 2 -p no:cacheprovider
+
+# The JS client (clients/js) against a real `unbroken serve` from the venv; its devDependencies are the SDKs it is
+# tested under.
+test-js: $(DEV_STAMP)
+	cd clients/js && npm install --no-audit --no-fund --silent && UNBROKEN_BIN=$(abspath $(BIN))/unbroken node --test test/
 
 bench: $(RUN_STAMP) dynamodb-local
 	UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) $(BIN)/python -m benchmarks.run
