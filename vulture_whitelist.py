@@ -31,6 +31,14 @@ _._no_credentials_for_everyone
 _._one_key_source
 _.phase
 _.include
+# Deployment options: validators pydantic calls; the simulated provider reads its fields through model_dump().
+_._output_format_known
+_._keys_of_the_api
+_._bytes_only
+_._provider_options
+_._needs_base_url
+_.ttft_ms
+_.tps
 
 # Provider classes are loaded by name from providers.PROVIDERS ("module:Class").
 _.AnthropicProvider

@@ -3,11 +3,17 @@ built from the environment. Config from UNBROKEN_CONFIG (a file) or UNBROKEN_CON
 secrets from UNBROKEN_SECRETS (Secrets Manager ARNs), store from UNBROKEN_STORE, and background responses handed
 to the worker Lambda named by UNBROKEN_WORKER_FUNCTION. Two template parameters override the config:
 UNBROKEN_CORS_ALLOW_ORIGINS (comma-separated: server.cors.allow_origins) and UNBROKEN_GATEWAY_TENANT_CLAIM
-(auth.gateway_tenant_claim, set when the API has a Cognito authorizer)."""
+(auth.gateway_tenant_claim, set when the API has a Cognito authorizer).
+
+On Lambda the request body limit (`server.max_body_bytes`, 10 MiB by default) is capped at `LAMBDA_MAX_BODY_BYTES`:
+Lambda refuses an invocation payload over 6 MB (6,291,456 bytes) and the payload is the whole event (headers,
+request context, the body as a JSON string, where escaping can grow it), so a larger body would never reach the
+router; capped, a body between the two limits gets the router's own 413 instead of a gateway error."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -17,9 +23,24 @@ from fastapi import FastAPI
 from unbroken import aws
 from unbroken.api.app import create_app
 from unbroken.api.identity import in_lambda
-from unbroken.config import load_config, parse_config
+from unbroken.config import Config, load_config, parse_config
 from unbroken.durable.runtime import BackgroundLauncher
 from unbroken.journal.backends import open_store
+
+log = logging.getLogger("unbroken.app")
+
+# Lambda's 6 MB invocation payload less 512 KiB for the event around the body.
+LAMBDA_MAX_BODY_BYTES = 6 * 1024 * 1024 - 512 * 1024
+
+
+def cap_body_for_lambda(config: Config) -> Config:
+    """The config with `server.max_body_bytes` at most `LAMBDA_MAX_BODY_BYTES`."""
+    wanted = config.server.max_body_bytes
+    if wanted <= LAMBDA_MAX_BODY_BYTES:
+        return config
+    log.info("server.max_body_bytes capped for Lambda", extra={"configured": wanted, "cap": LAMBDA_MAX_BODY_BYTES})
+    server = config.server.model_copy(update={"max_body_bytes": LAMBDA_MAX_BODY_BYTES})
+    return config.model_copy(update={"server": server})
 
 
 def _worker_launcher(function_name: str) -> BackgroundLauncher:
@@ -53,11 +74,17 @@ def app_from_env() -> FastAPI:
         config = parse_config(aws.read_config_text_from_ssm(ssm_name), f"ssm:{ssm_name}", overrides=overrides)
     else:
         config = load_config(os.environ.get("UNBROKEN_CONFIG", "router.yaml"), overrides=overrides)
+    for model_name, deployment, why in config.switched_off:
+        log.warning("deployment switched off: %s/%s (%s)", model_name, deployment, why,
+                    extra={"model": model_name, "deployment": deployment, "reason": why})
+    lambda_env = in_lambda()
+    if lambda_env:
+        config = cap_body_for_lambda(config)
     store_url = os.environ.get("UNBROKEN_STORE")
     worker = os.environ.get("UNBROKEN_WORKER_FUNCTION")
     return create_app(config, open_store(store_url) if store_url else None,
                       launch_background=_worker_launcher(worker) if worker else None,
-                      lambda_env=dict(os.environ) if in_lambda() else None)
+                      lambda_env=dict(os.environ) if lambda_env else None)
 
 
 class _LazyApp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import socket
 import sys
@@ -12,6 +13,17 @@ from pathlib import Path
 from unbroken.config import Config, ConfigError, load_config
 
 DEFAULT_STORE = "sqlite:///unbroken.db"
+
+log = logging.getLogger("unbroken.cli")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unbroken")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _ready_message(config: Config, url: str, config_path: str, store_url: str) -> str:
@@ -56,6 +68,14 @@ def serve(args: argparse.Namespace) -> int:
             print("unbroken: --create-table applies to dynamodb:// stores only", file=sys.stderr)
             return 2
         asyncio.run(create())
+    for model_name, deployment, why in config.switched_off:
+        # Names the environment variable a key would come from, never a value.
+        log.warning("deployment switched off: %s/%s (%s)", model_name, deployment, why,
+                    extra={"model": model_name, "deployment": deployment, "reason": why})
+    for model in config.models:
+        if not model.enabled_deployments:
+            log.warning("model %s is not served: every deployment of it is off (requests get a 503)", model.name,
+                        extra={"model": model.name})
     app = create_app(config, store)
     # Bind first, then announce: a client that reads the ready line can connect at once (and --port 0 works).
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then (else Nagle + delayed ACK
@@ -88,10 +108,12 @@ def check_config(args: argparse.Namespace) -> int:
         print(f"{len(exc.problems)} problem(s) in {args.path}")
         return 1
     for model in config.models:
-        on = [d.name for d in model.enabled_deployments]
-        off = [d.name for d in model.deployments if not d.enabled]
-        state = f"{len(on)} deployment(s) on" + (f"; off (no key in environment): {', '.join(off)}" if off else "")
+        on = len(model.enabled_deployments)
+        state = f"{on} deployment(s) on" if on else "not served (every deployment is off: requests get a 503)"
         print(f"model {model.name}: {state}")
+        for d in model.deployments:
+            if d.off_reason:
+                print(f"  off: {d.name}: {d.off_reason}")
     print(f"{args.path}: OK")
     return 0
 
@@ -99,6 +121,7 @@ def check_config(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="unbroken", description="An Open Responses router whose streams do not "
                                      "break.")
+    parser.add_argument("--version", action="version", version=f"unbroken {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the router")
     p_serve.add_argument("--config", default=os.environ.get("UNBROKEN_CONFIG", "router.yaml"))

@@ -7,16 +7,27 @@ file location.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # The `provider` values a deployment may name; `unbroken.providers.PROVIDERS` maps each to its adapter (a test keeps
 # the two in step). Listed here so that reading a config never imports an adapter.
@@ -43,6 +54,182 @@ class Price(_Strict):
         return (uncached * self.input + cached_input_tokens * cached_rate + output_tokens * self.output) / 1e6
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Deployment options, typed per provider
+# ---------------------------------------------------------------------------------------------------------------
+# A deployment's `options` are validated by the model of its provider (`PROVIDER_OPTIONS`), so a typo is an error
+# naming the key and a wrong type an error naming the value, both with their line in the file. The models live here
+# and not next to the adapters because reading a config must never import an adapter (config is the bottom
+# layer): what they hold is only each adapter's knobs and their defaults, documented in README "Configuration" and
+# in docs/providers/. An adapter reads its own model with `deployment.options_as(TheOptions)`.
+
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _json_schema_mode(value: Any) -> bool | Literal["output_format"] | None:
+    if value is None or isinstance(value, bool) or value == "output_format":
+        return cast("bool | Literal['output_format'] | None", value)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError("must be true or false (or 'output_format': Anthropic's older beta field)")
+
+
+class ProviderOptions(_Options):
+    """Options every provider has: the attempt loop's limits for this deployment and the capability overrides
+    (None = the adapter's default)."""
+
+    # The first token must come within this long, then every next one within stall_timeout_s; else the attempt
+    # fails (`timeout`) and the answer moves on (continued when output had started).
+    ttft_timeout_s: float = Field(default=60.0, gt=0)
+    stall_timeout_s: float = Field(default=30.0, gt=0)
+    # Extra tries on this deployment for retryable errors before the request moves on.
+    max_retries: int = Field(default=1, ge=0, le=20)
+    # Tokens; after a context-length error only deployments with a larger window are tried. 0 = unknown.
+    context_window: int = Field(default=0, ge=0)
+    literal_continuation: bool | None = None
+    image_urls: bool | None = None
+    native_json_schema: Annotated[bool | Literal["output_format"] | None, PlainValidator(_json_schema_mode)] = None
+    # Only Anthropic knows the older `output_format` field.
+    output_format_field: ClassVar[bool] = False
+
+    @field_validator("native_json_schema")
+    @classmethod
+    def _output_format_known(cls, value: bool | str | None) -> bool | str | None:
+        if value == "output_format" and not cls.output_format_field:
+            raise ValueError("must be true or false ('output_format' is Anthropic's)")
+        return value
+
+
+class OpenAIChatOptions(ProviderOptions):
+    """`openai` (and the base of `openai_compatible`, `simulated`, Azure's chat): Chat Completions."""
+
+    system_role: Literal["system", "developer"] = "system"
+    max_tokens_field: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    reasoning_effort: bool = True  # send `reasoning_effort` when the request has one
+    continuation_body: dict[str, Any] = Field(default_factory=dict)  # merged into literal continuations
+    extra_body: dict[str, Any] = Field(default_factory=dict)  # merged into every request
+
+
+class OpenAICompatibleOptions(OpenAIChatOptions):
+    prefix_flag: bool = False  # DeepSeek: mark a literal continuation's assistant message with `prefix: true`
+
+
+class SimulatedOptions(OpenAIChatOptions):
+    """The built-in simulator's controls (its `sim_*` metadata); unset = the simulator's default."""
+
+    seed: int | None = None
+    ttft_ms: float | None = Field(default=None, ge=0)
+    tps: float | None = Field(default=None, ge=0)
+    length: int | None = Field(default=None, ge=0)
+    fault: str | None = None
+    fault_attempts: int | None = Field(default=None, ge=0)
+    reject_prefill: bool | None = None
+    parallel_tools: bool | None = None
+
+
+class OpenAIResponsesOptions(ProviderOptions):
+    """`openai_responses` (and Azure's Responses style)."""
+
+    reasoning_summary: str = "auto"
+    include_reasoning: bool = False
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+
+# Azure's keys that only one of its two wire protocols reads.
+_AZURE_CHAT_ONLY = frozenset(OpenAIChatOptions.model_fields) - frozenset(OpenAIResponsesOptions.model_fields)
+_AZURE_RESPONSES_ONLY = frozenset(OpenAIResponsesOptions.model_fields) - frozenset(OpenAIChatOptions.model_fields)
+
+
+class AzureOptions(OpenAIChatOptions, OpenAIResponsesOptions):
+    """`azure`: the chat or the Responses adapter's options, plus where and how to call Azure."""
+
+    api: Literal["chat", "responses"] = "chat"
+    api_style: Literal["v1", "classic"] = "v1"
+    api_version: str | None = None
+    auth: Literal["api-key", "bearer"] = "api-key"
+
+    @model_validator(mode="after")
+    def _keys_of_the_api(self) -> AzureOptions:
+        foreign = sorted(self.model_fields_set & (_AZURE_RESPONSES_ONLY if self.api == "chat" else _AZURE_CHAT_ONLY))
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)}: not read with api: {self.api}")
+        return self
+
+
+class ClaudeOptions(ProviderOptions):
+    """What Anthropic and Bedrock share: length and extended thinking."""
+
+    max_tokens: int | None = Field(default=None, gt=0)
+    thinking: bool = False  # map reasoning.effort to extended thinking
+    thinking_budgets: dict[Effort, int] = Field(default_factory=dict)  # {effort: budget_tokens} overrides
+
+
+class AnthropicOptions(ClaudeOptions):
+    anthropic_version: str = "2023-06-01"
+    beta: str | list[str] | None = None  # the `anthropic-beta` header
+    # native_json_schema true: `output_config.format`; "output_format": the older beta field; false: a forced tool.
+    output_format_field: ClassVar[bool] = True
+
+
+class BedrockOptions(ClaudeOptions):
+    region: str | None = None  # when the deployment's `region` is unset
+    profile: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
+    read_timeout: float = Field(default=900.0, gt=0)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    botocore_max_attempts: int = Field(default=1, ge=1)  # 1: the router's attempt loop does the retrying
+    max_pool_connections: int = Field(default=50, ge=1)
+    additional_model_request_fields: dict[str, Any] = Field(default_factory=dict)
+    guardrail_config: dict[str, Any] | None = None
+
+    @field_validator("image_urls")
+    @classmethod
+    def _bytes_only(cls, value: bool | None) -> bool | None:
+        if value is not None:
+            raise ValueError("Bedrock Converse takes image bytes only; image_urls cannot be set")
+        return value
+
+
+class GeminiOptions(ProviderOptions):
+    vertex: bool = False  # Vertex AI: base_url names the publisher, the key is a bearer token
+    api_version: str = "v1beta"
+    auth: Literal["api-key", "bearer"] = "api-key"
+    schema_fields: Literal["json_schema", "openapi"] = "json_schema"
+    thinking: Literal["level", "budget"] | None = None  # None: by model (Gemini 1.x/2.x budget, else level)
+    reasoning_map: dict[Effort, int | str] = Field(default_factory=dict)
+    signature_fallback: bool | None = None  # None: on for Gemini >= 3
+    stream_function_call_arguments: bool = False
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+
+# provider name -> its options model; a test keeps the keys equal to PROVIDER_NAMES.
+PROVIDER_OPTIONS: dict[str, type[ProviderOptions]] = {
+    "openai": OpenAIChatOptions,
+    "openai_compatible": OpenAICompatibleOptions,
+    "simulated": SimulatedOptions,
+    "anthropic": AnthropicOptions,
+    "bedrock": BedrockOptions,
+    "azure": AzureOptions,
+    "gemini": GeminiOptions,
+    "openai_responses": OpenAIResponsesOptions,
+}
+
+# Providers without a default URL: without a base_url their prompts (and key) would go to the wrong place.
+_NEEDS_BASE_URL: dict[str, str] = {
+    "openai_compatible": "the server's URL, e.g. http://localhost:8000/v1 (without one the prompts and the key "
+                         "would go to api.openai.com)",
+    "azure": "https://<resource>.openai.azure.com",
+}
+
+_O = TypeVar("_O", bound=ProviderOptions)
+
+
 class Deployment(_Strict):
     name: str = Field(min_length=1)
     provider: str
@@ -51,9 +238,11 @@ class Deployment(_Strict):
     api_key: str | None = None
     region: str | None = None
     price: Price = Price(input=0, output=0)
-    # Provider-specific knobs and resilience limits; documented in README "Configuration".
-    options: dict[str, Any] = Field(default_factory=dict)
+    # Validated by the provider's model in PROVIDER_OPTIONS; documented in README "Configuration".
+    options: ProviderOptions = Field(default_factory=ProviderOptions, validate_default=True)
     enabled: bool = True
+    # Why a deployment is off when the config did not say `enabled: false` itself (set by `parse_config`).
+    _off_reason: str | None = PrivateAttr(default=None)
 
     @field_validator("provider")
     @classmethod
@@ -62,8 +251,41 @@ class Deployment(_Strict):
             raise ValueError(f"unknown provider {value!r}; known: {', '.join(sorted(PROVIDER_NAMES))}")
         return value
 
-    def option(self, key: str, default: Any = None) -> Any:
-        return self.options.get(key, default)
+    @field_validator("options", mode="before")
+    @classmethod
+    def _provider_options(cls, value: Any, info: ValidationInfo) -> Any:
+        model = PROVIDER_OPTIONS.get(info.data.get("provider", ""))
+        if model is None:
+            return ProviderOptions()  # the unknown provider is the error
+        if isinstance(value, model):
+            return value
+        if isinstance(value, ProviderOptions):
+            value = value.model_dump(exclude_unset=True)
+        return model.model_validate({} if value is None else value)
+
+    @model_validator(mode="after")
+    def _needs_base_url(self) -> Deployment:
+        if not self.base_url:
+            if self.provider in _NEEDS_BASE_URL:
+                raise ValueError(f"provider {self.provider} needs a base_url: {_NEEDS_BASE_URL[self.provider]}")
+            if isinstance(self.options, GeminiOptions) and self.options.vertex:
+                raise ValueError("options.vertex needs a base_url: https://{region}-aiplatform.googleapis.com/v1/"
+                                 "projects/{project}/locations/{region}/publishers/google")
+        return self
+
+    def options_as(self, cls: type[_O]) -> _O:
+        """The options as the model an adapter reads (its provider's, or one it extends)."""
+        if not isinstance(self.options, cls):
+            raise TypeError(f"deployment {self.name} ({self.provider}) has {type(self.options).__name__}, "
+                            f"not {cls.__name__}")
+        return self.options
+
+    @property
+    def off_reason(self) -> str | None:
+        """Why the deployment is switched off (None when it is on). Names an environment variable, never a value."""
+        if self.enabled:
+            return None
+        return self._off_reason or "enabled: false in the config"
 
 
 class PublicModel(_Strict):
@@ -82,6 +304,11 @@ class PublicModel(_Strict):
     @property
     def enabled_deployments(self) -> list[Deployment]:
         return [d for d in self.deployments if d.enabled]
+
+    @property
+    def why_off(self) -> str:
+        """Why a model with no deployment on is not served: each deployment's reason."""
+        return "; ".join(f"{d.name}: {d.off_reason}" for d in self.deployments if not d.enabled)
 
 
 class ApiKey(_Strict):
@@ -221,9 +448,18 @@ class Config(_Strict):
                 return m
         return None
 
+    def configured_model(self, name: str) -> PublicModel | None:
+        """The model of that name whether or not any of its deployments is on."""
+        return next((m for m in self.models if m.name == name), None)
+
     @property
     def served_models(self) -> list[PublicModel]:
         return [m for m in self.models if m.enabled_deployments]
+
+    @property
+    def switched_off(self) -> list[tuple[str, str, str]]:
+        """(model, deployment, why) for every deployment that is off; the startup log and check-config say them."""
+        return [(m.name, d.name, d.off_reason) for m in self.models for d in m.deployments if d.off_reason]
 
     def tenant_for_key(self, presented: str) -> str | None:
         """The tenant a presented key belongs to, comparing digests in constant time over all keys."""
@@ -261,31 +497,44 @@ def expand_env(value: Any, env: dict[str, str] | os._Environ[str]) -> Any:
     return value
 
 
-def _switch_off_keyless(tree: Any) -> None:
+def _switch_off_keyless(raw: Any, tree: Any) -> dict[tuple[int, int], str]:
     """A deployment that names an api_key which expanded to nothing is off: its secret is not in this
-    environment. `simulated` and keyless local servers simply omit `api_key`."""
-    if not isinstance(tree, dict):
-        return
-    for model in tree.get("models") or []:
+    environment. `simulated` and keyless local servers simply omit `api_key`. Returns why each is off, by
+    (model index, deployment index), naming the variables of the unexpanded value (never a value)."""
+    reasons: dict[tuple[int, int], str] = {}
+    if not isinstance(tree, dict) or not isinstance(raw, dict):
+        return reasons
+    for i, model in enumerate(tree.get("models") or []):
         if not isinstance(model, dict):
             continue
-        for dep in model.get("deployments") or []:
+        for j, dep in enumerate(model.get("deployments") or []):
             if isinstance(dep, dict) and "api_key" in dep and not dep["api_key"]:
                 dep["enabled"] = False
                 dep["api_key"] = None
+                raw_key = raw["models"][i]["deployments"][j]["api_key"]
+                names = list(dict.fromkeys(m.group(1) for m in _ENV_REF.finditer(raw_key))) \
+                    if isinstance(raw_key, str) else []
+                reasons[i, j] = (f"no key in the environment: {', '.join(names)} "
+                                 f"{'is' if len(names) == 1 else 'are'} unset or empty" if names
+                                 else "its api_key is empty")
+    return reasons
 
 
-def _locate(root: yaml.Node | None, loc: tuple[int | str, ...]) -> yaml.Node | None:
+def _locate(root: yaml.Node | None, loc: tuple[int | str, ...], *, key: bool = False) -> yaml.Node | None:
+    """The YAML node at `loc` (with `key`, the last key itself: an unknown key), or the deepest one on the way: a
+    key the mapping lacks ("Field required") points at the mapping that lacks it."""
     node = root
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == part), None)
+            last_key = key and i == len(loc) - 1
+            found = next((k if last_key else v for k, v in node.value if k.value == part), None)
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
+            found = node.value[part]
         else:
+            found = None
+        if found is None:
             return node
-        if node is None:
-            return None
+        node = found
     return node
 
 
@@ -304,6 +553,30 @@ def _merge(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _message(kind: str, msg: str, loc: tuple[int | str, ...], tree: Any) -> str:
+    """pydantic's message, said for a config file: which key is missing, and for an unknown option the known ones
+    of the deployment's provider."""
+    if kind == "missing" and loc:
+        return f"{loc[-1]} is required"
+    if kind == "extra_forbidden" and loc:
+        known: list[str] = []
+        if len(loc) >= 2 and loc[-2] == "options":
+            dep: Any = tree
+            for part in loc[:-2]:
+                if isinstance(dep, list) and isinstance(part, int):
+                    dep = dep[part]
+                else:
+                    dep = dep.get(part) if isinstance(dep, dict) else None
+            options_model = PROVIDER_OPTIONS.get(dep.get("provider", "")) if isinstance(dep, dict) else None
+            if options_model is not None:
+                known = sorted(options_model.model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        where = f"{dep['provider']} option" if known else "key"
+        return f"unknown {where} {loc[-1]!r}{hint}" + (f" (known: {', '.join(known)})" if known else "")
+    return msg.removeprefix("Value error, ")
+
+
 def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None = None,
                  overrides: dict[str, Any] | None = None) -> Config:
     """`overrides` (a tree like the YAML's, e.g. from the deployment's environment) is merged over the file before
@@ -320,21 +593,24 @@ def parse_config(text: str, source: str = "<config>", env: dict[str, str] | None
         tree = {}
     if not isinstance(tree, dict):
         raise ConfigError([ConfigProblem(source, "the top level must be a mapping")])
-    tree = expand_env(tree, env_map)
+    expanded = expand_env(tree, env_map)
     if overrides:
-        tree = _merge(tree, overrides)
-    _switch_off_keyless(tree)
+        expanded = _merge(expanded, overrides)
+    off = _switch_off_keyless(tree, expanded)
     try:
-        return Config.model_validate(tree)
+        config = Config.model_validate(expanded)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            at = _locate(node, loc)
+            at = _locate(node, loc, key=err["type"] == "extra_forbidden")
             line = f":{at.start_mark.line + 1}:{at.start_mark.column + 1}" if at is not None else ""
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = _message(err["type"], err["msg"], loc, expanded)
             problems.append(ConfigProblem(f"{source}{line} {_dotted(loc)}", msg))
         raise ConfigError(problems) from None
+    for (i, j), reason in off.items():
+        config.models[i].deployments[j]._off_reason = reason
+    return config
 
 
 def load_config(path: str | Path, env: dict[str, str] | None = None,

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from unbroken.config import Deployment
+from unbroken.config import ClaudeOptions, Deployment
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
     Continuation,
@@ -311,16 +311,17 @@ NO_BLOCKER = {"prefill": False, "forced_tool": False, "unsigned_tool_turn": Fals
 )
 def test_sampling(options: dict[str, Any], req: dict[str, Any], blockers: dict[str, bool], default: int | None,
                   want: claude.Sampling) -> None:
-    got = claude.sampling(request(**req), options, **{**NO_BLOCKER, **blockers}, default_max_tokens=default)
+    got = claude.sampling(request(**req), ClaudeOptions(**options), **{**NO_BLOCKER, **blockers},
+                          default_max_tokens=default)
     assert got == want
 
 
 def test_sampling_warns_by_field_name(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="unbroken.providers"):
-        claude.sampling(request(reasoning_effort="low", temperature=0.3, top_p=0.2), {"thinking": True},
+        claude.sampling(request(reasoning_effort="low", temperature=0.3, top_p=0.2), ClaudeOptions(thinking=True),
                         **NO_BLOCKER, default_max_tokens=4096)
-        claude.sampling(request(reasoning_effort="low"), {"thinking": True}, **{**NO_BLOCKER, "prefill": True},
-                        default_max_tokens=4096)
+        claude.sampling(request(reasoning_effort="low"), ClaudeOptions(thinking=True),
+                        **{**NO_BLOCKER, "prefill": True}, default_max_tokens=4096)
     fields = [r.args[0] for r in caplog.records]  # type: ignore[index]
     assert fields == ["temperature", "top_p", "reasoning.effort"]
 

@@ -617,7 +617,8 @@ VLLM = {"continue_final_message": True, "add_generation_prompt": False}
 @pytest.mark.parametrize("name", ["openai", "openai_compatible"])
 async def test_continuation_is_an_instruction_by_default(name: str, http: httpx.AsyncClient, fake: ChatFake) -> None:
     fake.serve(fake.replay(TEXT))
-    p = provider(http, fake, name, continuation_body=VLLM, prefix_flag=True)
+    dialect = {"prefix_flag": True} if name == "openai_compatible" else {}
+    p = provider(http, fake, name, continuation_body=VLLM, **dialect)
     assert p.capabilities.literal_continuation is False
     await run(p, simple_request("Tell a story", continuation=Continuation("Once upon a ", literal=False)))
     body = fake.requests[0].json()
@@ -646,7 +647,10 @@ async def test_deepseek_prefix_flag(http: httpx.AsyncClient, fake: ChatFake) -> 
 
 
 async def test_prefix_flag_is_a_compatible_dialect_only(http: httpx.AsyncClient, fake: ChatFake) -> None:
+    # `openai` has no such option: the config refuses it rather than ignoring it.
+    with pytest.raises(ValueError, match=r"options\.prefix_flag"):
+        provider(http, fake, "openai", literal_continuation=True, prefix_flag=True)
     fake.serve(fake.replay(TEXT))
-    p = provider(http, fake, "openai", literal_continuation=True, prefix_flag=True)
+    p = provider(http, fake, "openai", literal_continuation=True)
     await run(p, simple_request("Tell a story", continuation=Continuation("Once upon a", literal=True)))
     assert fake.requests[0].json()["messages"][-1] == {"role": "assistant", "content": "Once upon a"}

@@ -94,3 +94,51 @@ def test_entry_points_are_thin() -> None:
     for path in (RUN_SH, WORKER):
         code = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         assert len(code) <= 20, (path, len(code))
+
+
+# --- the gateway app built from the environment: the request body limit on Lambda --------------------------------
+
+_LAMBDA_ENV = {"AWS_LAMBDA_FUNCTION_NAME": "unbroken-gateway", "AWS_LAMBDA_EXEC_WRAPPER": "/opt/bootstrap"}
+
+
+def _app_max_body(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: str, env: dict[str, str]) -> int:
+    from unbroken.app import app_from_env
+
+    config = tmp_path / "router.yaml"
+    config.write_text("allow_anonymous: true\n" + server, encoding="utf-8")
+    for name in ("UNBROKEN_SECRETS", "UNBROKEN_CONFIG_SSM", "UNBROKEN_STORE", "UNBROKEN_WORKER_FUNCTION",
+                 "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_EXEC_WRAPPER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("UNBROKEN_CONFIG", str(config))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    limit: int = app_from_env().state.runtime.settings.max_body_bytes
+    return limit
+
+
+def test_on_lambda_the_body_limit_fits_the_invocation_payload(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    from unbroken.app import LAMBDA_MAX_BODY_BYTES
+
+    assert LAMBDA_MAX_BODY_BYTES < 6 * 1024 * 1024  # Lambda's synchronous invocation payload limit
+    # The 10 MiB default (and any larger setting) is capped on Lambda, kept elsewhere; a smaller one is kept.
+    assert _app_max_body(monkeypatch, tmp_path, "", _LAMBDA_ENV) == LAMBDA_MAX_BODY_BYTES
+    assert _app_max_body(monkeypatch, tmp_path, "server: {max_body_bytes: 20000000}\n",
+                         _LAMBDA_ENV) == LAMBDA_MAX_BODY_BYTES
+    assert _app_max_body(monkeypatch, tmp_path, "server: {max_body_bytes: 1000000}\n", _LAMBDA_ENV) == 1000000
+    assert _app_max_body(monkeypatch, tmp_path, "", {}) == 10 * 1024 * 1024
+
+
+def test_a_body_over_the_lambda_cap_is_the_routers_own_413() -> None:
+    import httpx
+
+    from tests.support.server import API_KEY, RouterThread, base_config, config_from
+    from unbroken.app import LAMBDA_MAX_BODY_BYTES, cap_body_for_lambda
+
+    config = cap_body_for_lambda(config_from(base_config()))
+    body = b'{"model": "demo", "input": "' + b"x" * LAMBDA_MAX_BODY_BYTES + b'"}'
+    with RouterThread(config) as router, httpx.Client(base_url=router.base_url, timeout=60) as http:
+        got = http.post("/responses", content=body, headers={"Authorization": f"Bearer {API_KEY}",
+                                                             "Content-Type": "application/json"})
+    assert got.status_code == 413, got.text
+    assert got.json()["error"]["code"] == "request_too_large"

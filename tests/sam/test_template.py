@@ -221,7 +221,7 @@ def _statements(cfn: dict[str, Any]) -> dict[str, Any]:
 def test_iam_is_least_privilege() -> None:
     cfn = translated()
     sts = _statements(cfn)
-    assert set(sts) == {"Journal", "Worker", "ProviderSecrets", "RouterConfig"}
+    assert set(sts) == {"Journal", "Worker", "ProviderSecrets", "RouterConfig", "BedrockModels"}
 
     _, journal = sts["Journal"]
     assert "dynamodb:Scan" not in journal["Action"] and not any("*" in a for a in journal["Action"])
@@ -240,6 +240,17 @@ def test_iam_is_least_privilege() -> None:
     assert cond == "HasConfigParameter"
     assert ssm["Action"] == "ssm:GetParameter"
     assert ssm["Resource"]["Fn::Sub"].endswith(":parameter${ConfigParameterName}")
+
+    # Bedrock: only the streaming action ConverseStream is authorised by, only on the models the stack was given,
+    # and nothing at all by default.
+    cond, bedrock = sts["BedrockModels"]
+    assert cond == "HasBedrock"
+    assert bedrock["Action"] == "bedrock:InvokeModelWithResponseStream"
+    assert bedrock["Resource"] == {"Ref": "BedrockModelArns"}
+    params = raw_template()["Parameters"]
+    assert params["BedrockModelArns"]["Type"] == "CommaDelimitedList" and params["BedrockModelArns"]["Default"] == ""
+    assert raw_template()["Conditions"]["HasBedrock"] == {"Fn::Not": [{"Fn::Equals": [
+        {"Fn::Join": ["", {"Ref": "BedrockModelArns"}]}, ""]}]}
 
     # Both roles carry exactly this policy plus basic logging, nothing broader.
     for role_id in ("GatewayFunctionRole", "WorkerFunctionRole"):
@@ -260,6 +271,47 @@ def test_empty_lists_and_optional_settings_have_conditions() -> None:
     assert params["ProviderSecretArns"]["Default"] == ""
     for name in ("ConfigParameterName", "ConfigPath", "RetentionHours", "Architecture", "MemorySize", "LogLevel"):
         assert name in params
+
+
+def test_reserved_concurrency_is_a_parameter_unset_by_default() -> None:
+    params, conditions = raw_template()["Parameters"], raw_template()["Conditions"]
+    cfn = translated()
+    for function, param, cond in (("GatewayFunction", "GatewayReservedConcurrency", "GatewayReserved"),
+                                  ("WorkerFunction", "WorkerReservedConcurrency", "WorkerReserved")):
+        assert params[param]["Type"] == "Number" and params[param]["Default"] == -1
+        assert conditions[cond] == {"Fn::Not": [{"Fn::Equals": [{"Ref": param}, -1]}]}
+        assert _function(cfn, function)["ReservedConcurrentExecutions"] == {
+            "Fn::If": [cond, {"Ref": param}, {"Ref": "AWS::NoValue"}]}
+
+
+def test_alarms_cover_errors_throttles_and_the_timeout_for_both_functions() -> None:
+    from unbroken.api.identity import DEFAULT_SAFETY_MARGIN_SECONDS
+    from unbroken.worker import HANDOFF_MARGIN_SECONDS
+
+    cfn = translated()
+    timeout_ms = _function(cfn, "GatewayFunction")["Timeout"] * 1000
+    alarms = resources_of_type(cfn, "AWS::CloudWatch::Alarm")
+    seen = set()
+    for alarm in alarms.values():
+        assert alarm["Condition"] == "HasAlarms"
+        props = alarm["Properties"]
+        assert props["Namespace"] == "AWS/Lambda" and props["TreatMissingData"] == "notBreaching"
+        assert props["AlarmActions"] == [{"Ref": "AlarmTopicArn"}]
+        (dim,) = props["Dimensions"]
+        assert dim["Name"] == "FunctionName"
+        function = dim["Value"]["Ref"]
+        seen.add((function, props["MetricName"]))
+        if props["MetricName"] == "Duration":
+            # Past the point where the router has ended the stream (gateway) or handed on (worker), short of the
+            # timeout: a healthy invocation never raises it, one that ran into the timeout does.
+            margin = DEFAULT_SAFETY_MARGIN_SECONDS if function == "GatewayFunction" else HANDOFF_MARGIN_SECONDS
+            assert props["Statistic"] == "Maximum"
+            assert timeout_ms - margin * 1000 < props["Threshold"] < timeout_ms, props
+        elif props["MetricName"] == "Errors":
+            assert props["Threshold"] == {"Ref": "AlarmErrorThreshold"}
+    assert seen == {(f, m) for f in ("GatewayFunction", "WorkerFunction") for m in ("Errors", "Throttles", "Duration")}
+    assert raw_template()["Parameters"]["AlarmTopicArn"]["Default"] == ""
+    assert raw_template()["Conditions"]["HasAlarms"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "AlarmTopicArn"}, ""]}]}
 
 
 def test_outputs() -> None:

@@ -70,11 +70,17 @@ class Journaled:
 
 
 def served_model(runtime: Runtime, name: str | None) -> PublicModel:
-    """The served model a request names: a 400 when it names none, a 404 when this router does not serve it."""
+    """The served model a request names: a 400 when it names none, a 404 when this router has no such model, a 503
+    when it has one but every deployment of it is switched off (the message says why: no key, `enabled: false`)."""
     if not name:
         raise invalid("Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
     model = runtime.config.model(name)
     if model is None:
+        configured = runtime.config.configured_model(name)
+        if configured is not None:
+            raise Failure("unavailable", f"The model '{name}' is not available: every deployment of it is switched "
+                          f"off in this router's configuration ({configured.why_off}).", param="model",
+                          code="model_unavailable")
         raise Failure("not_found", f"The model '{name}' does not exist or you do not have access to it.",
                       param="model", code="model_not_found")
     return model

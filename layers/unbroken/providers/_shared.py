@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
+from unbroken.config import Effort
 from unbroken.ir import Continuation, JsonSchemaFormat
 from unbroken.providers.base import ProviderError
 
@@ -20,11 +22,11 @@ MIN_THINKING_BUDGET = 1024
 DEFAULT_MAX_TOKENS = 4096
 
 
-def thinking_budget(effort: str | None, options: dict[str, Any]) -> int | None:
+def thinking_budget(effort: str | None, overrides: Mapping[Effort, int]) -> int | None:
     """The budget for a reasoning effort, or None when the request asks for no reasoning."""
     if not effort or effort == "none":
         return None
-    budgets = {**THINKING_BUDGETS, **(options.get("thinking_budgets") or {})}
+    budgets = {**THINKING_BUDGETS, **{str(k): v for k, v in overrides.items()}}
     return int(budgets.get(effort, budgets["medium"]))
 
 

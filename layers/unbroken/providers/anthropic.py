@@ -5,7 +5,7 @@ tool_result blocks, thinking blocks for same-provider reasoning, JSON schema as 
 Stream: message_start -> content_block_start/delta/stop ... -> message_delta -> message_stop. Only message_stop
 marks a complete answer; anything that ends before it is `truncated`.
 
-Options (deployment.options): max_tokens (default 4096), thinking (bool: map reasoning effort to extended
+Options (`config.AnthropicOptions`): max_tokens (default 4096), thinking (bool: map reasoning effort to extended
 thinking), thinking_budgets ({effort: tokens}), literal_continuation (default true; false for Claude 4.6+, which
 rejects assistant prefill), native_json_schema (true: `output_config.format`; "output_format": the older beta
 field), beta (value of the `anthropic-beta` header), anthropic_version.
@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from unbroken.config import AnthropicOptions
 from unbroken.ir import (
     Delta,
     FinishReason,
@@ -41,7 +42,6 @@ from unbroken.providers._shared import DEFAULT_MAX_TOKENS, PrefixSkip, Whitespac
 from unbroken.providers.base import Capabilities, ErrorKind, Provider, ProviderError
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
-API_VERSION = "2023-06-01"
 PROVIDER = "anthropic"
 
 # providers.md §9: stop_reason -> finish reason.
@@ -153,24 +153,28 @@ class AnthropicProvider(Provider):
     # Claude <= 4.5 continues a prefill literally; set `literal_continuation: false` for 4.6+.
     default_capabilities = Capabilities(literal_continuation=True, image_urls=True, native_json_schema=False)
 
+    @property
+    def options(self) -> AnthropicOptions:
+        return self.deployment.options_as(AnthropicOptions)
+
     def url(self) -> str:
         return (self.deployment.base_url or DEFAULT_BASE_URL).rstrip("/") + "/v1/messages"
 
     def headers(self) -> dict[str, str]:
         headers = {
             "x-api-key": self.deployment.api_key or "",
-            "anthropic-version": str(self.deployment.option("anthropic_version", API_VERSION)),
+            "anthropic-version": self.options.anthropic_version,
             "content-type": "application/json",
             "accept": "text/event-stream",
         }
-        beta = self.deployment.option("beta")
+        beta = self.options.beta
         if beta:
             headers["anthropic-beta"] = beta if isinstance(beta, str) else ",".join(beta)
         return headers
 
     def build(self, request: GenerationRequest) -> _Plan:
         """The native body plus what the stream parser needs to undo (forced JSON tool, stripped whitespace)."""
-        opts = self.deployment.options
+        opts = self.options
         plan = _Plan()
         body: dict[str, Any] = {"model": self.deployment.model, "stream": True}
         plan.body = body
@@ -195,7 +199,7 @@ class AnthropicProvider(Provider):
 
         # Tools; structured output natively or as a forced tool whose input is the document.
         fmt = request.text_format
-        native_json = opts.get("native_json_schema")
+        native_json = opts.native_json_schema
         tp = claude.tool_plan(request, native_json=bool(native_json))
         plan.json_tool = tp.json_tool
         if any(t.strict for t in request.tools):

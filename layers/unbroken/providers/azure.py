@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from unbroken.config import Deployment
+from unbroken.config import AzureOptions, Deployment
 from unbroken.ir import Delta, GenerationRequest
 from unbroken.providers.base import Capabilities, Provider, ProviderError
 from unbroken.providers.openai_chat import OpenAIChatProvider
@@ -34,7 +34,7 @@ CLASSIC_RESPONSES_API_VERSION = "2025-04-01-preview"
 
 
 def _base(deployment: Deployment) -> str:
-    if not deployment.base_url:
+    if not deployment.base_url:  # the config refuses an azure deployment without one
         raise ProviderError("bad_request", f"deployment {deployment.name} (azure) needs a base_url "
                             "(https://<resource>.openai.azure.com)")
     base = deployment.base_url.rstrip("/")
@@ -48,7 +48,7 @@ def _base(deployment: Deployment) -> str:
 def _auth_headers(deployment: Deployment) -> dict[str, str]:
     headers = {"content-type": "application/json", "accept": "text/event-stream"}
     if deployment.api_key:
-        if deployment.option("auth", "api-key") == "bearer":
+        if deployment.options_as(AzureOptions).auth == "bearer":
             headers["authorization"] = f"Bearer {deployment.api_key}"
         else:
             headers["api-key"] = deployment.api_key
@@ -56,7 +56,7 @@ def _auth_headers(deployment: Deployment) -> dict[str, str]:
 
 
 def _classic(deployment: Deployment) -> bool:
-    return bool(deployment.option("api_style", "v1") == "classic")
+    return deployment.options_as(AzureOptions).api_style == "classic"
 
 
 class AzureChatProvider(OpenAIChatProvider):
@@ -65,10 +65,10 @@ class AzureChatProvider(OpenAIChatProvider):
     def url(self) -> str:
         base = _base(self.deployment)
         if _classic(self.deployment):
-            version = self.deployment.option("api_version", CLASSIC_CHAT_API_VERSION)
+            version = self.deployment.options_as(AzureOptions).api_version or CLASSIC_CHAT_API_VERSION
             return f"{base}/openai/deployments/{self.deployment.model}/chat/completions?api-version={version}"
-        version = self.deployment.option("api_version")
-        return f"{base}/openai/v1/chat/completions" + (f"?api-version={version}" if version else "")
+        v1_version = self.deployment.options_as(AzureOptions).api_version
+        return f"{base}/openai/v1/chat/completions" + (f"?api-version={v1_version}" if v1_version else "")
 
     def headers(self) -> dict[str, str]:
         return _auth_headers(self.deployment)
@@ -85,8 +85,8 @@ class AzureResponsesProvider(OpenAIResponsesProvider):
 
     def params(self) -> dict[str, str] | None:
         default = CLASSIC_RESPONSES_API_VERSION if _classic(self.deployment) else None
-        version = self.deployment.option("api_version", default)
-        return {"api-version": str(version)} if version else None
+        version = self.deployment.options_as(AzureOptions).api_version or default
+        return {"api-version": version} if version else None
 
     def headers(self) -> dict[str, str]:
         return _auth_headers(self.deployment)
@@ -99,13 +99,8 @@ class AzureOpenAIProvider(Provider):
 
     def __init__(self, deployment: Deployment, http: httpx.AsyncClient) -> None:
         super().__init__(deployment, http)
-        api = deployment.option("api", "chat")
-        if api == "chat":
-            self.inner: Provider = AzureChatProvider(deployment, http)
-        elif api == "responses":
-            self.inner = AzureResponsesProvider(deployment, http)
-        else:
-            raise ValueError(f"deployment {deployment.name}: options.api must be 'chat' or 'responses', not {api!r}")
+        chat = deployment.options_as(AzureOptions).api == "chat"
+        self.inner: Provider = AzureChatProvider(deployment, http) if chat else AzureResponsesProvider(deployment, http)
 
     @property
     def capabilities(self) -> Capabilities:

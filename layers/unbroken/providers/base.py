@@ -104,9 +104,11 @@ class Provider(ABC):
     def capabilities(self) -> Capabilities:
         d, opts = self.default_capabilities, self.deployment.options
         return Capabilities(
-            literal_continuation=bool(opts.get("literal_continuation", d.literal_continuation)),
-            image_urls=bool(opts.get("image_urls", d.image_urls)),
-            native_json_schema=bool(opts.get("native_json_schema", d.native_json_schema)),
+            literal_continuation=d.literal_continuation if opts.literal_continuation is None
+            else opts.literal_continuation,
+            image_urls=d.image_urls if opts.image_urls is None else opts.image_urls,
+            native_json_schema=d.native_json_schema if opts.native_json_schema is None
+            else bool(opts.native_json_schema),
         )
 
     @abstractmethod

@@ -7,7 +7,7 @@ early (or is cancelled) shuts the socket down, which ends the thread's read at o
 boto3/botocore are imported on first use only (cold start), and the client is created in the worker thread on the
 first stream (loading the service model takes tens of milliseconds).
 
-Options (deployment.options): region (if deployment.region is unset), profile, aws_access_key_id /
+Options (`config.BedrockOptions`): region (if deployment.region is unset), profile, aws_access_key_id /
 aws_secret_access_key / aws_session_token, read_timeout (900), connect_timeout (10), botocore_max_attempts (1: the
 router's attempt loop does the retrying), max_tokens, thinking (bool), thinking_budgets, literal_continuation
 (default false), native_json_schema, additional_model_request_fields (merged as is), guardrail_config.
@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from unbroken.config import Deployment
+from unbroken.config import BedrockOptions, Deployment
 from unbroken.ir import (
     Delta,
     Finish,
@@ -171,23 +171,23 @@ def make_client(deployment: Deployment) -> Any:
     import botocore
     from botocore.config import Config
 
-    opts = deployment.options
-    region = (deployment.region or opts.get("region") or os.environ.get("AWS_REGION")
+    opts = deployment.options_as(BedrockOptions)
+    region = (deployment.region or opts.region or os.environ.get("AWS_REGION")
               or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
     config: dict[str, Any] = {
-        "read_timeout": opts.get("read_timeout", 900),
-        "connect_timeout": opts.get("connect_timeout", 10),
+        "read_timeout": opts.read_timeout,
+        "connect_timeout": opts.connect_timeout,
         # total_max_attempts 1 = no botocore retry at all (its `max_attempts: 1` would still retry once).
-        "retries": {"total_max_attempts": int(opts.get("botocore_max_attempts", 1)), "mode": "standard"},
-        "max_pool_connections": int(opts.get("max_pool_connections", 50)),
+        "retries": {"total_max_attempts": opts.botocore_max_attempts, "mode": "standard"},
+        "max_pool_connections": opts.max_pool_connections,
     }
     if deployment.api_key:
         config["signature_version"] = botocore.UNSIGNED  # the bearer token replaces SigV4
     session = boto3.session.Session(
-        profile_name=opts.get("profile"),
-        aws_access_key_id=opts.get("aws_access_key_id"),
-        aws_secret_access_key=opts.get("aws_secret_access_key"),
-        aws_session_token=opts.get("aws_session_token"),
+        profile_name=opts.profile,
+        aws_access_key_id=opts.aws_access_key_id,
+        aws_secret_access_key=opts.aws_secret_access_key,
+        aws_session_token=opts.aws_session_token,
     )
     client = session.client("bedrock-runtime", region_name=region, endpoint_url=deployment.base_url or None,
                             config=Config(**config))
@@ -243,7 +243,7 @@ def _text_block(text: str) -> dict[str, Any]:
 
 
 def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
-    opts = deployment.options
+    opts = deployment.options_as(BedrockOptions)
     plan = _Plan()
     params: dict[str, Any] = {"modelId": deployment.model}
     plan.params = params
@@ -275,7 +275,7 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
 
     # Tools, tool choice, structured output.
     fmt = request.text_format
-    tp = claude.tool_plan(request, native_json=bool(opts.get("native_json_schema")))
+    tp = claude.tool_plan(request, native_json=bool(opts.native_json_schema))
     plan.json_tool = tp.json_tool
     if any(t.strict for t in request.tools):
         warn_dropped("tools[].strict", "not sent to Converse")
@@ -298,7 +298,7 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
             warn_dropped("tool_choice", "Bedrock has no 'none'; tools are offered with 'auto'")
         else:
             tools = []
-    if fmt is not None and opts.get("native_json_schema"):
+    if fmt is not None and opts.native_json_schema:
         schema = {"schema": json.dumps(fmt.schema), "name": fmt.name}
         if fmt.description:
             schema["description"] = fmt.description
@@ -327,7 +327,7 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
     settings = claude.sampling(request, opts, prefill=plan.join is not None, forced_tool=tp.forced,
                                unsigned_tool_turn=turns.unsigned_tool_turn(), default_max_tokens=None)
     inference: dict[str, Any] = {}
-    extra: dict[str, Any] = dict(opts.get("additional_model_request_fields") or {})
+    extra: dict[str, Any] = dict(opts.additional_model_request_fields)
     if settings.max_tokens is not None:
         inference["maxTokens"] = settings.max_tokens
     if settings.temperature is not None:
@@ -340,8 +340,8 @@ def build_params(deployment: Deployment, request: GenerationRequest) -> _Plan:
         params["inferenceConfig"] = inference
     if extra:
         params["additionalModelRequestFields"] = extra
-    if opts.get("guardrail_config"):
-        params["guardrailConfig"] = opts["guardrail_config"]
+    if opts.guardrail_config:
+        params["guardrailConfig"] = opts.guardrail_config
     return plan
 
 
@@ -461,9 +461,9 @@ class BedrockProvider(Provider):
     def capabilities(self) -> Capabilities:
         # Not the option-driven default: Converse takes image bytes only, whatever a deployment says.
         return Capabilities(
-            literal_continuation=bool(self.deployment.option("literal_continuation", False)),
+            literal_continuation=bool(self.deployment.options.literal_continuation),
             image_urls=False,
-            native_json_schema=bool(self.deployment.option("native_json_schema", False)),
+            native_json_schema=bool(self.deployment.options.native_json_schema),
         )
 
     def client(self) -> Any:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from unbroken.config import ClaudeOptions
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
     Continuation,
@@ -276,12 +277,12 @@ class Sampling:
     top_p: float | None = None
 
 
-def sampling(request: GenerationRequest, options: dict[str, Any], *, prefill: bool, forced_tool: bool,
+def sampling(request: GenerationRequest, options: ClaudeOptions, *, prefill: bool, forced_tool: bool,
              unsigned_tool_turn: bool, default_max_tokens: int | None) -> Sampling:
     """Thinking comes from `reasoning_effort` when the deployment enables it (`thinking` option) and the request
     allows it. max_tokens: the request's, else the `max_tokens` option, else `default_max_tokens` (None: leave it
     to the upstream); with thinking the default grows by the budget and a caller's value bounds the budget."""
-    budget = thinking_budget(request.reasoning_effort, options) if options.get("thinking") else None
+    budget = thinking_budget(request.reasoning_effort, options.thinking_budgets) if options.thinking else None
     if budget is not None and prefill:
         warn_dropped("reasoning.effort", "extended thinking cannot be combined with assistant prefill")
         budget = None
@@ -291,16 +292,15 @@ def sampling(request: GenerationRequest, options: dict[str, Any], *, prefill: bo
     if budget is not None and unsigned_tool_turn:
         warn_dropped("reasoning.effort", "the last tool-calling turn carries no thinking block of this provider")
         budget = None
-    if request.reasoning_effort and request.reasoning_effort != "none" and not options.get("thinking"):
+    if request.reasoning_effort and request.reasoning_effort != "none" and not options.thinking:
         log.debug("reasoning effort ignored: thinking is not enabled for this deployment")
 
     max_tokens: int | None
     if budget is not None:
         budget, max_tokens = fit_thinking(budget, request.max_output_tokens,
-                                          int(options.get("max_tokens", DEFAULT_MAX_TOKENS)))
+                                          options.max_tokens or DEFAULT_MAX_TOKENS)
     else:
-        configured = options.get("max_tokens") or default_max_tokens
-        max_tokens = request.max_output_tokens or (int(configured) if configured else None)
+        max_tokens = request.max_output_tokens or options.max_tokens or default_max_tokens
 
     if budget is not None:
         # With thinking, temperature must stay 1 and top_p >= 0.95: leave both to the upstream.

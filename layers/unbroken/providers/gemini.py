@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from unbroken.config import GeminiOptions
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
     Delta,
@@ -233,12 +234,16 @@ class GeminiProvider(Provider):
     # -- request -------------------------------------------------------------------------------------------------
 
     @property
+    def options(self) -> GeminiOptions:
+        return self.deployment.options_as(GeminiOptions)
+
+    @property
     def _model(self) -> str:
         return self.deployment.model.removeprefix("models/")
 
     def url(self) -> str:
-        opts = self.deployment.options
-        if opts.get("vertex"):
+        opts = self.options
+        if opts.vertex:
             # base_url names the publisher: https://{region}-aiplatform.googleapis.com/v1/projects/{p}/locations/
             # {region}/publishers/google
             if not self.deployment.base_url:
@@ -246,22 +251,22 @@ class GeminiProvider(Provider):
             prefix = self.deployment.base_url.rstrip("/")
         else:
             base = (self.deployment.base_url or DEFAULT_BASE_URL).rstrip("/")
-            prefix = f"{base}/{opts.get('api_version', 'v1beta')}"
+            prefix = f"{base}/{opts.api_version}"
         return f"{prefix}/models/{self._model}:streamGenerateContent"
 
     def headers(self) -> dict[str, str]:
         headers = {"content-type": "application/json", "accept": "text/event-stream"}
         if self.deployment.api_key:
-            if self.deployment.options.get("vertex") or self.deployment.options.get("auth") == "bearer":
+            if self.options.vertex or self.options.auth == "bearer":
                 headers["authorization"] = f"Bearer {self.deployment.api_key}"
             else:
                 headers["x-goog-api-key"] = self.deployment.api_key
         return headers
 
     def _needs_signatures(self) -> bool:
-        opt = self.deployment.options.get("signature_fallback")
+        opt = self.options.signature_fallback
         if opt is not None:
-            return bool(opt)
+            return opt
         m = re.search(r"gemini-(\d+)", self._model)
         return m is not None and int(m.group(1)) >= 3
 
@@ -368,12 +373,12 @@ class GeminiProvider(Provider):
         return contents, system
 
     def build_body(self, request: GenerationRequest) -> dict[str, Any]:
-        opts = self.deployment.options
+        opts = self.options
         contents, system = self.build_contents(request)
         body: dict[str, Any] = {"contents": contents}
         if system:
             body["systemInstruction"] = {"parts": system}
-        openapi = opts.get("schema_fields") == "openapi"
+        openapi = opts.schema_fields == "openapi"
         tc = request.tool_choice
         if request.tools:
             decls = []
@@ -399,7 +404,7 @@ class GeminiProvider(Provider):
                     config["allowedFunctionNames"] = list(tc.allowed)
             elif tc.mode == "none":
                 config = {"mode": "NONE"}
-            if opts.get("stream_function_call_arguments"):
+            if opts.stream_function_call_arguments:
                 config["streamFunctionCallArguments"] = True
             body["toolConfig"] = {"functionCallingConfig": config}
             if request.parallel_tool_calls is False:
@@ -423,13 +428,13 @@ class GeminiProvider(Provider):
             gen["thinkingConfig"] = self._thinking(request.reasoning_effort)
         if gen:
             body["generationConfig"] = gen
-        body.update(opts.get("extra_body", {}))
+        body.update(opts.extra_body)
         return body
 
     def _thinking(self, effort: str) -> dict[str, Any]:
-        opts = self.deployment.options
-        custom = opts.get("reasoning_map") or {}
-        style = opts.get("thinking") or ("budget" if re.search(r"gemini-[12]\b|gemini-[12]\.", self._model)
+        opts = self.options
+        custom: dict[str, int | str] = {str(k): v for k, v in opts.reasoning_map.items()}
+        style = opts.thinking or ("budget" if re.search(r"gemini-[12]\b|gemini-[12]\.", self._model)
                                          else "level")
         config: dict[str, Any] = {"includeThoughts": effort != "none"}
         if style == "budget":

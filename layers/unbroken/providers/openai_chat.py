@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from unbroken.config import OpenAIChatOptions, OpenAICompatibleOptions
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
     Delta,
@@ -68,6 +69,10 @@ class OpenAIChatProvider(Provider):
 
     # -- request -------------------------------------------------------------------------------------------------
 
+    @property
+    def options(self) -> OpenAIChatOptions:
+        return self.deployment.options_as(OpenAIChatOptions)
+
     def url(self) -> str:
         base = (self.deployment.base_url or self.default_base_url).rstrip("/")
         return f"{base}/chat/completions"
@@ -80,7 +85,7 @@ class OpenAIChatProvider(Provider):
 
     def build_messages(self, request: GenerationRequest) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
-        system_role = self.deployment.option("system_role", "system")
+        system_role = self.options.system_role
         if request.instructions:
             messages.append({"role": system_role, "content": request.instructions})
         for item in request.items:
@@ -146,7 +151,7 @@ class OpenAIChatProvider(Provider):
             if request.parallel_tool_calls is not None:
                 body["parallel_tool_calls"] = request.parallel_tool_calls
         if request.max_output_tokens is not None:
-            key = self.deployment.option("max_tokens_field", "max_completion_tokens")
+            key = self.options.max_tokens_field
             body[key] = request.max_output_tokens
         if request.temperature is not None:
             body["temperature"] = request.temperature
@@ -160,11 +165,11 @@ class OpenAIChatProvider(Provider):
             if fmt.description:
                 schema["description"] = fmt.description
             body["response_format"] = {"type": "json_schema", "json_schema": schema}
-        if request.reasoning_effort and self.deployment.option("reasoning_effort", True):
+        if request.reasoning_effort and self.options.reasoning_effort:
             body["reasoning_effort"] = request.reasoning_effort
         if request.continuation is not None and request.continuation.literal:
-            body.update(self.deployment.option("continuation_body", {}))
-        body.update(self.deployment.option("extra_body", {}))
+            body.update(self.options.continuation_body)
+        body.update(self.options.extra_body)
         return body
 
     # -- stream --------------------------------------------------------------------------------------------------
@@ -271,11 +276,16 @@ class OpenAICompatibleProvider(OpenAIChatProvider):
 
     name = "openai_compatible"
 
+    def url(self) -> str:
+        if not self.deployment.base_url:  # the config refuses it too: api.openai.com must not get these prompts
+            raise ProviderError("bad_request", f"deployment {self.deployment.name} (openai_compatible) needs a "
+                                "base_url")
+        return super().url()
+
     def build_body(self, request: GenerationRequest) -> dict[str, Any]:
         body = super().build_body(request)
-        if request.continuation is not None and request.continuation.literal and self.deployment.option(
-            "prefix_flag"
-        ):
+        if (request.continuation is not None and request.continuation.literal
+                and self.deployment.options_as(OpenAICompatibleOptions).prefix_flag):
             # DeepSeek's chat prefix completion marks the trailing assistant message instead of a body flag.
             body["messages"][-1]["prefix"] = True
         return body

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from unbroken.config import OpenAIResponsesOptions
 from unbroken.ir import (
     CONTINUE_INSTRUCTION,
     Delta,
@@ -89,6 +90,10 @@ class OpenAIResponsesProvider(Provider):
     default_capabilities = Capabilities(literal_continuation=False, image_urls=True, native_json_schema=True)
 
     # -- request -------------------------------------------------------------------------------------------------
+
+    @property
+    def options(self) -> OpenAIResponsesOptions:
+        return self.deployment.options_as(OpenAIResponsesOptions)
 
     def url(self) -> str:
         base = (self.deployment.base_url or self.default_base_url).rstrip("/")
@@ -195,12 +200,12 @@ class OpenAIResponsesProvider(Provider):
         if request.reasoning_effort:
             reasoning: dict[str, Any] = {"effort": request.reasoning_effort}
             if request.reasoning_effort != "none":
-                reasoning["summary"] = self.deployment.option("reasoning_summary", "auto")
+                reasoning["summary"] = self.options.reasoning_summary
             body["reasoning"] = reasoning
-        if request.reasoning_effort or has_reasoning or self.deployment.option("include_reasoning", False):
+        if request.reasoning_effort or has_reasoning or self.options.include_reasoning:
             # Stateless round trip of reasoning: ask for its encrypted content.
             body["include"] = ["reasoning.encrypted_content"]
-        body.update(self.deployment.option("extra_body", {}))
+        body.update(self.options.extra_body)
         return body
 
     # -- stream --------------------------------------------------------------------------------------------------

@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from unbroken.config import SimulatedOptions
 from unbroken.ir import Delta, GenerationRequest
 from unbroken.providers.base import Capabilities
 from unbroken.providers.openai_chat import OpenAIChatProvider
 
-# Deployment option -> simulator control.
+# Deployment option (`config.SimulatedOptions`; unset ones are not sent) -> simulator control.
 _OPTION_KEYS = {
     "seed": "sim_seed",
     "ttft_ms": "sim_ttft_ms",
@@ -42,8 +43,8 @@ class SimulatedProvider(OpenAIChatProvider):
 
     def build_body(self, request: GenerationRequest) -> dict[str, Any]:
         body = super().build_body(request)
-        controls = {sim: _as_str(self.deployment.options[opt]) for opt, sim in _OPTION_KEYS.items()
-                    if opt in self.deployment.options}
+        options = self.deployment.options_as(SimulatedOptions).model_dump()
+        controls = {sim: _as_str(options[opt]) for opt, sim in _OPTION_KEYS.items() if options[opt] is not None}
         controls.update({k: v for k, v in request.metadata.items() if k.startswith("sim_")})
         if request.trace_id and "sim_request" not in controls:
             # Lets `sim_fault_attempts` count the attempts of one response.

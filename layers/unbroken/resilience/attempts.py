@@ -41,8 +41,6 @@ from unbroken.routing.pool import ProviderPool
 
 log = logging.getLogger("unbroken.resilience")
 
-DEFAULT_TTFT_TIMEOUT = 60.0
-DEFAULT_STALL_TIMEOUT = 30.0
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 8.0
 
@@ -148,8 +146,8 @@ class _Rounds:
 
     def exclude_smaller_windows(self, deployment: Deployment) -> None:
         # Never resend unchanged to a window that is not larger.
-        window = deployment.option("context_window", 0)
-        self.excluded.update(d.name for d in self.candidates if d.option("context_window", 0) <= window)
+        window = deployment.options.context_window
+        self.excluded.update(d.name for d in self.candidates if d.options.context_window <= window)
 
 
 class _Cancelled(Exception):
@@ -296,7 +294,7 @@ class Generation:
                    self.control.deadline - time.time())
 
     def _max_retries(self, deployment: Deployment) -> int:
-        return int(deployment.option("max_retries", 1))
+        return deployment.options.max_retries
 
     def _record_failure(self, deployment: Deployment, attempt: Attempt, err: ProviderError) -> None:
         attempt.outcome = err.kind
@@ -310,8 +308,8 @@ class Generation:
 
     async def _stream_attempt(self, provider: Provider, deployment: Deployment, request: GenerationRequest,
                               attempt: Attempt) -> AsyncIterator[Event]:
-        ttft_timeout = float(deployment.option("ttft_timeout_s", DEFAULT_TTFT_TIMEOUT))
-        stall_timeout = float(deployment.option("stall_timeout_s", DEFAULT_STALL_TIMEOUT))
+        ttft_timeout = deployment.options.ttft_timeout_s
+        stall_timeout = deployment.options.stall_timeout_s
         started_at = time.monotonic()
         stream = provider.stream(request).__aiter__()
         continued = request.continuation is not None
