@@ -37,7 +37,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from unbroken.api.app import create_app
     from unbroken.journal.backends import open_store
-    from unbroken.logs import setup_logging
+    from unbroken.logs import configure, setup_logging
 
     setup_logging(args.log_level)
     try:
@@ -56,7 +56,8 @@ def serve(args: argparse.Namespace) -> int:
             print("unbroken: --create-table applies to dynamodb:// stores only", file=sys.stderr)
             return 2
         asyncio.run(create())
-    app = create_app(config, store)
+    configure(metrics=config.server.metrics, tracing=config.server.tracing)
+    app = create_app(config, store, access_log=True)
     # Bind first, then announce: a client that reads the ready line can connect at once (and --port 0 works).
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then (else Nagle + delayed ACK
     # add tens of milliseconds to small writes such as SSE frames).
