@@ -4,7 +4,9 @@
 # answer back (AWS_LWA_INVOKE_MODE=response_stream).
 # - /opt/python is the unbroken layer; $LAMBDA_RUNTIME_DIR holds the runtime's boto3 on some runtime images.
 # - 127.0.0.1 only: nothing but the adapter may reach the app, which trusts its x-amzn-*-context headers.
-# - No access log: one line per request is cost without value here (the app logs what it needs, never bodies).
+# - No access log: one line per request is cost without value here (API Gateway has its own access log; the app
+#   logs one JSON line per response with its id as correlation_id, never bodies). `unbroken.app` sets up the JSON
+#   logging (Powertools' formatter, stderr) when uvicorn imports it; EMF metrics lines go to stdout.
 set -euo pipefail
 export PYTHONPATH="${LAMBDA_TASK_ROOT:-/var/task}:/opt/python${PYTHONPATH:+:$PYTHONPATH}:${LAMBDA_RUNTIME_DIR:-/var/runtime}"
 level="${UNBROKEN_LOG_LEVEL:-INFO}"

@@ -3,7 +3,9 @@ built from the environment. Config from UNBROKEN_CONFIG (a file) or UNBROKEN_CON
 secrets from UNBROKEN_SECRETS (Secrets Manager ARNs), store from UNBROKEN_STORE, and background responses handed
 to the worker Lambda named by UNBROKEN_WORKER_FUNCTION. Two template parameters override the config:
 UNBROKEN_CORS_ALLOW_ORIGINS (comma-separated: server.cors.allow_origins) and UNBROKEN_GATEWAY_TENANT_CLAIM
-(auth.gateway_tenant_claim, set when the API has a Cognito authorizer).
+(auth.gateway_tenant_claim, set when the API has a Cognito authorizer); UNBROKEN_METRICS and UNBROKEN_TRACING
+("true"/"false") set server.metrics and server.tracing. Logs are JSON lines (`logs.setup_logging`, level from
+UNBROKEN_LOG_LEVEL), set up here because uvicorn, not the CLI, starts this app.
 
 On Lambda the request body limit (`server.max_body_bytes`, 10 MiB by default) is capped at `LAMBDA_MAX_BODY_BYTES`:
 Lambda refuses an invocation payload over 6 MB (6,291,456 bytes) and the payload is the whole event (headers,
@@ -20,7 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from unbroken import aws
+from unbroken import aws, logs
 from unbroken.api.app import create_app
 from unbroken.api.identity import in_lambda
 from unbroken.config import Config, load_config, parse_config
@@ -61,10 +63,15 @@ def config_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     claim = env.get("UNBROKEN_GATEWAY_TENANT_CLAIM", "").strip()
     if claim:
         out["auth"] = {"gateway_tenant_claim": claim}
+    for name, key in (("UNBROKEN_METRICS", "metrics"), ("UNBROKEN_TRACING", "tracing")):
+        value = env.get(name, "").strip().lower()
+        if value:
+            out.setdefault("server", {})[key] = value in ("1", "true", "yes", "on")
     return out
 
 
 def app_from_env() -> FastAPI:
+    logs.setup_logging(os.environ.get("UNBROKEN_LOG_LEVEL", "INFO"))
     secrets = [a for a in os.environ.get("UNBROKEN_SECRETS", "").split(",") if a.strip()]
     if secrets:
         aws.load_secrets_into_env(secrets)
@@ -80,6 +87,7 @@ def app_from_env() -> FastAPI:
     lambda_env = in_lambda()
     if lambda_env:
         config = cap_body_for_lambda(config)
+    logs.configure(metrics=config.server.metrics, tracing=config.server.tracing)
     store_url = os.environ.get("UNBROKEN_STORE")
     worker = os.environ.get("UNBROKEN_WORKER_FUNCTION")
     return create_app(config, open_store(store_url) if store_url else None,
@@ -92,6 +100,8 @@ class _LazyApp:
 
     def __init__(self) -> None:
         self._app: FastAPI | None = None
+        # Now, not on the first request: uvicorn's own lines (startup, errors) are JSON lines too.
+        logs.setup_logging(os.environ.get("UNBROKEN_LOG_LEVEL", "INFO"))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self._app is None:

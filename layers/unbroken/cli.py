@@ -49,7 +49,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from unbroken.api.app import create_app
     from unbroken.journal.backends import open_store
-    from unbroken.logs import setup_logging
+    from unbroken.logs import configure, setup_logging
 
     setup_logging(args.log_level)
     try:
@@ -76,7 +76,8 @@ def serve(args: argparse.Namespace) -> int:
         if not model.enabled_deployments:
             log.warning("model %s is not served: every deployment of it is off (requests get a 503)", model.name,
                         extra={"model": model.name})
-    app = create_app(config, store)
+    configure(metrics=config.server.metrics, tracing=config.server.tracing)
+    app = create_app(config, store, access_log=True)
     # Bind first, then announce: a client that reads the ready line can connect at once (and --port 0 works).
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then (else Nagle + delayed ACK
     # add tens of milliseconds to small writes such as SSE frames).

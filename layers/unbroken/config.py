@@ -423,6 +423,10 @@ class ServerSettings(_Strict):
     hold_tool_arguments: bool = True
     compaction_key: str | None = None
     cors: CorsSettings = CorsSettings()
+    # CloudWatch metrics as EMF lines on stdout (README "Logs and metrics"); the template turns them on.
+    metrics: bool = False
+    # X-Ray tracing through Powertools' Tracer (needs the aws-xray-sdk package); imported only when on.
+    tracing: bool = False
 
 
 class Config(_Strict):

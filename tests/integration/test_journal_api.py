@@ -266,3 +266,8 @@ def test_two_processes_share_a_store_and_a_killed_producer_is_taken_over(tmp_pat
     assert text == expected_text("survive a crash", length=80)
     messages = [i for i in rest.response["output"] if i["type"] == "message"]
     assert len(messages) == 1 and messages[0]["content"][0]["text"] == text
+    # The new owner adds to the dead one: its streamed output estimated (no usage chunk ever came), its own reported.
+    attempts = rest.response["router"]["attempts"]
+    assert attempts[0]["outcome"] == "taken_over" and attempts[0]["usage_estimated"] is True
+    assert attempts[0]["output_tokens"] > 0 and attempts[-1]["usage_estimated"] is False
+    assert rest.response["usage"]["output_tokens"] == sum(a["output_tokens"] for a in attempts)

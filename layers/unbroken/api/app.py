@@ -26,9 +26,9 @@ _LOC_SOURCES = ("body", "query", "header", "path", "cookie")
 
 
 def create_app(config: Config, store: Store | None = None, *, launch_background: BackgroundLauncher | None = None,
-               lambda_env: Mapping[str, str] | None = None) -> FastAPI:
+               lambda_env: Mapping[str, str] | None = None, access_log: bool = False) -> FastAPI:
     """`lambda_env` is the environment of a Lambda function behind the Web Adapter, which makes the adapter's
-    context headers trusted (deadlines); None everywhere else."""
+    context headers trusted (deadlines); None everywhere else. `access_log`: one log line per request."""
     runtime = Runtime(config=config, store=store, launch_background=launch_background)
 
     @asynccontextmanager
@@ -73,5 +73,5 @@ def create_app(config: Config, store: Store | None = None, *, launch_background:
 
     app.add_middleware(Guard, max_body_bytes=config.server.max_body_bytes)
     # Outside the guard, so that its 413 and 500 answers carry the request id and CORS headers too.
-    app.add_middleware(Edge, cors=config.server.cors, lambda_env=app.state.lambda_env)
+    app.add_middleware(Edge, cors=config.server.cors, lambda_env=app.state.lambda_env, access_log=access_log)
     return app

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from fastapi import Request
 
+from unbroken import logs
 from unbroken.api.identity import authorizer_claims
 from unbroken.config import Config
 from unbroken.errors import Failure
@@ -57,7 +58,13 @@ def _gateway_tenant(request: Request, claim: str) -> str | None:
 
 def authenticate(request: Request) -> str:
     """FastAPI dependency: the caller's tenant, or a 401. A sync function, so FastAPI runs it in its thread pool:
-    fetching a JWKS never blocks the event loop."""
+    fetching a JWKS never blocks the event loop. The tenant is bound to the request's log lines."""
+    tenant = _tenant(request)
+    logs.bind(tenant=tenant)
+    return tenant
+
+
+def _tenant(request: Request) -> str:
     config: Config = request.app.state.runtime.config
     if config.auth.gateway_tenant_claim is not None:
         tenant = _gateway_tenant(request, config.auth.gateway_tenant_claim)

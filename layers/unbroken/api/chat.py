@@ -16,8 +16,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from unbroken import logs
 from unbroken.api.auth import authenticate
-from unbroken.api.responses import caller_of, runtime_of
+from unbroken.api.responses import accounting_headers, caller_of, runtime_of
 from unbroken.api.streaming import END, queued_sse, start_generation
 from unbroken.durable.runtime import Runtime
 from unbroken.durable.service import HEADER_HOLD_SECONDS, served_model
@@ -41,6 +42,7 @@ async def create_chat_completion(request: Request, tenant: Annotated[str, Depend
     model = served_model(runtime, body.model)
     gen_request = generation_request(body)
     response_id = new_id("resp")
+    logs.bind(correlation_id=response_id, tenant=tenant, model=model.name)
     # The chat id carries the response id's random part, so logs of both shapes line up.
     completion_id = "chatcmpl-" + response_id.removeprefix("resp_")
     created = int(time.time())
@@ -76,7 +78,8 @@ async def _complete(generation: Generation, chunker: ChatChunker) -> Response:
     response = final["response"]
     # `model` names the upstream model that answered (failover accounting), as on /v1/responses.
     return JSONResponse(completion_from_response(response, chunker.completion_id, chunker.created,
-                                                 response.get("model") or chunker.model, error_event))
+                                                 response.get("model") or chunker.model, error_event),
+                        headers=accounting_headers(response))
 
 
 def _error_chunk(error: dict[str, Any]) -> bytes:

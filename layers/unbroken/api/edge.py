@@ -9,9 +9,12 @@ CORS header at all, and a refused preflight the spec's error object (403 for the
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
 from collections.abc import Mapping
 
+from unbroken import logs
 from unbroken.api.errors import STATUS, error_body, error_headers
 from unbroken.api.guard import ASGIApp, Message, Receive, Scope, Send
 from unbroken.api.identity import request_context
@@ -29,6 +32,7 @@ ALLOWED_METHODS = ("GET", "POST", "DELETE")
 _SAFELISTED = ("Accept", "Accept-Language", "Content-Language")
 
 REQUEST_ID_HEADER = b"x-request-id"
+access = logging.getLogger("unbroken.access")
 _VARY_PREFLIGHT = "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
 
 
@@ -40,8 +44,10 @@ class Edge:
     """`lambda_env` as for `create_app`: inside Lambda the request id is API Gateway's (`requestContext.requestId`,
     the id in API Gateway's own logs)."""
 
-    def __init__(self, app: ASGIApp, *, cors: CorsSettings, lambda_env: Mapping[str, str]) -> None:
+    def __init__(self, app: ASGIApp, *, cors: CorsSettings, lambda_env: Mapping[str, str],
+                 access_log: bool = False) -> None:
         self.app = app
+        self.access_log = access_log
         self.lambda_env = lambda_env
         self.cors_on = cors.enabled
         self.any_origin = "*" in cors.allow_origins
@@ -69,8 +75,30 @@ class Edge:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        with logs.request_context() as fields:
+            started = time.monotonic()
+            status = {"code": 0}
+
+            async def observed_send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status["code"] = int(message.get("status") or 0)
+                await send(message)
+
+            try:
+                await self._http(scope, receive, observed_send, fields)
+            finally:
+                if self.access_log:
+                    # No query string (it may carry a key) and no bodies: what was asked, how it went, for whom.
+                    access.info("request", extra={
+                        "method": scope.get("method"), "path": scope.get("path"), "status": status["code"] or None,
+                        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                        "response_id": fields.get("correlation_id")})
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send, fields: dict[str, object]) -> None:
         headers = _headers(scope)
-        request_id = self._request_id(headers).encode("latin-1", "replace")
+        request_id_text = self._request_id(headers)
+        fields["request_id"] = request_id_text
+        request_id = request_id_text.encode("latin-1", "replace")
         origin = headers.get("origin") if self.cors_on else None
         if origin is not None and scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
             await self._preflight(origin, headers, request_id, send)

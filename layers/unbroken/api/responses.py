@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from unbroken import logs
 from unbroken.api.auth import authenticate
 from unbroken.api.identity import stream_deadline
 from unbroken.api.streaming import END, queued_sse, sse_response, start_generation
@@ -60,15 +61,31 @@ async def create_response(request: Request, tenant: Annotated[str, Depends(authe
     if isinstance(created, Direct):
         if not streaming:
             try:
-                return JSONResponse(await service.run_direct(created.generation))
+                return accounted_json(await service.run_direct(created.generation))
             except NoOutput as exc:
                 raise exc.failure from None
         return await _direct_stream(runtime, created.generation, created.response_id)
     if not streaming:
         if created.queued is not None:
             return JSONResponse(created.queued)
-        return JSONResponse(await service.final_response(runtime, created.response_id, created.run))
+        return accounted_json(await service.final_response(runtime, created.response_id, created.run))
     return _journal_stream(runtime, created.response_id, -1, run=created.run)
+
+
+def accounting_headers(response: dict[str, Any]) -> dict[str, str]:
+    """`X-Unbroken-Cost-USD` (every attempt of every owner) and `X-Unbroken-Deployment` (the one that served the
+    answer), from the response's `router` field."""
+    router = response.get("router")
+    if not isinstance(router, dict):
+        return {}
+    out = {"x-unbroken-cost-usd": f"{float(router.get('cost_usd') or 0.0):.8f}"}
+    if router.get("served_by"):
+        out["x-unbroken-deployment"] = str(router["served_by"])
+    return out
+
+
+def accounted_json(response: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(response, headers=accounting_headers(response))
 
 
 def _journal_stream(runtime: Runtime, response_id: str, after: int, *, run: ResponseRun | None = None,
@@ -139,11 +156,16 @@ async def get_response(request: Request, response_id: str, tenant: Annotated[str
     """The response as it stands, or (`stream=true`) its events after `starting_after` followed live until the
     terminal one. `Last-Event-ID` is accepted as the cursor; `id:` lines only with `include_event_ids=true`."""
     runtime = runtime_of(request)
+    logs.bind(correlation_id=response_id)
     if not stream:
         return JSONResponse(await service.poll_response(runtime, response_id, tenant))
     header = await service.owned_response(runtime, response_id, tenant)
+    model = str(header.request.get("model") or "")
+    logs.bind(model=model)
     after, param = _cursor(request, starting_after)
     service.check_cursor(header, after, param)
+    if starting_after is not None or "last-event-id" in request.headers:
+        logs.emit_metrics({"model": model}, {"Resumes": 1})  # a configured model's name: bounded
     return _journal_stream(runtime, response_id, after, with_ids=include_event_ids)
 
 

@@ -74,7 +74,11 @@ class ResponseRun:
                 self._signal(RunOutcome())
                 if await self._write(writer, event):
                     return
-            await writer.flush()  # a handoff: the next owner continues from what is committed
+            # A handoff: the next owner continues from what is committed, and adds to the attempts recorded here.
+            emitter = self.generation.emitter
+            snapshot = emitter.snapshot()
+            snapshot["router"] = self.generation.accounting()
+            await writer.set_status(snapshot.get("status") or "in_progress", snapshot)
         except NoOutput as exc:
             self._signal(RunOutcome(exc.failure))
             await self._end_failed(writer, exc.failure.code or "upstream_error", exc.failure.message)

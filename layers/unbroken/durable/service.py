@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from unbroken import logs
 from unbroken.config import PublicModel
 from unbroken.durable.follow import journal_events
 from unbroken.durable.producer import ResponseRun
@@ -114,6 +115,7 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
     request = parsed.to_ir(context=context,
                            expand_compaction=expand_compaction_for(caller.tenant, runtime.settings.compaction_key))
     response_id = new_id("resp")
+    logs.bind(correlation_id=response_id, tenant=caller.tenant, model=model.name)
     emitter = ResponseEmitter(response_skeleton(body, response_id, model.name),
                               hold_tool_arguments=runtime.settings.hold_tool_arguments)
     options = GenerationOptions(

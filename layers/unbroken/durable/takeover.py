@@ -8,14 +8,17 @@ import math
 import time
 from typing import Any
 
+from unbroken import logs
+from unbroken.config import PublicModel
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
+from unbroken.ir import GenerationRequest
 from unbroken.journal.feed import LOCAL_FEEDS
 from unbroken.journal.store import Fenced, ResponseHeader
 from unbroken.protocol.compaction import expand_compaction_for
 from unbroken.protocol.request import ResponsesRequest, response_skeleton
-from unbroken.protocol.responses import ResponseEmitter, restore_emitter
-from unbroken.resilience.attempts import GenerationOptions, RunControl
+from unbroken.protocol.responses import Event, ResponseEmitter, restore_emitter, streamed_chars
+from unbroken.resilience.attempts import GenerationOptions, RunControl, unrecorded_attempt
 
 log = logging.getLogger("unbroken.producer")
 
@@ -61,6 +64,10 @@ async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
     else:  # nothing was produced yet (a queued background response): start it as its creator would have
         emitter = ResponseEmitter(stored_skeleton(header, parsed), hold_tool_arguments=settings.hold_tool_arguments)
     request = parsed.to_ir(expand_compaction=expand_compaction_for(header.tenant, settings.compaction_key))
+    model = runtime.config.model(body.model or "")
+    if model is not None:
+        emitter.previous_attempts = previous_attempts(header, events, request, model)
+    logs.bind(correlation_id=response_id, tenant=header.tenant, model=body.model)
     options = GenerationOptions(queued=header.background, header_hold_seconds=math.inf,
                                 recovery_events=bool(header.request.get("_recovery_events")),
                                 hand_off_at_deadline=hand_off_at_deadline)
@@ -68,3 +75,20 @@ async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
     generation = runtime.generation(request, body.model or "", emitter, options, control)
     log.warning("taking over response", extra={"response_id": response_id, "epoch": epoch, "events": len(events)})
     return ResponseRun(runtime, response_id, epoch, generation, control).start()
+
+
+def previous_attempts(header: ResponseHeader, events: list[Event], request: GenerationRequest,
+                      model: PublicModel) -> list[dict[str, Any]]:
+    """What earlier owners did, for the new owner's accounting to add to: the attempts an owner recorded when it
+    handed off (the header's snapshot, `router.journaled_through`), plus one estimated attempt for the output
+    journaled after that, which an owner that died mid-attempt never recorded (priced at the deployment the
+    recorded attempts last used, else at the model's first)."""
+    recorded = (header.response or {}).get("router") if not header.terminal else None
+    attempts: list[dict[str, Any]] = list(recorded.get("attempts") or []) if isinstance(recorded, dict) else []
+    through = int(recorded.get("journaled_through", -1)) if isinstance(recorded, dict) else -1
+    chars = streamed_chars(events, after=through)
+    if chars and model.deployments:
+        last = attempts[-1]["deployment"] if attempts else None
+        deployment = next((d for d in model.deployments if d.name == last), model.deployments[0])
+        attempts.append(unrecorded_attempt(request, deployment, chars))
+    return attempts

@@ -74,6 +74,9 @@ class ResponseEmitter:
         self.finish: Finish | None = None
         self.upstream_model: str | None = None
         self.closed = False
+        # What earlier owners of this response did (takeover): their attempts, as in the `router` field, which the
+        # new owner's accounting adds to.
+        self.previous_attempts: list[dict[str, Any]] = []
 
     # -- low level -----------------------------------------------------------------------------------------------
 
@@ -379,6 +382,23 @@ def _copy_item(item: dict[str, Any]) -> dict[str, Any]:
     if "summary" in out:
         out["summary"] = [dict(p) for p in out["summary"]]
     return out
+
+
+_OUTPUT_DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta", "response.reasoning.delta",
+                            "response.reasoning_summary_text.delta", "response.function_call_arguments.delta"})
+
+
+def streamed_chars(events: list[Event], *, after: int = -1) -> int:
+    """Characters of model output in `events` after sequence number `after` (deltas, and function names)."""
+    total = 0
+    for e in events:
+        if e["sequence_number"] <= after:
+            continue
+        if e["type"] in _OUTPUT_DELTAS:
+            total += len(e["delta"])
+        elif e["type"] == "response.output_item.added" and e["item"].get("type") == "function_call":
+            total += len(e["item"].get("name") or "")
+    return total
 
 
 def restore_emitter(events: list[Event], *, hold_tool_arguments: bool = False) -> ResponseEmitter:

@@ -13,6 +13,7 @@ or cancel while the loop runs. Nothing outside assigns the loop's fields; its re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import random
@@ -21,15 +22,24 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from unbroken import logs
 from unbroken.config import Deployment, ServerSettings
 from unbroken.errors import Failure, invalid
 from unbroken.ir import (
     Delta,
+    FunctionCall,
+    FunctionCallOutput,
     GenerationRequest,
     ImagePart,
     Message,
+    Reasoning,
     ReasoningDelta,
     ReasoningSeal,
+    RefusalDelta,
+    TextDelta,
+    TextPart,
+    ToolCallDelta,
+    ToolCallStart,
     Usage,
 )
 from unbroken.protocol.responses import Event, ResponseEmitter
@@ -95,6 +105,51 @@ class Route:
         return self.pool.get(self.model, deployment)
 
 
+# -- accounting -------------------------------------------------------------------------------------------------
+# An upstream reports usage at the end of its stream, so an attempt that was cut (or taken over) never hears it.
+# What it sent and streamed is then estimated (README "Usage and cost"): about 4 characters a token, the rule of
+# thumb OpenAI documents for English text, plus the chat framing (3 tokens a request, 4 a message). Images and
+# encrypted reasoning are not estimated. Such an attempt says `usage_estimated: true`.
+CHARS_PER_TOKEN = 4
+REQUEST_FRAMING_TOKENS = 3
+MESSAGE_FRAMING_TOKENS = 4
+
+
+def estimate_output_tokens(chars: int) -> int:
+    """Tokens of `chars` characters of streamed output (rounded up: any output is at least one token)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def estimate_input_tokens(request: GenerationRequest) -> int:
+    """Tokens of what a request sends: its instructions, items, tool definitions and continuation."""
+    texts: list[int] = [len(request.instructions)] if request.instructions else []
+    for item in request.items:
+        if isinstance(item, Message):
+            texts.append(sum(len(p.text) for p in item.content if isinstance(p, TextPart)))
+        elif isinstance(item, FunctionCall):
+            texts.append(len(item.name) + len(item.arguments))
+        elif isinstance(item, FunctionCallOutput):
+            texts.append(len(item.output))
+        elif isinstance(item, Reasoning):
+            texts.append(len(item.text) + sum(len(s) for s in item.summary))
+    if request.continuation is not None:
+        texts.append(len(request.continuation.text))
+    tools = sum(len(t.name) + len(t.description or "") + len(repr(t.parameters or {})) for t in request.tools)
+    return (REQUEST_FRAMING_TOKENS + sum(MESSAGE_FRAMING_TOKENS + n // CHARS_PER_TOKEN for n in texts)
+            + tools // CHARS_PER_TOKEN)
+
+
+def delta_chars(delta: Delta) -> int:
+    """Characters of model output a delta carries (what an estimate of its tokens counts)."""
+    if isinstance(delta, TextDelta | RefusalDelta | ReasoningDelta):
+        return len(delta.text)
+    if isinstance(delta, ToolCallDelta):
+        return len(delta.arguments)
+    if isinstance(delta, ToolCallStart):
+        return len(delta.name)
+    return 0
+
+
 @dataclass(slots=True)
 class Attempt:
     deployment: str
@@ -102,14 +157,53 @@ class Attempt:
     model: str
     outcome: str = "running"  # ok | <error kind>
     continuation: str | None = None  # literal | instruction
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = field(default_factory=Usage)  # reported by the upstream, then completed by `settle`
     cost: float = 0.0
     ttft: float | None = None
+    output_chars: int = 0  # characters of output streamed (before the seam strips a repeated overlap)
+    usage_estimated: bool = False
+
+    def settle(self, deployment: Deployment, sent: GenerationRequest) -> None:
+        """The attempt is over: what the upstream did not report is estimated, and the cost follows. An attempt
+        that streamed nothing and reported nothing (an HTTP error, a silent upstream) counts nothing."""
+        usage = self.usage
+        if self.ttft is not None or usage.input_tokens or usage.output_tokens:
+            input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
+            if not input_tokens:
+                input_tokens = estimate_input_tokens(sent)
+                self.usage_estimated = True
+            if not output_tokens and self.output_chars:
+                output_tokens = estimate_output_tokens(self.output_chars)
+                self.usage_estimated = True
+            self.usage = Usage(input_tokens, output_tokens, usage.cached_input_tokens, usage.reasoning_tokens)
+        self.cost = deployment.price.cost(self.usage.input_tokens, self.usage.output_tokens,
+                                          self.usage.cached_input_tokens)
 
     def as_dict(self) -> dict[str, Any]:
         return {"deployment": self.deployment, "provider": self.provider, "model": self.model,
-                "outcome": self.outcome, "continuation": self.continuation, "output_tokens": self.usage.output_tokens,
-                "input_tokens": self.usage.input_tokens, "cost_usd": round(self.cost, 8)}
+                "outcome": self.outcome, "continuation": self.continuation,
+                "input_tokens": self.usage.input_tokens, "output_tokens": self.usage.output_tokens,
+                "cached_input_tokens": self.usage.cached_input_tokens,
+                "reasoning_tokens": self.usage.reasoning_tokens, "output_chars": self.output_chars,
+                "usage_estimated": self.usage_estimated, "cost_usd": round(self.cost, 8),
+                "ttft_ms": None if self.ttft is None else round(self.ttft * 1000, 1)}
+
+
+def unrecorded_attempt(request: GenerationRequest, deployment: Deployment, output_chars: int) -> dict[str, Any]:
+    """An earlier owner's work the journal shows but nobody recorded (its process died mid-attempt): estimated from
+    the request and the output journaled after the last recorded accounting, priced at `deployment`."""
+    attempt = Attempt(deployment.name, deployment.provider, deployment.model, outcome="taken_over",
+                      output_chars=output_chars, usage_estimated=True)
+    attempt.ttft = 0.0 if output_chars else None  # it streamed: its input counts
+    attempt.settle(deployment, request)
+    out = attempt.as_dict()
+    out["ttft_ms"] = None
+    return out
+
+
+def usage_of(attempt: dict[str, Any]) -> Usage:
+    return Usage(int(attempt.get("input_tokens") or 0), int(attempt.get("output_tokens") or 0),
+                 int(attempt.get("cached_input_tokens") or 0), int(attempt.get("reasoning_tokens") or 0))
 
 
 @dataclass(slots=True)
@@ -178,7 +272,10 @@ class Generation:
         self._resumed_from: str | None = None  # set after an interruption, until the next attempt's first delta
         # An emitter rebuilt from a journal (takeover) has already sent its start events.
         self._started = emitter.seq > 0
+        self._taken_over = emitter.seq > 0
         self._t0 = 0.0
+        self._ttft: float | None = None  # seconds from run() to this owner's first output
+        self._done_at: float | None = None
 
     # -- public --------------------------------------------------------------------------------------------------
 
@@ -186,8 +283,15 @@ class Generation:
         """Events of the whole response, ending with a terminal event (or, at a handoff, with none); raises
         `NoOutput` if nothing was emitted and nothing can be. A deployment leaves the request for good on errors
         that another try would not fix (auth, not found, a silent upstream, too small a context window) or after
-        `max_retries` + 1 tries."""
+        `max_retries` + 1 tries. One log line and one metrics blob tell how it went, whichever way it ends."""
         self._t0 = time.monotonic()
+        try:
+            async for ev in self._run():
+                yield ev
+        finally:
+            self._report()
+
+    async def _run(self) -> AsyncIterator[Event]:
         if _has_image_urls(self.request):
             # Some providers need image bytes and the router never fetches URLs: only deployments that take URLs.
             self._candidates = tuple(d for d in self._candidates if self.route.provider(d).capabilities.image_urls)
@@ -300,9 +404,14 @@ class Generation:
         attempt.outcome = err.kind
         self.error = err
         self.route.health.record_failure(self.route.model, deployment.name)
-        log.warning("attempt failed", extra={"response_id": self.emitter.response["id"],
-                                             "deployment": deployment.name, "kind": err.kind,
-                                             "status": err.status, "mid_stream": err.mid_stream})
+        log.warning("attempt failed", extra={"response_id": self.emitter.response["id"], "model": self.route.model,
+                                             "deployment": deployment.name, "attempt": len(self.attempts),
+                                             "kind": err.kind, "status": err.status, "mid_stream": err.mid_stream,
+                                             "ttft_ms": None if attempt.ttft is None else round(attempt.ttft * 1000, 1),
+                                             "input_tokens": attempt.usage.input_tokens,
+                                             "output_tokens": attempt.usage.output_tokens,
+                                             "usage_estimated": attempt.usage_estimated,
+                                             "cost_usd": round(attempt.cost, 8)})
 
     # -- one attempt ---------------------------------------------------------------------------------------------
 
@@ -354,16 +463,19 @@ class Generation:
                     raise ProviderError("timeout", f"no {what} within {limit:.1f}s", mid_stream=not first) from None
                 if first:
                     first = False
-                    attempt.ttft = time.monotonic() - started_at
+                    now = time.monotonic()
+                    attempt.ttft = now - started_at
+                    if self._ttft is None:
+                        self._ttft = now - self._t0
                     if self._resumed_from is not None:
                         for ev in self._resumed(deployment):
                             yield ev
-                if continued and isinstance(delta, ReasoningDelta | ReasoningSeal):
-                    continue  # the continued message stays one item; a continuation's own reasoning is not shown
                 if isinstance(delta, Usage):
                     attempt.usage = attempt.usage + delta
-                    attempt.cost = deployment.price.cost(attempt.usage.input_tokens, attempt.usage.output_tokens,
-                                                         attempt.usage.cached_input_tokens)
+                else:
+                    attempt.output_chars += delta_chars(delta)  # for an estimate, if no usage comes (a cut)
+                if continued and isinstance(delta, ReasoningDelta | ReasoningSeal):
+                    continue  # the continued message stays one item; a continuation's own reasoning is not shown
                 for out in seam.feed(delta):
                     for ev in self._emit(out):
                         yield ev
@@ -371,6 +483,7 @@ class Generation:
                 for ev in self._emit(out):
                     yield ev
         finally:
+            attempt.settle(deployment, request)
             await _aclose(stream)
 
     def _emit(self, delta: Delta) -> list[Event]:
@@ -401,7 +514,9 @@ class Generation:
             yield ev
 
     def _end_incomplete(self, reason: str, *, status: str = "incomplete") -> list[Event]:
-        return self._ensure_started() + self.emitter.end_incomplete(reason, status=status)
+        events = self._ensure_started()
+        self._account()
+        return events + self.emitter.end_incomplete(reason, status=status)
 
     def _at_deadline(self) -> list[Event]:
         if self.options.hand_off_at_deadline:
@@ -439,19 +554,65 @@ class Generation:
                                        attempt=len(self.attempts),
                                        mode=self.attempts[-1].continuation or "retry")]
 
+    def accounting(self) -> dict[str, Any]:
+        """The `router` extension field (README "Usage and cost"): every attempt of every owner so far, what they
+        cost and who served the answer. `journaled_through` is the last sequence number it covers, so that a later
+        owner estimates only what was streamed after it."""
+        attempts = [*self.emitter.previous_attempts, *(a.as_dict() for a in self.attempts)]
+        served = next((a["deployment"] for a in reversed(attempts) if a["outcome"] == "ok"), None)
+        return {
+            "served_by": served or (attempts[-1]["deployment"] if attempts else None),
+            "cost_usd": round(sum(a["cost_usd"] for a in attempts), 8),
+            "usage_estimated": any(a["usage_estimated"] for a in attempts),
+            "attempts": attempts,
+            "journaled_through": self.emitter.seq - 1,
+        }
+
+    def total_usage(self) -> Usage:
+        total = Usage()
+        for a in self.emitter.previous_attempts:
+            total = total + usage_of(a)
+        for attempt in self.attempts:
+            total = total + attempt.usage
+        return total
+
     def _account(self) -> None:
-        """What the attempts cost, on the response as a `router` extension field for clients that opted in, and
-        always in the log."""
-        if not self.attempts:
-            return
-        log.info("response attempts", extra={"response_id": self.emitter.response["id"],
-                                             "attempts": [a.as_dict() for a in self.attempts]})
-        if self.options.recovery_events:
-            self.emitter.response["router"] = {
-                "attempts": [a.as_dict() for a in self.attempts],
-                "served_by": self.attempts[-1].deployment,
-                "cost_usd": round(sum(a.cost for a in self.attempts), 8),
-            }
+        """Before the terminal event: the response's `usage` is the sum over every attempt of every owner, and its
+        `router` field says what each cost (always there: an extension field the spec's response object allows)."""
+        if self._done_at is None:
+            self._done_at = time.monotonic()
+        self.emitter.usage = self.total_usage()
+        router = self.accounting()
+        del router["journaled_through"]
+        self.emitter.response["router"] = router
+
+    def _report(self) -> None:
+        """Once per owner, however the run ended: one log line (and one EMF blob, if metrics are on) with this
+        owner's attempts. The numbers are this owner's own, so owners of one response add up."""
+        if self._done_at is None:
+            self._done_at = time.monotonic()
+        attempts = self.attempts
+        served = attempts[-1].deployment if attempts else None
+        output_tokens = sum(a.usage.output_tokens for a in attempts)
+        streaming = self._done_at - self._t0 - self._ttft if self._ttft is not None else 0.0
+        cost = sum(a.cost for a in attempts)
+        failovers = sum(1 for a, b in itertools.pairwise(attempts) if a.deployment != b.deployment)
+        continuations = sum(1 for a in attempts if a.continuation is not None)
+        ttft_ms = None if self._ttft is None else round(self._ttft * 1000, 1)
+        tps = round(output_tokens / streaming, 1) if output_tokens and streaming > 0 else None
+        log.info("response attempts", extra={
+            "response_id": self.emitter.response["id"], "model": self.route.model, "deployment": served,
+            "status": self.emitter.response.get("status"), "attempts": [a.as_dict() for a in attempts],
+            "attempt_count": len(attempts), "ttft_ms": ttft_ms,
+            "input_tokens": sum(a.usage.input_tokens for a in attempts), "output_tokens": output_tokens,
+            "output_tokens_per_s": tps, "cost_usd": round(cost, 8), "failovers": failovers,
+            "continuations": continuations, "taken_over": self._taken_over,
+            "usage_estimated": any(a.usage_estimated for a in attempts)})
+        logs.emit_metrics({"model": self.route.model, "deployment": served or "none"}, {
+            "Requests": 0 if self._taken_over else 1, "TimeToFirstToken": ttft_ms, "OutputTokensPerSecond": tps,
+            "InputTokens": sum(a.usage.input_tokens for a in attempts), "OutputTokens": output_tokens,
+            "CostUSD": cost, "Failovers": failovers, "Continuations": continuations,
+            "Takeovers": 1 if self._taken_over else 0})
 
 
 def _has_image_urls(request: GenerationRequest) -> bool:
