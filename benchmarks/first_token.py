@@ -6,7 +6,10 @@ For every store the script streams `POST /v1/responses` `--n` times, interleaved
 the upstream, and prints:
 - added TTFT: p50 of (router's first `response.output_text.delta`) minus p50 of (upstream's first content chunk);
 - max gap: the longest time between two consecutive deltas a client received (p50 over streams and the worst), next
-  to the upstream's own pacing.
+  to the upstream's own pacing;
+- for a journaled store, what one store write costs at the same moment (`create` of a header and `append` of a small
+  batch, timed from this process between streams), and the journal's share of the added TTFT in those commits: the
+  machine may be shared, so the commit is the yardstick, not a fixed number.
 
 Run: `python -m benchmarks.first_token [--n 20] [--stores none,sqlite,dynamodb] [--root CHECKOUT]`.
 `--root` runs the router (and upstream) from another checkout's `layers/` (e.g. an export of main), so the same
@@ -16,6 +19,7 @@ script measures before and after a change. Separate processes on 127.0.0.1, noth
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
@@ -94,7 +98,46 @@ def _max_gap(times: list[float]) -> float:
     return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
-def _measure(upstream_url: str, router_url: str, n: int, metadata: dict[str, str]) -> dict[str, Any]:
+class _StoreProbe:
+    """Times one header `create` and one `append` of a small batch on a store like the router's, between streams."""
+
+    def __init__(self, url: str) -> None:
+        from unbroken.journal.store import open_store
+
+        self.loop = asyncio.new_event_loop()
+        self.store = open_store(url)
+        self.create_s: list[float] = []
+        self.commit_s: list[float] = []
+
+    def sample(self) -> None:
+        self.loop.run_until_complete(self._sample())
+
+    async def _sample(self) -> None:
+        from unbroken.journal.store import ResponseHeader
+
+        now = time.time()
+        rid = f"resp_probe_{uuid.uuid4().hex}"
+        events = [{"type": DELTA, "sequence_number": i, "item_id": "msg_probe", "output_index": 0,
+                   "content_index": 0, "delta": " token", "logprobs": []} for i in range(5)]
+        t0 = time.perf_counter()
+        await self.store.create(ResponseHeader(id=rid, tenant="probe", created_at=now, expires_at=now + 600))
+        t1 = time.perf_counter()
+        await self.store.append(rid, 0, events, lease_expires_at=now + 30)
+        t2 = time.perf_counter()
+        self.create_s.append(t1 - t0)
+        self.commit_s.append(t2 - t1)
+
+    def close(self) -> None:
+        close = getattr(self.store, "close", None)
+        if close is not None:
+            result = close()
+            if asyncio.iscoroutine(result):
+                self.loop.run_until_complete(result)
+        self.loop.close()
+
+
+def _measure(upstream_url: str, router_url: str, n: int, metadata: dict[str, str],
+             probe: _StoreProbe | None = None) -> dict[str, Any]:
     direct_body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "stream": True,
                    "metadata": metadata}
     routed_body = {"model": "bench", "input": "hi", "stream": True, "metadata": metadata}
@@ -107,11 +150,13 @@ def _measure(upstream_url: str, router_url: str, n: int, metadata: dict[str, str
         for _ in range(n):  # interleaved so both see the same machine state
             direct.append(_times(client, f"{upstream_url}/chat/completions", direct_body, {}, True))
             routed.append(_times(client, f"{router_url}/responses", routed_body, hdr, False))
+            if probe is not None:
+                probe.sample()
     ms = 1000.0
     d_ttft = statistics.median(t[0] for t in direct)
     r_ttft = statistics.median(t[0] for t in routed)
     paired = statistics.median(r[0] - d[0] for r, d in zip(routed, direct, strict=True))
-    return {
+    out = {
         "added_ttft_ms_p50": round((r_ttft - d_ttft) * ms, 1),
         "added_ttft_ms_paired_p50": round(paired * ms, 1),
         "max_gap_ms_p50": round(statistics.median(_max_gap(t) for t in routed) * ms, 1),
@@ -121,6 +166,10 @@ def _measure(upstream_url: str, router_url: str, n: int, metadata: dict[str, str
         "ttft_ms_routed_p50": round(r_ttft * ms, 1),
         "deltas_per_stream": len(routed[0]),
     }
+    if probe is not None:
+        out["store_create_ms_p50"] = round(statistics.median(probe.create_s) * ms, 1)
+        out["store_commit_ms_p50"] = round(statistics.median(probe.commit_s) * ms, 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT, help="checkout whose layers/ the router runs from")
     args = parser.parse_args(argv)
 
+    # DynamoDB Local accepts any credentials; boto3 (in the router and in the probe here) only needs some to sign.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     env = {**os.environ, "PYTHONPATH": str(args.root.resolve() / "layers")}
-    # DynamoDB Local accepts any credentials; boto3 only needs some to sign with.
-    env.setdefault("AWS_ACCESS_KEY_ID", "local")
-    env.setdefault("AWS_SECRET_ACCESS_KEY", "local")
-    env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     metadata = {"sim_length": str(args.tokens)}
     if args.tps:
         metadata["sim_tps"] = str(args.tps)
@@ -156,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 url = "none"
             elif store == "sqlite":
                 url = f"sqlite:///{tmp / 'journal.db'}"
+                probe_url = f"sqlite:///{tmp / 'probe.db'}"  # its own file: no lock shared with the router
             elif store == "dynamodb":
                 from unbroken.journal.ddb_local import DynamoDBLocal, DynamoDBLocalMissing
 
@@ -165,15 +215,27 @@ def main(argv: list[str] | None = None) -> int:
                     results[store] = f"not available: {exc}"
                     continue
                 url = f"dynamodb://bench-{uuid.uuid4().hex[:8]}?region=us-east-1&endpoint_url={ddb.endpoint_url}"
+                probe_url = url  # the router's table (it creates it)
                 extra = ["--create-table"]
             else:
                 raise SystemExit(f"unknown store {store!r}")
             router, ready = _spawn(["-m", "unbroken.cli", "serve", "--config", str(config), "--port", "0",
                                     "--store", url, "--log-level", "WARNING", *extra], "unbroken ready on", env)
+            probe = None
             try:
-                results[store] = _measure(upstream_url, ready.split()[3], args.n, metadata)
+                if store != "none":
+                    probe = _StoreProbe(probe_url)
+                results[store] = _measure(upstream_url, ready.split()[3], args.n, metadata, probe)
             finally:
+                if probe is not None:
+                    probe.close()
                 _stop(router)
+            if store != "none" and isinstance(results.get("none"), dict):
+                # The journal's share of the added TTFT, in store commits measured at the same time.
+                extra_ms = results[store]["added_ttft_ms_p50"] - results["none"]["added_ttft_ms_p50"]
+                results[store]["journal_added_ttft_ms"] = round(extra_ms, 1)
+                results[store]["journal_added_ttft_in_commits"] = round(
+                    extra_ms / max(results[store]["store_commit_ms_p50"], 0.1), 2)
             print(f"{store:9s} {json.dumps(results[store])}", file=sys.stderr, flush=True)
     finally:
         _stop(upstream)
