@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         _stop(upstream)
         if ddb is not None:
             ddb.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=2))
     return 0
 
