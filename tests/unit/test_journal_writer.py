@@ -1,12 +1,14 @@
 """JournalWriter (group commit, fencing, failures, lease) and follow() (local push and cross-process polling).
 
-The store wrapper below lets a test hold a commit (gate), fail it, or see each attempt and commit through queues, so
-every wait is on an event with a bound, never on wall-clock time."""
+The store wrapper below lets a test hold a commit (gate, or one permit per commit), fail it, or see each attempt and
+commit through queues, so every wait is on an event with a bound, never on wall-clock time. Tests of when a batch goes
+out run on a fake loop clock (`clock`) that only the test moves."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +33,15 @@ class Call:
 
 
 class ControlledStore(Store):
-    """Wraps a store; `append` can be held (`gate`), made to fail (`fail_with`), and is observable (queues)."""
+    """Wraps a store; `append` can be held (`gate`, or `permits`: one per append), made to fail (`fail_with`), and
+    is observable (queues; `durable_seq` is the last sequence number the inner store committed)."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.stats = inner.stats
         self.gate: asyncio.Event | None = None
+        self.permits: asyncio.Semaphore | None = None
+        self.durable_seq = -1
         self.fail_with: BaseException | None = None
         self.attempted: asyncio.Queue[Call] = asyncio.Queue()
         self.committed: asyncio.Queue[Call] = asyncio.Queue()
@@ -63,6 +68,8 @@ class ControlledStore(Store):
         self.attempted.put_nowait(call)
         if self.gate is not None:
             await asyncio.wait_for(self.gate.wait(), BOUND)
+        if self.permits is not None:
+            await asyncio.wait_for(self.permits.acquire(), BOUND)
         try:
             if self.fail_with is not None:
                 raise self.fail_with
@@ -73,6 +80,8 @@ class ControlledStore(Store):
             # Seen by the test in the same loop step in which the writer handles the error.
             self.failures.put_nowait(exc)
             raise
+        if events:
+            self.durable_seq = events[-1]["sequence_number"]
         self.commits.append(call)
         self.committed.put_nowait(call)
         return result
@@ -286,6 +295,322 @@ async def test_set_status_and_flush(store: ControlledStore, feeds: LocalFeeds) -
     await writer.flush()
     assert writer.committed_seq == 1
     assert await store.inner.read_events(rid) == [delta(0), delta(1)]
+    await writer.aclose()
+
+
+# -- when a batch goes out (fake loop clock) -------------------------------------------------------------------------
+
+WINDOW = 0.1  # batch_ms / 1000 in the tests below
+
+
+class FakeClock:
+    """The running loop's clock, moved only by `advance`: a batch window or a timer ends exactly when a test says so,
+    however slow the machine.
+
+    A watchdog keeps a broken writer from hanging the test: if the clock has not moved for BOUND real seconds, the
+    loop is waiting for a timer that only `advance` can bring, so the clock jumps past every bounded wait (they raise
+    TimeoutError) and the test is failed at teardown."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.stuck = False
+        self._moved = time.monotonic()
+
+    def __call__(self) -> float:
+        if time.monotonic() - self._moved > BOUND:
+            self.stuck = True
+            self.now += 2 * BOUND
+            self._moved = time.monotonic()
+        return self.now
+
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self._moved = time.monotonic()
+        await settle()
+
+
+async def settle(turns: int = 10) -> None:
+    """A few loop turns: what is ready (due timers, the tasks they wake, a commit that is not held) runs."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def clock(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeClock]:
+    loop = asyncio.get_running_loop()
+    fake = FakeClock(loop.time())
+    monkeypatch.setattr(loop, "time", fake)
+    yield fake
+    assert not fake.stuck, "the test waited for something that only a move of the fake clock could bring"
+
+
+def item_added(seq: int, index: int, item_id: str, kind: str = "message") -> dict[str, Any]:
+    return {"type": "response.output_item.added", "sequence_number": seq, "output_index": index,
+            "item": {"id": item_id, "type": kind, "status": "in_progress"}}
+
+
+def item_done(seq: int, index: int, item_id: str, kind: str = "message") -> dict[str, Any]:
+    return {"type": "response.output_item.done", "sequence_number": seq, "output_index": index,
+            "item": {"id": item_id, "type": kind, "status": "completed"}}
+
+
+def part_added(seq: int, index: int, item_id: str) -> dict[str, Any]:
+    return {"type": "response.content_part.added", "sequence_number": seq, "item_id": item_id, "output_index": index,
+            "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}
+
+
+def args_delta(seq: int, index: int, item_id: str, text: str = '{"a"') -> dict[str, Any]:
+    return {"type": "response.function_call_arguments.delta", "sequence_number": seq, "item_id": item_id,
+            "output_index": index, "delta": text}
+
+
+def start_events() -> list[dict[str, Any]]:
+    """What the first upstream chunk of a response produces, all in one loop turn: seqs 0-4, the last a text delta."""
+    return [
+        {"type": "response.created", "sequence_number": 0, "response": {"status": "in_progress"}},
+        {"type": "response.in_progress", "sequence_number": 1, "response": {"status": "in_progress"}},
+        item_added(2, 0, "msg_1"),
+        part_added(3, 0, "msg_1"),
+        delta(4),
+    ]
+
+
+def seqs(call: Call) -> list[int]:
+    return [e["sequence_number"] for e in call.events]
+
+
+async def test_first_content_of_an_item_commits_at_once(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds)
+    for event in start_events():
+        await writer.emit(event)
+    # The clock has not moved: no window was waited for, and the whole first chunk is one append.
+    assert seqs(await store.next_commit()) == [0, 1, 2, 3, 4]
+    assert len(store.commits) == 1
+    await writer.emit(delta(5))  # a later token of the same item waits for the window...
+    await settle()
+    assert len(store.commits) == 1
+    # ...the start of the next item does not, and takes what was waiting along; nor does that item's first delta.
+    await writer.emit(item_added(6, 1, "fc_1", "function_call"))
+    assert seqs(await store.next_commit()) == [5, 6]
+    await writer.emit(args_delta(7, 1, "fc_1"))
+    assert seqs(await store.next_commit()) == [7]
+    await writer.emit(args_delta(8, 1, "fc_1"))  # not the first any more
+    await settle()
+    assert len(store.commits) == 3
+    await clock.advance(WINDOW)
+    assert seqs(await store.next_commit()) == [8]
+    await writer.aclose()
+
+
+async def test_an_event_during_a_commit_waits_for_it_then_goes_in_the_next_batch(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    store.gate = asyncio.Event()
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds)
+    for event in start_events():
+        await writer.emit(event)
+    assert seqs(await store.next_attempt()) == [0, 1, 2, 3, 4]  # in flight, held by the gate
+    await writer.emit(delta(5))
+    await clock.advance(2 * WINDOW)  # its window is over, but one append at a time
+    assert store.attempted.empty()
+    store.gate.set()
+    assert seqs(await store.next_commit()) == [0, 1, 2, 3, 4]
+    assert seqs(await store.next_commit()) == [5]  # at once after it: the window had ended meanwhile
+    await writer.aclose()
+
+
+async def test_after_a_commit_the_next_batch_waits_for_the_rest_of_the_window(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    store.gate = asyncio.Event()
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds)
+    for event in start_events():
+        await writer.emit(event)
+    await store.next_attempt()
+    await writer.emit(delta(5))
+    await clock.advance(0.3 * WINDOW)
+    store.gate.set()  # the first commit ends 30 ms into its window
+    await store.next_commit()
+    await settle()
+    await clock.advance(0.6 * WINDOW)
+    assert len(store.commits) == 1 and store.attempted.empty()
+    await clock.advance(0.1 * WINDOW)  # the window of the first commit is over
+    assert seqs(await store.next_commit()) == [5]
+    await writer.aclose()
+
+
+async def test_a_burst_during_a_commit_is_one_more_commit(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    store.gate = asyncio.Event()
+    writer = JournalWriter(store, rid, 0, batch_bytes=1 << 20, batch_ms=WINDOW * 1000, feeds=feeds)
+    for event in start_events():
+        await writer.emit(event)
+    await store.next_attempt()
+    burst = 100
+    for seq in range(5, 5 + burst):
+        await writer.emit(delta(seq))
+        await asyncio.sleep(0)  # one token per loop turn, as they come off a socket
+    await clock.advance(WINDOW)
+    store.gate.set()
+    await store.next_commit()
+    assert seqs(await store.next_commit()) == list(range(5, 5 + burst))
+    await settle()
+    assert len(store.commits) == 2
+    await writer.aclose()
+
+
+async def test_after_a_quiet_window_an_event_commits_at_once(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds)
+    for event in start_events():
+        await writer.emit(event)
+    await store.next_commit()
+    await clock.advance(2.5 * WINDOW)  # nothing for longer than the window
+    await writer.emit(delta(5))
+    assert seqs(await store.next_commit()) == [5]  # the clock did not move since the emit
+    await writer.emit(delta(6))  # inside the window of that commit: waits for its end
+    await settle()
+    assert len(store.commits) == 2
+    await clock.advance(WINDOW)
+    assert seqs(await store.next_commit()) == [6]
+    await writer.aclose()
+
+
+async def test_a_long_paced_stream_costs_about_one_write_per_window(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    interval = 0.02  # 50 tokens/s
+    emitted_at: dict[int, float] = {}
+    held: dict[int, float] = {}  # sequence number -> how long it waited between emit and on_commit
+    firsts: list[int] = []  # the first delta of every item
+
+    def on_commit(events: list[dict[str, Any]]) -> None:
+        held.update((e["sequence_number"], clock.now - emitted_at[e["sequence_number"]]) for e in events)
+
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, on_commit=on_commit, feeds=feeds)
+    seq = 0
+
+    async def emit(event: dict[str, Any]) -> None:
+        nonlocal seq
+        emitted_at[seq] = clock.now
+        await writer.emit(event)
+        seq += 1
+
+    # Three items, as the producer writes them: a message, a streamed function call, another message.
+    plan = [("message", 150), ("function_call", 40), ("message", 60)]
+    for index, (kind, tokens) in enumerate(plan):
+        item_id = f"item_{index}"
+        if index == 0:
+            for event in start_events()[:2]:
+                await emit(event)
+        await emit(item_added(seq, index, item_id, kind))
+        if kind == "message":
+            await emit(part_added(seq, index, item_id))
+        firsts.append(seq)
+        for _ in range(tokens):
+            if kind == "message":
+                await emit({**delta(seq), "item_id": item_id, "output_index": index})
+            else:
+                await emit(args_delta(seq, index, item_id))
+            await settle()  # the loop runs between tokens
+            await clock.advance(interval)
+        await emit(item_done(seq, index, item_id, kind))
+        await writer.boundary()
+    emitted_at[seq] = clock.now
+    await writer.finish(completed(seq), status="completed", response={"status": "completed"})
+
+    tokens = sum(n for _, n in plan)
+    writes = sum(1 for c in store.commits if c.events)
+    # One write per window of the stream's duration, plus at most three per item (its start, its first delta, its
+    # boundary) and the finish.
+    assert writes <= tokens * interval / WINDOW + 3 * len(plan) + 1
+    # This store commits in no time: the first content of an item does not wait at all, nothing waits longer than
+    # a window.
+    assert [held[s] for s in firsts] == [0.0] * len(plan)
+    assert max(held.values()) <= WINDOW + 1e-9
+    assert [e["sequence_number"] for e in await store.read_events(rid)] == list(range(seq + 1))
+
+
+async def test_followers_never_see_an_event_before_its_commit(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    store.permits = asyncio.Semaphore(0)  # every append waits for the test to let it through
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds)
+    got: list[dict[str, Any]] = []
+
+    async def consume() -> None:
+        async for event in follow(store, rid, feeds=feeds, poll_interval=BOUND, max_wait=BOUND):
+            assert event["sequence_number"] <= store.durable_seq  # in the store before anyone saw it
+            got.append(event)
+
+    follower = asyncio.create_task(consume())
+    await settle()
+    sent = start_events() + [delta(seq) for seq in range(5, 40)]
+    released = 0
+    for event in sent:
+        await writer.emit(event)
+        await clock.advance(0.02)
+        if not store.attempted.empty():  # an append is waiting: the follower has only what is committed
+            await store.next_attempt()
+            assert [e["sequence_number"] for e in got] == list(range(store.durable_seq + 1))
+            store.permits.release()
+            released += 1
+            await store.next_commit()
+            await settle()
+            assert [e["sequence_number"] for e in got] == list(range(store.durable_seq + 1))
+    assert released >= 3  # the start at once, then a window's worth at a time
+    finish = asyncio.create_task(writer.finish(completed(40), status="completed", response={}))
+    while not finish.done():
+        store.permits.release()
+        await settle()
+    await finish
+    await asyncio.wait_for(follower, BOUND)
+    assert got == [*sent, completed(40)]
+
+
+async def test_a_zombie_is_fenced_on_its_first_content(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    sent: list[dict[str, Any]] = []
+    zombie = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, on_commit=sent.extend, feeds=feeds)
+    assert await store.take_over(rid, 0, time.time() + 30) == 1
+    for event in start_events():
+        await zombie.emit(event)  # goes out at once, and loses to the new owner's epoch
+    assert isinstance(await asyncio.wait_for(store.failures.get(), BOUND), Fenced)
+    with pytest.raises(Fenced):
+        await zombie.emit(delta(5))
+    assert sent == [] and await store.read_events(rid) == []
+    assert not feeds.has_writer(rid)
+    await zombie.aclose()
+
+
+async def test_a_waiting_batch_renews_the_lease_instead_of_an_empty_append(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    rid = await new_response(store)
+    # The lease is due (every 0.1 s) long before the batch window (1 s) ends.
+    writer = JournalWriter(store, rid, 0, batch_ms=1000, lease_seconds=0.3, feeds=feeds)
+    for event in start_events():
+        await writer.emit(event)
+    await store.next_commit()
+    await writer.emit(delta(5))
+    await settle()
+    assert len(store.commits) == 1
+    await clock.advance(0.1)
+    call = await store.next_commit()
+    assert call.events == [delta(5)] and call.lease_expires_at is not None
     await writer.aclose()
 
 

@@ -1,12 +1,22 @@
 """Write-ahead group commit: the only way the API layer writes a response's events.
 
 The producer calls `emit` per event; that only appends to the open batch (no I/O, no serialisation of text deltas),
-which is what keeps the per-token cost low. A batch closes at `batch_bytes`, `batch_ms` after its first event, at
-`boundary()` or at the terminal event; one committer task appends closed batches to the store in order, one append
-at a time, and calls `on_commit(events)` only after the store has committed them: the API layer sends events to
-clients from there, so nothing leaves the process before it is durable. While a commit is in flight, new events
-gather in the next batch, and closed batches that queue up behind a slow store go out together in one append (group
-commit). The same task renews the lease when no commit did so for `lease_seconds / 3`.
+which is what keeps the per-token cost low. One committer task appends batches to the store in order, one append at
+a time, and calls `on_commit(events)` only after the store has committed them: the API layer sends events to clients
+from there, so nothing leaves the process before it is durable.
+
+When the open batch goes out decides what a client waits for:
+- at once if it holds the first content of an output item (`response.output_item.added`, or the item's first
+  delta): the first token of a response, or of a tool call after a message, is never held for a batch window;
+- at once if no commit is in flight and none went out in the last `batch_ms`: a quiet stream pays one commit;
+- otherwise `batch_ms` after the last commit started, or when the commit in flight ends if that is later: what
+  arrives while a commit is in flight gathers in the next batch. So a stream costs about one write per `batch_ms`
+  plus a few per output item, and a delivered token waits at most `batch_ms` plus one commit.
+"At once" is the committer's next loop turn, not inside `emit`: everything one upstream chunk produces in the same
+turn (response.created, in_progress, the item, its part and first delta) goes out in one append.
+A batch also closes at `batch_bytes`, `boundary()`, `flush()`, `set_status()` and the terminal event; closed batches
+go out as soon as the committer is free, and closed batches that queue up behind a slow store go out together in one
+append (group commit). The same task renews the lease when no commit did so for `lease_seconds / 3`.
 
 A store failure (`Fenced`, `StoreUnavailable`, anything) stops the writer for good: what was pending is dropped, never
 written, and the error is raised from the next `emit` / `boundary` / `finish` / `set_status` / `flush`.
@@ -37,6 +47,8 @@ OnCommit = Callable[[list[dict[str, Any]]], Awaitable[None] | None]
 # their size is estimated rather than measured by serialising them.
 _DELTA_OVERHEAD = 130
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_ITEM_ADDED = "response.output_item.added"
+_DELTA_SUFFIX = ".delta"  # output_text, refusal, reasoning, reasoning_summary_text, function_call_arguments...
 
 
 class WriterClosed(RuntimeError):
@@ -126,7 +138,16 @@ class JournalWriter:
         self._cancel = False
         self._committed_seq: int | None = None
         self._lease_due = self._loop.time() + self._renew_every
-        # Timers are loop callbacks, not timeouts in the committer: one handle per batch, no extra task wake-up.
+        # The open batch holds the first content of an output item: it goes out on the committer's next turn.
+        self._open_urgent = False
+        # An output item started and none of its deltas was emitted yet (items come one after another).
+        self._item_fresh = False
+        # Loop time from which a batch that is not urgent may go out: `batch_ms` after the last append carrying
+        # events started (lease renewals carry none and do not count). In the past at first: the first batch goes
+        # at once.
+        self._window_end = float("-inf")
+        # Timers are loop callbacks, not timeouts in the committer: at most one window timer per batch, armed when
+        # its first event finds the window still running; no task, no timer per token.
         self._batch_timer: asyncio.TimerHandle | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
         self._feeds.writer_started(response_id)
@@ -158,10 +179,20 @@ class JournalWriter:
         """Queue one event (it must carry the next `sequence_number`; do not mutate it afterwards)."""
         if self._error is not None or self._finishing or self._stopped:
             self._check()
-        if not self._open:
-            self._batch_timer = self._loop.call_later(self._batch_s, self._batch_deadline)
+        first = not self._open
         self._open.append(event)
         self._open_bytes += _event_size(event)
+        kind = event.get("type")
+        # Per token this is one string compare; the suffix test runs only between an item's start and its first
+        # delta.
+        if kind == _ITEM_ADDED or (self._item_fresh and type(kind) is str and kind.endswith(_DELTA_SUFFIX)):
+            self._item_fresh = kind == _ITEM_ADDED
+            if not self._open_urgent:
+                self._open_urgent = True
+                self._cancel_batch_timer()
+                self._wake.set()
+        elif first:
+            self._schedule_open()
         if self._open_bytes >= self._batch_bytes:
             self._close_open()
             if self._ready_bytes > self._max_pending:
@@ -233,26 +264,47 @@ class JournalWriter:
     def _close_open(
         self, *, status: str | None = None, response: dict[str, Any] | None = None, final: bool = False
     ) -> _Batch:
-        if self._batch_timer is not None:
-            self._batch_timer.cancel()
-            self._batch_timer = None
+        self._cancel_batch_timer()
         if status is None:
             status = self._open_status
         self._open_status = None
         batch = _Batch(self._open, self._open_bytes, status=status, response=response, final=final)
         self._open = []
         self._open_bytes = 0
+        self._open_urgent = False
         self._ready.append(batch)
         self._ready_bytes += batch.size
         self._wake.set()
         return batch
 
-    def _batch_deadline(self) -> None:
-        # batch_ms after the batch's first event. If a commit is in flight the batch joins the queue and goes out
-        # merged with whatever closes behind it.
+    def _cancel_batch_timer(self) -> None:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
+
+    def _schedule_open(self) -> None:
+        # The first event of a batch that is not urgent: one clock read per batch, not per token.
+        if self._loop.time() >= self._window_end:
+            # Window over: the committer takes the batch on its next turn, or right after the commit in flight
+            # (it looks at the open batch before it waits again).
+            self._wake.set()
+        elif self._batch_timer is None:
+            self._batch_timer = self._loop.call_at(self._window_end, self._window_over)
+
+    def _window_over(self) -> None:
+        # Only wakes the committer, which decides: a commit that started since the timer was armed moved the window
+        # on, and the committer then arms a new timer for it.
         self._batch_timer = None
-        if self._open and self._error is None and not self._stopped:
-            self._close_open()
+        self._wake.set()
+
+    def _open_due(self) -> bool:
+        if not self._open:
+            return False
+        if self._open_urgent:
+            return True
+        # Closed batches go first; the open batch is newer and waits for the window their commit starts. 1 ms of
+        # slack: a timer may run a hair before loop.time() reaches its due time.
+        return not self._ready and self._loop.time() >= self._window_end - 0.001
 
     def _lease_tick(self) -> None:
         self._lease_timer = None
@@ -284,6 +336,7 @@ class JournalWriter:
     def _drop(self, error: BaseException) -> None:
         self._open = []
         self._open_bytes = 0
+        self._open_urgent = False
         if self._inflight is not None:
             for future in self._inflight.done:
                 _settle(future, error)
@@ -303,8 +356,12 @@ class JournalWriter:
         loop = self._loop
         try:
             while True:  # ends at the final batch, on an error, or when cancelled by aclose
+                if self._open_due():
+                    self._close_open()
                 if self._ready:
                     batch = self._inflight = self._take()
+                    if batch.events:
+                        self._window_end = loop.time() + self._batch_s
                     await self._commit(batch)
                     self._inflight = None
                     self._ready_bytes -= batch.size
@@ -317,10 +374,15 @@ class JournalWriter:
                     continue
                 # 1 ms of slack: a timer may run a hair before loop.time() reaches its due time.
                 if loop.time() >= self._lease_due - 0.001:
-                    await self._renew()
+                    if self._open:  # a batch renews the lease as well as an empty append, and is one write
+                        self._close_open()
+                    else:
+                        await self._renew()
                     continue
                 if self._lease_timer is None:  # at most one pending; it re-arms here if commits moved the due time
                     self._lease_timer = loop.call_at(self._lease_due, self._lease_tick)
+                if self._open and self._batch_timer is None:  # not due yet: wake at the end of the window
+                    self._batch_timer = loop.call_at(self._window_end, self._window_over)
                 self._wake.clear()
                 await self._wake.wait()
         except asyncio.CancelledError:
