@@ -882,3 +882,61 @@ async def test_follow_keeps_going_when_the_local_writer_is_fenced(feeds: LocalFe
     await store.append(rid, 1, [delta(1, "new")])
     await store.append(rid, 1, [completed(2)], status="completed")
     assert await asyncio.wait_for(follower, BOUND) == [delta(0), delta(1, "new"), completed(2)]
+
+
+class CountingReads(MemoryStore):
+    """A memory store that counts the follower's reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        self.reads += 1
+        return await super().read_events(response_id, after_seq)
+
+
+async def test_a_follower_of_a_local_writer_that_said_where_it_starts_reads_nothing_first(feeds: LocalFeeds) -> None:
+    store = CountingReads()
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=1000, feeds=feeds, next_seq=0)
+    got: list[dict[str, Any]] = []
+
+    async def follower() -> None:
+        async for event in follow(store, rid, -1, feeds=feeds, max_wait=10):
+            got.append(event)
+
+    task = asyncio.create_task(follower())
+    await asyncio.sleep(0)  # the follower subscribes
+    for seq in range(3):
+        await writer.emit(delta(seq))
+    await writer.finish(completed(3), status="completed", response={"id": rid})
+    async with asyncio.timeout(10):
+        await task
+    assert [e["sequence_number"] for e in got] == [0, 1, 2, 3]
+    assert store.reads == 0  # everything came by push: no round trip to the store before the first event
+
+
+async def test_a_follower_from_before_a_taken_over_writer_still_reads_the_store(feeds: LocalFeeds) -> None:
+    store = CountingReads()
+    rid = await new_response(store)
+    first = JournalWriter(store, rid, 0, feeds=feeds, next_seq=0)
+    await first.emit(delta(0))
+    await first.emit(delta(1))
+    await first.flush()
+    await first.aclose()
+    epoch = await store.take_over(rid, 0, time.time() + 30)
+    second = JournalWriter(store, rid, epoch, feeds=feeds, next_seq=2)  # a new owner, going on from 2
+    got: list[dict[str, Any]] = []
+
+    async def follower() -> None:
+        async for event in follow(store, rid, -1, feeds=feeds, max_wait=10):
+            got.append(event)
+
+    task = asyncio.create_task(follower())
+    await asyncio.sleep(0)
+    await second.finish(completed(2), status="completed", response={"id": rid})
+    async with asyncio.timeout(10):
+        await task
+    assert [e["sequence_number"] for e in got] == [0, 1, 2]
+    assert store.reads >= 1  # events 0 and 1 were committed by the first owner: only the store has them

@@ -67,7 +67,7 @@ class ResponseRun:
         assert self.runtime.store is not None
         writer = JournalWriter(self.runtime.store, self.response_id, self.epoch,
                                batch_bytes=settings.journal_batch_bytes, batch_ms=settings.journal_batch_ms,
-                               lease_seconds=settings.lease_seconds)
+                               lease_seconds=settings.lease_seconds, next_seq=self.generation.emitter.seq)
         self.control.cancelled = lambda: writer.cancel_requested
         try:
             async for event in self.generation.run():

@@ -53,6 +53,8 @@ class LocalFeeds:
     def __init__(self) -> None:
         self._subs: dict[str, set[Subscription]] = {}
         self._writers: dict[str, int] = {}
+        # Per response with a live writer that said where it starts: the last sequence number in the store.
+        self._published: dict[str, int] = {}
 
     @contextmanager
     def subscribe(self, response_id: str, *, limit: int = 1024) -> Iterator[Subscription]:
@@ -69,11 +71,15 @@ class LocalFeeds:
 
     def publish(self, response_id: str, events: list[dict[str, Any]]) -> None:
         """Called by a writer with each batch after the store committed it. Followers must not mutate the events."""
+        if events and response_id in self._published:
+            self._published[response_id] = events[-1]["sequence_number"]
         for sub in self._subs.get(response_id, ()):
             sub.push(events)
 
-    def writer_started(self, response_id: str) -> None:
+    def writer_started(self, response_id: str, next_seq: int | None = None) -> None:
         self._writers[response_id] = self._writers.get(response_id, 0) + 1
+        if next_seq is not None and response_id not in self._published:
+            self._published[response_id] = next_seq - 1  # what the store holds before this writer's first commit
 
     def writer_stopped(self, response_id: str, error: BaseException | None = None) -> None:
         """A writer ended. With `error` (its store failed, e.g. `StoreUnavailable`), followers raise it once they
@@ -84,6 +90,7 @@ class LocalFeeds:
             self._writers[response_id] = count
         else:
             self._writers.pop(response_id, None)
+            self._published.pop(response_id, None)
         # Wake followers so that they go back to polling at the normal interval.
         for sub in self._subs.get(response_id, ()):
             if error is not None and not isinstance(error, Fenced):
@@ -92,6 +99,12 @@ class LocalFeeds:
 
     def has_writer(self, response_id: str) -> bool:
         return response_id in self._writers
+
+    def nothing_committed_after(self, response_id: str, seq: int) -> bool:
+        """True when this process's writer of the response has committed nothing after `seq`: a follower from
+        `seq` gets everything by push, with no store read first (a first token not delayed by a round trip)."""
+        published = self._published.get(response_id)
+        return response_id in self._writers and published is not None and published <= seq
 
 
 LOCAL_FEEDS = LocalFeeds()
@@ -118,8 +131,10 @@ async def follow(
     deadline = loop.time() + max_wait
     last = after_seq
     with feeds.subscribe(response_id) as sub:
-        read_store = True
-        checked = False
+        # Subscribed before reading, so nothing committed from here on is missed; the first read is needed only for
+        # what was committed before, or by another process.
+        read_store = not feeds.nothing_committed_after(response_id, after_seq)
+        checked = not read_store  # a local writer: the response exists and is not finished
         while True:
             if read_store:
                 read_store = False

@@ -107,7 +107,10 @@ class JournalWriter:
         feeds: LocalFeeds | None = None,
         max_pending_bytes: int | None = None,
         max_append_bytes: int | None = None,
+        next_seq: int | None = None,
     ) -> None:
+        """`next_seq` is the sequence number of the first event this writer will write, when the caller knows it:
+        in-process followers then need no store read to start following (`LocalFeeds.nothing_committed_after`)."""
         self._store = store
         self.response_id = response_id
         self.epoch = epoch
@@ -150,7 +153,7 @@ class JournalWriter:
         # its first event finds the window still running; no task, no timer per token.
         self._batch_timer: asyncio.TimerHandle | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
-        self._feeds.writer_started(response_id)
+        self._feeds.writer_started(response_id, next_seq)
         self._task = self._loop.create_task(self._run(), name=f"journal-writer-{response_id}")
 
     # -- producer side ----------------------------------------------------------------------------------------------
