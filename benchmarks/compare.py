@@ -110,6 +110,7 @@ class Gateway:
     server: Server
     base_url: str  # .../v1
     start_to_first_answer_s: float | None = None
+    start_cpu_s: float | None = None
     rss_after_100_mib: float | None = None
     stats_url: str | None = None
 
@@ -296,8 +297,10 @@ def lambda_entry(config: Path, store: str | None, tmp: Path) -> dict[str, Any]:
                 except httpx.TransportError:
                     time.sleep(0.01)
         answer = first_answer(f"http://127.0.0.1:{port}/v1", 30, t0, server)
-        return {"store": store or "none", "start_to_healthz_s": round(healthz, 3) if healthz else None,
-                "start_to_first_answer_s": round(answer, 3), "rss_mib_after_first_answer": round(server.rss(), 1)}
+        return {"store": "dynamodb" if store else "none",
+                "start_to_healthz_s": round(healthz, 3) if healthz else None,
+                "start_to_first_answer_s": round(answer, 3), "start_cpu_s": round(server.cpu(), 2),
+                "rss_mib_after_first_answer": round(server.rss(), 1)}
     finally:
         server.stop()
 
@@ -609,6 +612,7 @@ def run(report: dict[str, Any]) -> None:
             base = f"http://127.0.0.1:{port}/v1"
             gw = Gateway(key, label, server, base)
             gw.start_to_first_answer_s = round(first_answer(base, timeout, server.started, server), 3)
+            gw.start_cpu_s = round(server.cpu(), 2)
             if key == "unbroken_dynamodb":
                 gw.stats_url = f"http://127.0.0.1:{port}/_bench/stats"
             gateways[key] = gw
@@ -646,7 +650,7 @@ def run(report: dict[str, Any]) -> None:
                              for t in targets}
         asyncio.run(measure(targets, upstream, report))
         report["gateways"] = {
-            k: {"label": g.label, "start_to_first_answer_s": g.start_to_first_answer_s,
+            k: {"label": g.label, "start_to_first_answer_s": g.start_to_first_answer_s, "start_cpu_s": g.start_cpu_s,
                 "rss_mib_after_100_requests": g.rss_after_100_mib, "rss_mib_at_end": round(g.server.rss(), 1)}
             for k, g in gateways.items()
         }
