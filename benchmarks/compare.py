@@ -14,7 +14,7 @@ Streams: `unpaced` = 200 tokens as fast as the upstream can write them; `paced` 
 
 Phases, each bounded in count and time:
 1. start: each gateway alone on the machine, process start → first good answer (a non-streamed chat completion
-   with the expected text); then 99 more streams, then its resident memory ("after 100 requests");
+   with the expected text); then 99 short (20-token) streams, then its resident memory ("after 100 requests");
    the Lambda entry point (`uvicorn unbroken.app:lambda_app`) the same way; import time of `unbroken.app`;
 2. sequential unpaced streams, in rounds that rotate over the targets: time to first byte, to first text delta,
    total; the gateway's CPU per stream (its process tree's CPU delta over its own blocks / streams);
@@ -50,6 +50,7 @@ MODES: dict[str, dict[str, Any]] = {
     "unpaced": {"upstream_model": "t200", "tokens": 200, "gap_ms": 0},
     "paced": {"upstream_model": "t50-g20", "tokens": 50, "gap_ms": 20},
     "long": {"upstream_model": "t1000-g20", "tokens": 1000, "gap_ms": 20},
+    "short": {"upstream_model": "t20", "tokens": 20, "gap_ms": 0},  # warm-up requests (memory after 100)
 }
 SCALE = float(os.environ.get("UNBROKEN_BENCH_SCALE", "1"))  # < 1 for a quick smoke run of the harness
 
@@ -201,8 +202,9 @@ def first_answer(base_url: str, timeout: float, t0: float, server: Server) -> fl
 
 
 async def warm(target: Target, n: int) -> list[Sample]:
+    """`n` short streams (20 tokens): requests that load every code path, without spending minutes on LiteLLM."""
     async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
-        return [await one_stream(client, target, "unpaced") for _ in range(n)]
+        return [await one_stream(client, target, "short") for _ in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -102,6 +102,36 @@ def parse_folded(text: str) -> list[tuple[list[tuple[str, str]], int]]:
     return stacks
 
 
+Frames = list[tuple[str, str]]
+
+
+def _has(*needles: str) -> Any:
+    return lambda frames: any(any(n in f"{func} ({file})" for n in needles) for func, file in frames)
+
+
+# Named slices of the hot path, each the share of samples whose stack contains one of its frames (they overlap).
+BUCKETS: list[tuple[str, Any]] = [
+    ("reading the upstream: httpx body -> httpx-sse lines and events -> json.loads (OpenAIChatProvider.parse_stream)",
+     _has("OpenAIChatProvider.parse_stream")),
+    ("  of which in httpx-sse (line splitting, SSE decoding)",
+     lambda fr: _has("OpenAIChatProvider.parse_stream")(fr) and _has("httpx_sse/")(fr)),
+    ("journal commits on the event loop (JournalWriter -> SQLiteStore.append)", _has("JournalWriter._commit")),
+    ("executor threads (the SQLite calls themselves plus thread wake-ups)",
+     lambda fr: fr[0][0].startswith("Thread._bootstrap") and _has("concurrent/futures/thread.py")(fr)),
+    ("  of which inside the SQLite store code", lambda fr: fr[0][0].startswith("Thread._bootstrap")
+     and _has("unbroken/journal/sqlite.py")(fr)),
+    ("handing work to threads from the loop (ThreadPoolExecutor.submit, call_soon_threadsafe wake-ups)",
+     _has("ThreadPoolExecutor.submit", "_write_to_self", "_read_from_self")),
+    ("writing to the client (StreamingResponse -> uvicorn/h11 send)", _has("StreamingResponse.stream_response")),
+    ("Starlette's BaseHTTPMiddleware around every response (the body-size limit in app.py)",
+     _has("starlette/middleware/base.py")),
+    ("building events (ResponseEmitter, Generation._emit)", _has("ResponseEmitter.", "Generation._emit")),
+    ("SSE framing and JSON encoding of events (protocol/sse.py)", _has("unbroken/protocol/sse.py")),
+    ("the event loop polling with nothing else on the stack (EpollSelector.select)",
+     lambda fr: fr[-1][0] == "EpollSelector.select"),
+]
+
+
 def component_of(file: str) -> str:
     for needle, name in COMPONENTS:
         if needle in file:
@@ -114,6 +144,7 @@ def component_of(file: str) -> str:
 def summarize(stacks: list[tuple[list[tuple[str, str]], int]], top: int = 25) -> dict[str, Any]:
     total = sum(c for _, c in stacks) or 1
     by_component: Counter[str] = Counter()
+    buckets: Counter[str] = Counter()
     self_t: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     for frames, count in stacks:
@@ -122,10 +153,14 @@ def summarize(stacks: list[tuple[list[tuple[str, str]], int]], top: int = 25) ->
         self_t[f"{leaf_func} ({leaf_file})"] += count
         for name in {f"{f} ({p})" for f, p in frames}:
             incl[name] += count
+        for label, test in BUCKETS:
+            if test(frames):
+                buckets[label] += count
     pct = lambda c: round(100 * c / total, 1)  # noqa: E731
     return {
         "samples": total,
         "by_component": [[k, pct(v)] for k, v in by_component.most_common()],
+        "buckets": [[label, pct(buckets[label])] for label, _ in BUCKETS],
         "self": [[k, pct(v)] for k, v in self_t.most_common(top)],
         "inclusive": [[k, pct(v)] for k, v in incl.most_common(top) if pct(v) < 99.5],
     }
@@ -139,8 +174,10 @@ def format_text(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         f"--function (line numbers folded); {summary['samples']} samples; Python {meta['python']}",
         f"machine: {meta['machine']}",
         "",
-        "share of on-CPU samples by component (the frame on the CPU):",
+        "slices of the hot path (share of samples whose stack contains the slice's frames; slices overlap):",
     ]
+    lines += [f"  {share:5.1f}%  {name}" for name, share in summary["buckets"]]
+    lines += ["", "share of on-CPU samples by component (the frame on the CPU):"]
     lines += [f"  {share:5.1f}%  {name}" for name, share in summary["by_component"]]
     lines += ["", "functions by samples of their own (self):"]
     lines += [f"  {share:5.1f}%  {name}" for name, share in summary["self"]]

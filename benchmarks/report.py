@@ -186,12 +186,15 @@ def journal_table(r: dict[str, Any]) -> list[str]:
         "| CPU per event on / off (added) | wall per event on / off |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    names = {"memory": "memory", "sqlite": "SQLite", "dynamodb_local": "DynamoDB Local, lean HTTP transport (opt-in)",
+             "dynamodb_local/boto3": "DynamoDB Local, boto3 transport (default)"}
     for row in j["results"]:
+        name = names.get(row["backend"], row["backend"])
         if "error" in row:
-            lines.append(f"| {row['backend']} | error: {row['error'][:100]} |||||||")
+            lines.append(f"| {name} | error: {row['error'][:100]} |||||||")
             continue
         lines.append(
-            f"| {row['backend']} | {row['mode']} | {row['writes_per_response']} | {_f(row.get('wru_per_response'), 0)}"
+            f"| {name} | {row['mode']} | {row['writes_per_response']} | {_f(row.get('wru_per_response'), 0)}"
             f" | {_f(row.get('bytes_stored_per_token'), 2)} | {_f(row.get('sse_bytes_per_token'), 1)} | "
             f"{_f(row['cpu_us_per_event_journal_on'])} / {_f(row['cpu_us_per_event_journal_off'])} µs "
             f"({_f(row['cpu_us_per_event_added'], 1, True)}) | {_f(row['wall_us_per_event_journal_on'])} / "

@@ -70,7 +70,7 @@ def main() -> int:
             from benchmarks import journal_bench
 
             with compare.Phase(report, "journal_bench"):
-                journal_bench.run(report)
+                journal_bench.run(report, memory=False)
         if os.environ.get("UNBROKEN_BENCH_PROFILE", "1") != "0":
             print("bench: profiling a journaled stream (py-spy)", flush=True)
             from benchmarks import profile
@@ -79,7 +79,8 @@ def main() -> int:
             with compare.Phase(report, "profile"):
                 try:
                     prof = profile.run(OUT / "profile.txt", machine=f"{m['nproc']} x {m['cpu_model']}")
-                    report["profile"] = {k: prof[k] for k in ("file", "samples", "by_component", "self", "workload")}
+                    report["profile"] = {k: prof[k] for k in ("file", "samples", "buckets", "by_component", "self",
+                                                              "workload")}
                 except RuntimeError as exc:
                     report["profile"] = {"error": str(exc)[:2000]}
     report["machine_load"] = monitor.summary()
