@@ -165,7 +165,8 @@ async def one_stream(client: httpx.AsyncClient, target: Target, mode: str) -> Sa
                     ttft = now
             status = r.status_code
     except httpx.HTTPError as exc:
-        return Sample(False, error=f"{type(exc).__name__}: {exc}"[:200])
+        at = "before the response headers" if ttfb is None and not buf else f"after {len(buf)} body bytes"
+        return Sample(False, error=f"{type(exc).__name__} {at}, {time.perf_counter() - t0:.3f} s in: {exc}"[:300])
     end = time.perf_counter()
     deltas = len(pattern.findall(buf))
     tail = bytes(buf[-8192:])

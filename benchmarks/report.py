@@ -281,7 +281,9 @@ def plots(r: dict[str, Any]) -> list[str]:
         keys = [k for k in _keys(sec) if k != "direct" and "ttft_ms_p50" in sec[k]]
         for col, q in enumerate(("p50", "p99")):
             vals = [sec[k][f"ttft_ms_{q}"] - base[f"ttft_ms_{q}"] for k in keys]
-            bars(axes[row][col], keys, vals, f"{mode}: added time to first text delta, {q}{note}", "ms vs direct")
+            bars(axes[row][col], keys, vals, f"{mode}: added time to first text delta, {q}", "ms vs direct")
+    if note:
+        fig.suptitle("measured on a shared machine: compare rows, not runs", fontsize=9)
     fig.savefig(OUT / "latency.png", dpi=110)
     plt.close(fig)
     made.append("latency.png")
@@ -292,7 +294,9 @@ def plots(r: dict[str, Any]) -> list[str]:
         keys = [k for k in _keys(sec) if k != "direct" and "gateway_cpu_ms_per_stream" in sec[k]]
         tokens = r["modes"][mode]["tokens"]
         bars(axes[col], keys, [sec[k]["gateway_cpu_ms_per_stream"] for k in keys],
-             f"gateway CPU per {tokens}-token stream, {mode}{note}", "ms of CPU")
+             f"gateway CPU per {tokens}-token stream, {mode}", "ms of CPU")
+    if note:
+        fig.suptitle("measured on a shared machine: compare rows, not runs", fontsize=9)
     fig.savefig(OUT / "cpu.png", dpi=110)
     plt.close(fig)
     made.append("cpu.png")
@@ -302,7 +306,9 @@ def plots(r: dict[str, Any]) -> list[str]:
         sec = r["load"][mode]
         keys = [k for k in _keys(sec) if sec[k].get("streams_per_s")]
         bars(axes[col], keys, [sec[k]["streams_per_s"] for k in keys],
-             f"streams/s at {r['load']['concurrency']} concurrent, {mode}{note}", "streams per second")
+             f"streams/s at {r['load']['concurrency']} concurrent, {mode}", "streams per second")
+    if note:
+        fig.suptitle("measured on a shared machine: compare rows, not runs", fontsize=9)
     fig.savefig(OUT / "throughput.png", dpi=110)
     plt.close(fig)
     made.append("throughput.png")
@@ -321,11 +327,13 @@ def plots(r: dict[str, Any]) -> list[str]:
         ax.barh(list(y), vals, color=[colors[k] for k in keys])
         ax.set_yticks(list(y), [short[k] for k in keys], fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(title + note, fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel(unit, fontsize=8)
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:,.1f}", va="center", fontsize=7)
         ax.margins(x=0.25)
+    if note:
+        fig.suptitle("measured on a shared machine: compare rows, not runs", fontsize=9)
     fig.savefig(OUT / "startup_memory.png", dpi=110)
     plt.close(fig)
     made.append("startup_memory.png")

@@ -51,6 +51,15 @@ def _commit() -> str:
     return (out.stdout.strip() or "?") + ("+changes" if dirty else "")
 
 
+def scrub(text: str) -> str:
+    """No path of this machine in what gets committed: temporary directories and the checkout become placeholders."""
+    import re
+    import tempfile
+
+    text = re.sub(re.escape(tempfile.gettempdir()) + r"/unbroken-[A-Za-z0-9_.-]+", "<tmp>", text)
+    return text.replace(str(ROOT), "<repo>")
+
+
 def main() -> int:
     t0 = time.perf_counter()
     report: dict[str, Any] = {
@@ -86,7 +95,7 @@ def main() -> int:
     report["machine_load"] = monitor.summary()
     report["total_seconds"] = round(time.perf_counter() - t0)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (OUT / "results.json").write_text(scrub(json.dumps(report, indent=2)) + "\n")
 
     from benchmarks import cost
     from benchmarks import report as report_md
