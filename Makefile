@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 DDB_LOCAL_VERSION := 10.3.0
 DDB_LOCAL_DIR := .cache/dynamodb-local
 
-.PHONY: run test test-js install lint bench chaos dynamodb-local clean check-config docs
+.PHONY: run test test-js install lint bench profile litellm chaos dynamodb-local clean check-config docs
 
 $(VENV_STAMP):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || (echo "Python 3.11+ is needed" && exit 1)
@@ -57,8 +57,35 @@ test: $(DEV_STAMP) dynamodb-local lint test-js
 test-js: $(DEV_STAMP)
 	cd clients/js && npm install --no-audit --no-fund --silent && UNBROKEN_BIN=$(abspath $(BIN))/unbroken node --test test/
 
-bench: $(RUN_STAMP) dynamodb-local
-	UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) $(BIN)/python -m benchmarks.run
+# `make bench`: unbroken vs the LiteLLM proxy vs straight to the upstream, in one run (benchmarks/run.py; ~6-10 min).
+# Writes docs/bench/ (results.json, results.md, cost.md, profile.txt, PNG plots) and the README's benchmark blocks.
+# matplotlib (plots) and py-spy (profile) go into .venv only here: `make test` and CI never need them.
+# LiteLLM gets its own virtual environment under .cache/, pinned; if it cannot be installed the bench runs without it.
+MATPLOTLIB_VERSION := 3.11.2
+PYSPY_VERSION := 0.4.3
+BENCH_STAMP := $(VENV)/.bench-matplotlib-$(MATPLOTLIB_VERSION)-py-spy-$(PYSPY_VERSION)
+LITELLM_VERSION := 1.108.0
+LITELLM_VENV := .cache/litellm-venv
+LITELLM_STAMP := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
+
+$(BENCH_STAMP): $(DEV_STAMP)
+	$(BIN)/pip install -q matplotlib==$(MATPLOTLIB_VERSION) py-spy==$(PYSPY_VERSION)
+	touch $@
+
+$(LITELLM_STAMP):
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q 'litellm[proxy]==$(LITELLM_VERSION)' && touch $@ || \
+		echo "LiteLLM $(LITELLM_VERSION) could not be installed: make bench runs without it"
+
+litellm: $(LITELLM_STAMP)
+
+bench: $(DEV_STAMP) $(BENCH_STAMP) dynamodb-local litellm
+	UNBROKEN_BENCH_LITELLM=$(abspath $(LITELLM_VENV))/bin/litellm UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) \
+		$(BIN)/python -m benchmarks.run
+
+# The hot path of journaled (SQLite) streams under py-spy → docs/bench/profile.txt (also part of `make bench`).
+profile: $(DEV_STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.profile
 
 N ?= 1000
 chaos: $(DEV_STAMP) dynamodb-local

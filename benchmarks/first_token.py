@@ -103,7 +103,7 @@ class _StoreProbe:
     """Times one header `create` and one `append` of a small batch on a store like the router's, between streams."""
 
     def __init__(self, url: str) -> None:
-        from unbroken.journal.store import open_store
+        from unbroken.journal.backends import open_store
 
         self.loop = asyncio.new_event_loop()
         self.store = open_store(url)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         metadata["sim_tps"] = str(args.tps)
 
     tmp = Path(tempfile.mkdtemp(prefix="unbroken-first-token-"))
-    upstream, line = _spawn(["-m", "unbroken.providers.simulated_upstream", "--port", "0"], "simulated upstream on",
+    upstream, line = _spawn(["-m", "unbroken.simulator", "--port", "0"], "simulated upstream on",
                             env)
     upstream_url = line.split()[-1]
     config = tmp / "router.yaml"
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"sqlite:///{tmp / 'journal.db'}"
                 probe_url = f"sqlite:///{tmp / 'probe.db'}"  # its own file: no lock shared with the router
             elif store == "dynamodb":
-                from unbroken.journal.ddb_local import DynamoDBLocal, DynamoDBLocalMissing
+                from tests.support.dynamodb_local import DynamoDBLocal, DynamoDBLocalMissing
 
                 try:
                     ddb = ddb or DynamoDBLocal().start()

@@ -1,191 +1,116 @@
-"""`make bench`: what users compare gateways on, measured against a baseline in the same run.
+"""`make bench`: unbroken side by side with the LiteLLM proxy and with going straight to the upstream, in one run,
+every figure a ratio or a difference against a baseline measured in the same run.
 
-- added time to first token: client → router → simulated upstream, versus client → simulated upstream directly;
-- router CPU per streamed token, versus the simulated upstream's own CPU per token (a minimal SSE server);
-- process start to first answer, versus the interpreter's bare start;
-- resident memory of the router after 100 requests;
-- the journal's figures (store writes, WRU, bytes per token, added time per event) from benchmarks.journal_bench.
+1. `benchmarks.compare`: the side-by-side streams (added time to first byte / first text delta, total time p50/p99,
+   gateway CPU per stream, streams/s at 50 concurrent, start to first answer, import time, memory after 100
+   requests), for the router without a journal, with SQLite and with DynamoDB Local, paced and unpaced;
+2. `benchmarks.journal_bench`: the journal alone (writes, WRU, bytes and CPU per event, journal on vs off);
+3. `benchmarks.profile`: py-spy on a journaled (SQLite) router → docs/bench/profile.txt;
+4. `docs/bench/results.json`, then `benchmarks.report` (results.md, PNG plots, the README block) and
+   `benchmarks.cost` (cost.md, the README cost block).
 
-Every figure comes from separate processes on 127.0.0.1 (router and upstream are subprocesses, CPU is read from
-/proc). Results are printed and written to bench-results/latest.json.
+A background sampler records how much CPU other processes took during the run; the output says when the machine
+was shared. Set UNBROKEN_BENCH_JOURNAL=0 / UNBROKEN_BENCH_PROFILE=0 to skip steps 2 / 3, UNBROKEN_BENCH_SCALE=0.2 for
+a quick run of the harness itself (fewer samples: not for publishing).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
+import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from benchmarks import compare
+from benchmarks.procs import MachineMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
-KEY = "sk-bench"
-TOKENS = 10000
-TTFT_SAMPLES = 30
+OUT = ROOT / "docs" / "bench"
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def machine() -> dict[str, Any]:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kib = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                   if ln.startswith("MemTotal:"))
+    return {"nproc": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kib / 1024 / 1024),
+            "kernel": platform.release().split("-")[0], "python": platform.python_version()}
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def _commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return (out.stdout.strip() or "?") + ("+changes" if dirty else "")
 
 
-def _spawn(args: list[str], ready_prefix: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **(env or {})}, cwd=ROOT)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith(ready_prefix):
-        proc.kill()
-        raise RuntimeError(f"{args[:3]} did not start: {line!r}")
-    return proc, line
+def scrub(text: str) -> str:
+    """No path of this machine in what gets committed: temporary directories and the checkout become placeholders."""
+    import re
+    import tempfile
 
-
-def _config(upstream_url: str, journal: bool) -> str:
-    return f"""
-api_keys: [{{key: {KEY}, tenant: bench}}]
-server: {{heartbeat_seconds: 15}}
-models:
-  - name: bench
-    deployments:
-      - name: sim
-        provider: simulated   # the simulated adapter forwards sim_* controls to the external upstream
-        model: sim
-        base_url: {upstream_url}
-"""
-
-
-def _ttft(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str], marker: bytes) -> float:
-    start = time.perf_counter()
-    with client.stream("POST", url, json=body, headers=headers) as response:
-        for chunk in response.iter_raw():
-            if marker in chunk:
-                return time.perf_counter() - start
-    raise RuntimeError("no first token")
-
-
-def _drain(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str]) -> int:
-    total = 0
-    with client.stream("POST", url, json=body, headers=headers) as response:
-        for chunk in response.iter_raw():
-            total += len(chunk)
-    return total
-
-
-def measure(report: dict[str, Any]) -> None:
-    upstream, line = _spawn(["-m", "unbroken.simulator", "--port", "0"], "simulated upstream on")
-    upstream_url = line.split()[-1]
-    tmp = Path(tempfile.mkdtemp(prefix="unbroken-bench-"))
-    config = tmp / "bench.yaml"
-    config.write_text(_config(upstream_url, journal=False))
-    t0 = time.perf_counter()
-    router, ready = _spawn(["-m", "unbroken.cli", "serve", "--config", str(config), "--port", "0", "--store", "none",
-                            "--log-level", "WARNING"], "unbroken ready on")
-    router_url = ready.split()[3]
-    try:
-        with httpx.Client(timeout=120) as client:
-            hdr = {"authorization": f"Bearer {KEY}"}
-            first = client.post(f"{router_url}/responses", json={"model": "bench", "input": "hi", "metadata": {
-                "sim_length": "1"}}, headers=hdr)
-            start_to_answer = time.perf_counter() - t0
-            assert first.status_code == 200, first.text
-            bare = time.perf_counter()
-            subprocess.run([sys.executable, "-c", "pass"], check=True)
-            interpreter_start = time.perf_counter() - bare
-
-            short = {"metadata": {"sim_length": "4"}, "stream": True}
-            direct_body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], **short}
-            routed_body = {"model": "bench", "input": "hi", **short}
-            for _ in range(5):  # warm both paths (connection pools, imports)
-                _ttft(client, f"{upstream_url}/chat/completions", direct_body, {}, b'"content"')
-                _ttft(client, f"{router_url}/responses", routed_body, hdr, b"output_text.delta")
-            direct, routed = [], []
-            for _ in range(TTFT_SAMPLES):  # interleaved so both see the same machine state
-                direct.append(_ttft(client, f"{upstream_url}/chat/completions", direct_body, {}, b'"content":"'))
-                routed.append(_ttft(client, f"{router_url}/responses", routed_body, hdr, b"output_text.delta"))
-
-            long = {"metadata": {"sim_length": str(TOKENS)}, "stream": True}
-            cpu_router_0, cpu_up_0 = _cpu_seconds(router.pid), _cpu_seconds(upstream.pid)
-            _drain(client, f"{router_url}/responses", {"model": "bench", "input": "long", **long}, hdr)
-            cpu_router = _cpu_seconds(router.pid) - cpu_router_0
-            cpu_up = _cpu_seconds(upstream.pid) - cpu_up_0
-
-            for i in range(100):
-                client.post(f"{router_url}/responses", json={"model": "bench", "input": f"n{i}", "stream": i % 2 == 0,
-                                                             "metadata": {"sim_length": "50"}}, headers=hdr)
-            rss = _rss_mib(router.pid)
-    finally:
-        router.terminate()
-        upstream.terminate()
-        router.wait(10)
-        upstream.wait(10)
-    report["router_journal_sqlite"] = _journal_on(upstream_url, config, tmp)
-    report["router"] = {
-        "added_ttft_ms_median": round((statistics.median(routed) - statistics.median(direct)) * 1000, 2),
-        "ttft_ms_direct_median": round(statistics.median(direct) * 1000, 2),
-        "ttft_ms_routed_median": round(statistics.median(routed) * 1000, 2),
-        "cpu_ms_per_token_router": round(cpu_router / TOKENS * 1000, 4),
-        "cpu_ms_per_token_upstream_baseline": round(cpu_up / TOKENS * 1000, 4),
-        "cpu_ratio_router_to_upstream": round(cpu_router / cpu_up, 2) if cpu_up else None,
-        "start_to_first_answer_s": round(start_to_answer, 3),
-        "interpreter_start_s": round(interpreter_start, 3),
-        "rss_mib_after_100_requests": round(rss, 1),
-        "tokens_streamed": TOKENS,
-    }
-
-
-def _journal_on(upstream_url: str, config: Path, tmp: Path) -> dict[str, Any]:
-    """The same long stream and first-token samples through a router that journals to SQLite (its default)."""
-    upstream, line = _spawn(["-m", "unbroken.simulator", "--port", "0"], "simulated upstream on")
-    config.write_text(_config(line.split()[-1], journal=True))
-    router, ready = _spawn(["-m", "unbroken.cli", "serve", "--config", str(config), "--port", "0", "--store",
-                            f"sqlite:///{tmp / 'journal.db'}", "--log-level", "WARNING"], "unbroken ready on")
-    url = ready.split()[3]
-    try:
-        with httpx.Client(timeout=120) as client:
-            hdr = {"authorization": f"Bearer {KEY}"}
-            body = {"model": "bench", "input": "hi", "metadata": {"sim_length": "4"}, "stream": True}
-            for _ in range(5):
-                _ttft(client, f"{url}/responses", body, hdr, b"output_text.delta")
-            ttft = [_ttft(client, f"{url}/responses", body, hdr, b"output_text.delta") for _ in range(TTFT_SAMPLES)]
-            cpu0 = _cpu_seconds(router.pid)
-            _drain(client, f"{url}/responses", {"model": "bench", "input": "long", "stream": True,
-                                                "metadata": {"sim_length": str(TOKENS)}}, hdr)
-            cpu = _cpu_seconds(router.pid) - cpu0
-    finally:
-        router.terminate()
-        upstream.terminate()
-        router.wait(10)
-        upstream.wait(10)
-    return {"ttft_ms_routed_median": round(statistics.median(ttft) * 1000, 2),
-            "cpu_ms_per_token_router": round(cpu / TOKENS * 1000, 4)}
+    text = re.sub(re.escape(tempfile.gettempdir()) + r"/unbroken-[A-Za-z0-9_.-]+", "<tmp>", text)
+    return text.replace(str(ROOT), "<repo>")
 
 
 def main() -> int:
-    report: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
-    measure(report)
-    try:
-        from benchmarks import journal_bench
-    except ImportError:
-        report["journal"] = "not available"
-    else:
-        journal_bench.run(report)
-    out = ROOT / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
+        "machine": machine(),
+        "modes": compare.MODES,
+        "config": {"scale": compare.SCALE, "unpaced_rounds": compare.UNPACED_ROUNDS,
+                   "unpaced_block": compare.UNPACED_BLOCK, "paced_rounds": compare.PACED_ROUNDS,
+                   "paced_batch": compare.PACED_BATCH, "concurrency": compare.CONCURRENCY,
+                   "load_streams": compare.LOAD_STREAMS, "long_streams": compare.LONG_STREAMS},
+    }
+    with MachineMonitor() as monitor:
+        compare.run(report)
+        if os.environ.get("UNBROKEN_BENCH_JOURNAL", "1") != "0":
+            print("bench: the journal alone (benchmarks.journal_bench)", flush=True)
+            from benchmarks import journal_bench
+
+            with compare.Phase(report, "journal_bench"):
+                journal_bench.run(report, memory=False)
+        if os.environ.get("UNBROKEN_BENCH_PROFILE", "1") != "0":
+            print("bench: profiling a journaled stream (py-spy)", flush=True)
+            from benchmarks import profile
+
+            m = report["machine"]
+            with compare.Phase(report, "profile"):
+                try:
+                    prof = profile.run(OUT / "profile.txt", machine=f"{m['nproc']} x {m['cpu_model']}")
+                    report["profile"] = {k: prof[k] for k in ("file", "samples", "buckets", "by_component", "self",
+                                                              "workload")}
+                except RuntimeError as exc:
+                    report["profile"] = {"error": str(exc)[:2000]}
+    report["machine_load"] = monitor.summary()
+    report["total_seconds"] = round(time.perf_counter() - t0)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.json").write_text(scrub(json.dumps(report, indent=2)) + "\n")
+
+    from benchmarks import cost
+    from benchmarks import report as report_md
+
+    report_md.write(report)
+    c = cost.write(report)
+    print((OUT / "results.md").read_text())
+    print((OUT / "cost.md").read_text())
+    load = report["machine_load"]
+    if load["shared"]:
+        print(f"bench: NOTE the machine was shared: other processes used {load['other_processes_share_of_machine']:.0%}"
+              f" of its CPU during the run; absolute figures are inflated, compare within the run.")
+    print(f"bench: recommended Lambda size {c['recommended_mb']} MB {c['recommended_arch']}; wrote "
+          f"docs/bench/results.json, results.md, cost.md, profile.txt, *.png and the README blocks in "
+          f"{report['total_seconds']} s")
     return 0
 
 

@@ -115,7 +115,8 @@ def test_gateway_runs_uvicorn_behind_the_web_adapter_in_stream_mode() -> None:
     assert fn["Handler"] == "run.sh"
     assert fn["Timeout"] == 900
     assert fn["MemorySize"] == {"Ref": "MemorySize"}
-    assert raw_template()["Parameters"]["MemorySize"]["Default"] == 1024
+    assert raw_template()["Parameters"]["MemorySize"]["Default"] == 512  # from the cost figures (README)
+    assert raw_template()["Parameters"]["Architecture"]["Default"] == "arm64"
     env = _env(cfn, "GatewayFunction")
     assert env["AWS_LAMBDA_EXEC_WRAPPER"] == "/opt/bootstrap"
     assert env["AWS_LWA_INVOKE_MODE"] == "response_stream"
