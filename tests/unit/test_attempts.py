@@ -48,6 +48,9 @@ class _SleepRecorder:
         self.delays: list[float] = []
 
     async def sleep(self, delay: float) -> None:
+        if delay == 0:  # a loop turn the attempt loop gives other tasks (YIELD_EVERY_S), not a backoff
+            await asyncio.sleep(0)
+            return
         self.delays.append(delay)
 
     def __getattr__(self, name: str) -> Any:
@@ -401,3 +404,32 @@ async def test_text_then_a_cut_tool_call_resends_the_text_as_a_completed_message
     output = out.terminal["response"]["output"]  # type: ignore[index]
     assert [o["type"] for o in output] == ["message", "function_call"]
     assert output[1]["arguments"] == '{"q":1}'
+
+
+async def test_an_upstream_that_never_suspends_still_lets_other_tasks_run_from_its_first_delta() -> None:
+    """A buffered upstream (every delta ready at once) must not starve the journal's committer and the client's
+    writer until its end: the loop gives the event loop a turn at the first delta."""
+    turns: list[int] = []
+    seen: list[Event] = []
+
+    async def other_task() -> None:
+        while len(turns) < 1000:
+            turns.append(len(seen))  # how much of the stream existed when this task got a turn
+            await asyncio.sleep(0)
+
+    pool = FakePool()
+    deployment = dep("a")
+    pool.add(FakeProvider(deployment, [[TextDelta(f"w{i} ") for i in range(200)]]))
+    gen = Generation(user_request(), Route("m", (deployment,), pool, HealthBoard()),
+                     ResponseEmitter({"id": "resp_t", "object": "response", "model": "m", "status": "queued",
+                                      "output": []}), ServerSettings(), GenerationOptions(),
+                     RunControl(time.time() + 600))
+    observer = asyncio.ensure_future(other_task())
+    await asyncio.sleep(0)
+    start = len(turns)
+    async with asyncio.timeout(BOUND):
+        async for ev in gen.run():
+            seen.append(ev)
+    observer.cancel()
+    during = [n for n in turns[start:] if 0 < n < len(seen)]
+    assert during and min(during) <= 10  # a turn came with the first delta's events, long before the end

@@ -53,6 +53,10 @@ log = logging.getLogger("unbroken.resilience")
 
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 8.0
+# An upstream whose data is already buffered never suspends the loop: without a turn now and then, the journal
+# would commit and the client be written to only at the end of a fast stream. After the first delta at once, then
+# at most this often.
+YIELD_EVERY_S = 0.005
 
 
 class NoOutput(Exception):
@@ -425,6 +429,7 @@ class Generation:
         seam = OverlapFilter(request.continuation)
         control = self.control
         first = True
+        next_turn = 0.0  # the first delta gets a loop turn at once
         try:
             while True:
                 if control.cancelled():
@@ -479,6 +484,9 @@ class Generation:
                 for out in seam.feed(delta):
                     for ev in self._emit(out):
                         yield ev
+                if (now := time.monotonic()) >= next_turn:
+                    next_turn = now + YIELD_EVERY_S
+                    await asyncio.sleep(0)
             for out in seam.close():
                 for ev in self._emit(out):
                     yield ev
