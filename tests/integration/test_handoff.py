@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.integration.test_responses_api import expected_text
@@ -19,7 +20,7 @@ from tests.support.server import API_KEY, RouterThread, base_config, config_from
 from tests.support.sse import Stream, parse_sse
 from unbroken import worker
 from unbroken.api.app import create_app
-from unbroken.client import stream_events
+from unbroken.client import resumable_http_client, stream_events
 from unbroken.durable import service
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.store import TERMINAL_EVENT_TYPES
@@ -185,3 +186,14 @@ async def test_a_client_that_left_is_not_handed_on(sim: Any) -> None:
     header = await store.get(created.response_id)
     assert header is not None and header.status == "incomplete" and launched == []
     await runtime.aclose()
+
+
+def test_openai_sdk_on_a_resumable_http_client_reads_across_the_deadline(router: RouterThread) -> None:
+    client = openai.OpenAI(base_url=router.base_url, api_key=API_KEY, default_headers=RECOVERY,
+                           http_client=resumable_http_client())
+    with client.responses.stream(model=BODY["model"], input=BODY["input"]) as stream:
+        types = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert types.count("response.completed") == 1 and types[-1] == "response.completed"
+    assert "router:stream.resume" not in types
+    assert final.output_text == expected_text(BODY["input"], length=LENGTH)
