@@ -73,13 +73,19 @@ class _Tracker:
                 continue  # a comment (heartbeat) or an empty frame
             if data == b"[DONE]":
                 self.done = True
-                out.append((frame + b"\n\n", None))
+                if self.terminal is not None:  # else the stream goes on after a resume: not the consumer's end
+                    out.append((frame + b"\n\n", None))
                 continue
             try:
                 event = json.loads(data)
             except ValueError:
                 continue
             if not isinstance(event, dict):
+                continue
+            if event.get("type") == RESUME_EVENT:
+                # The router's instruction to this client, not part of the response (its sequence_number is the
+                # last event's, so it comes before the duplicate check).
+                self.resume_requested = True
                 continue
             seq = event.get("sequence_number")
             if isinstance(seq, int):
@@ -88,9 +94,6 @@ class _Tracker:
                 self.last_seq = seq
             if event.get("type") == "response.created" and isinstance(event.get("response"), dict):
                 self.response_id = event["response"].get("id") or self.response_id
-            if event.get("type") == RESUME_EVENT:
-                self.resume_requested = True
-                continue  # the router's instruction to this client, not part of the response
             if event.get("type") in TERMINAL:
                 self.terminal = event
             out.append((frame + b"\n\n", event))
@@ -104,6 +107,7 @@ class _Tracker:
         """A new connection starts at a frame boundary: the half frame the old one was cut in goes."""
         self.buffer = b""
         self.resume_requested = False
+        self.done = False
 
     def resume_url(self, base_url: str) -> str:
         return f"{base_url.rstrip('/')}/responses/{self.response_id}?stream=true&starting_after={self.last_seq}"

@@ -10,6 +10,7 @@ from typing import Any
 from tests.support.spec import validate_event, validate_response
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
+RESUME = "router:stream.resume"
 
 
 @dataclass
@@ -71,7 +72,14 @@ def parse_sse(raw: bytes, *, allow_extensions: bool = False, validate: bool = Tr
         if validate:
             validate_event(event, allow_extensions=allow_extensions)
         stream.events.append(event)
-    seqs = [e["sequence_number"] for e in stream.events]
+    ordinary = stream.events
+    if stream.events and stream.events[-1]["type"] == RESUME:
+        # `router:stream.resume` ends a stream handed on at its deadline; not in the journal, it repeats the last
+        # committed sequence number (the cursor to resume from).
+        *ordinary, resume = stream.events
+        assert resume["sequence_number"] == (ordinary[-1]["sequence_number"] if ordinary else resume["starting_after"])
+    assert all(e["type"] != RESUME for e in ordinary), "router:stream.resume is the stream's last event"
+    seqs = [e["sequence_number"] for e in ordinary]
     if seqs:
         start = seqs[0] if first_seq is None else first_seq
         assert seqs == list(range(start, start + len(seqs))), f"sequence numbers not dense: {seqs[:50]}"

@@ -36,14 +36,20 @@ server:
   lease_seconds: 1.5
 `;
 
+/** The config with more `server:` settings (e.g. `{ stream_deadline_seconds: 1 }`). */
+function configWith(server) {
+  return CONFIG + Object.entries(server).map(([key, value]) => `  ${key}: ${JSON.stringify(value)}\n`).join("");
+}
+
 /**
  * Start `unbroken serve` on an ephemeral port; resolves `{ url, dir, stop(), kill() }` once it printed its ready
  * line. `dir` (another router's) shares that router's SQLite store; the router that made the dir removes it.
+ * `server` adds settings to the config's `server:` section.
  */
-export async function startRouter({ dir: shared } = {}) {
+export async function startRouter({ dir: shared, server = {} } = {}) {
   const dir = shared ?? mkdtempSync(path.join(tmpdir(), "unbroken-js-"));
   const config = path.join(dir, "router.yaml");
-  if (!shared) writeFileSync(config, CONFIG);
+  if (!shared) writeFileSync(config, configWith(server));
   const proc = spawn(unbrokenBin(), ["serve", "--config", config, "--host", "127.0.0.1", "--port", "0",
     "--store", `sqlite:///${path.join(dir, "j.db")}`, "--log-level", "WARNING"],
   { stdio: ["ignore", "pipe", "pipe"] });

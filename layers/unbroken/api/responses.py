@@ -7,6 +7,7 @@ header hold), a failure can still be an honest 4xx/5xx; after that it is an `err
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from unbroken.api.auth import authenticate
 from unbroken.api.identity import stream_deadline
 from unbroken.api.streaming import END, queued_sse, sse_response, start_generation
 from unbroken.durable import service
-from unbroken.durable.follow import failure_events
+from unbroken.durable.follow import HandedOn, failure_events, resume_events
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
 from unbroken.durable.service import Caller, Direct
@@ -56,7 +57,8 @@ def caller_of(request: Request, tenant: str) -> Caller:
 async def create_response(request: Request, tenant: Annotated[str, Depends(authenticate)]) -> Response:
     runtime = runtime_of(request)
     parsed = ResponsesRequest.parse(parse_json(await request.body()))
-    created = await service.create_response(runtime, parsed, caller_of(request, tenant))
+    caller = caller_of(request, tenant)
+    created = await service.create_response(runtime, parsed, caller)
     streaming = parsed.body.stream
     if isinstance(created, Direct):
         if not streaming:
@@ -69,7 +71,7 @@ async def create_response(request: Request, tenant: Annotated[str, Depends(authe
         if created.queued is not None:
             return JSONResponse(created.queued)
         return accounted_json(await service.final_response(runtime, created.response_id, created.run))
-    return _journal_stream(runtime, created.response_id, -1, run=created.run)
+    return _journal_stream(runtime, created.response_id, -1, run=created.run, until=created.until)
 
 
 def accounting_headers(response: dict[str, Any]) -> dict[str, str]:
@@ -89,15 +91,17 @@ def accounted_json(response: dict[str, Any]) -> JSONResponse:
 
 
 def _journal_stream(runtime: Runtime, response_id: str, after: int, *, run: ResponseRun | None = None,
-                    with_ids: bool = False) -> Response:
+                    with_ids: bool = False, until: float = math.inf) -> Response:
     last = {"seq": after}
 
     async def source() -> AsyncIterator[Event]:
-        async for event in service.follow_response(runtime, response_id, after, run):
+        async for event in service.follow_response(runtime, response_id, after, run, until=until):
             last["seq"] = event["sequence_number"]
             yield event
 
     def on_failure(exc: BaseException) -> list[Event]:
+        if isinstance(exc, HandedOn):  # the response goes on past this stream's deadline: resume to read on
+            return resume_events(response_id, exc.last_seq)
         return failure_events(last["seq"], "The journal could not be written; the stream ends here. Resume it "
                               "with GET /v1/responses/{id}?stream=true.")
 
@@ -166,7 +170,8 @@ async def get_response(request: Request, response_id: str, tenant: Annotated[str
     service.check_cursor(header, after, param)
     if starting_after is not None or "last-event-id" in request.headers:
         logs.emit_metrics({"model": model}, {"Resumes": 1})  # a configured model's name: bounded
-    return _journal_stream(runtime, response_id, after, with_ids=include_event_ids)
+    return _journal_stream(runtime, response_id, after, with_ids=include_event_ids,
+                           until=service.stream_until(header, caller_of(request, tenant)))
 
 
 @router.get("/v1/responses/{response_id}/input_items", response_model=None)

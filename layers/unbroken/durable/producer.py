@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from unbroken.durable.runtime import Runtime
+from unbroken.durable.runtime import BackgroundLauncher, Runtime
 from unbroken.errors import Failure
 from unbroken.journal.store import TERMINAL_EVENT_TYPES, Fenced, StoreError
 from unbroken.journal.writer import JournalWriter
@@ -39,7 +39,7 @@ class RunOutcome:
 
 class ResponseRun:
     def __init__(self, runtime: Runtime, response_id: str, epoch: int, generation: Generation,
-                 control: RunControl) -> None:
+                 control: RunControl, *, hand_on: BackgroundLauncher | None = None) -> None:
         self.runtime = runtime
         self.response_id = response_id
         self.epoch = epoch
@@ -49,14 +49,18 @@ class ResponseRun:
         self.task: asyncio.Task[None] | None = None
         # Set when the journal could not be written: followers end with an error event of their own.
         self.store_error: BaseException | None = None
+        # Who continues a generation that hands off at its deadline (the worker Lambda, from this run's epoch).
+        self.hand_on = hand_on
 
     def start(self) -> ResponseRun:
         self.task = self.runtime.spawn(self._run(), name=f"produce {self.response_id}")
         return self
 
     def detach(self) -> None:
-        """The client went away: finish into the journal, but within the detached cap."""
+        """The client went away: finish into the journal, but within the detached cap (and end there, not hand
+        the response on)."""
         self.control.shorten_to(time.time() + self.runtime.settings.detached_cap_seconds)
+        self.control.hand_off = False
 
     def _signal(self, outcome: RunOutcome) -> None:
         if not self.first.done():
@@ -69,6 +73,7 @@ class ResponseRun:
                                batch_bytes=settings.journal_batch_bytes, batch_ms=settings.journal_batch_ms,
                                lease_seconds=settings.lease_seconds, next_seq=self.generation.emitter.seq)
         self.control.cancelled = lambda: writer.cancel_requested
+        handed_off = False
         try:
             async for event in self.generation.run():
                 self._signal(RunOutcome())
@@ -79,6 +84,7 @@ class ResponseRun:
             snapshot = emitter.snapshot()
             snapshot["router"] = self.generation.accounting()
             await writer.set_status(snapshot.get("status") or "in_progress", snapshot)
+            handed_off = True
         except NoOutput as exc:
             self._signal(RunOutcome(exc.failure))
             await self._end_failed(writer, exc.failure.code or "upstream_error", exc.failure.message)
@@ -100,6 +106,20 @@ class ResponseRun:
         finally:
             self._signal(RunOutcome(Failure("internal", "The router failed before producing any output.")))
             await writer.aclose()
+        if handed_off and self.hand_on is not None:
+            await self._hand_on(self.hand_on)
+
+    async def _hand_on(self, launch: BackgroundLauncher) -> None:
+        """Start the next owner once everything is committed and this writer has stopped. It takes over from this
+        run's epoch (a conditional write): a reader that took the response over first fences it, harmlessly. If
+        the launch fails, the lease expires and the next reader or poll takes the response over."""
+        try:
+            await launch(self.response_id, self.epoch)
+        except Exception as exc:
+            log.error("could not hand the response on", extra={"response_id": self.response_id,
+                                                               "error": type(exc).__name__})
+        else:
+            log.info("response handed on", extra={"response_id": self.response_id, "epoch": self.epoch})
 
     async def _write(self, writer: JournalWriter, event: Event) -> bool:
         """Journal one event; True once the terminal one is committed."""

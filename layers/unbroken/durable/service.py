@@ -40,6 +40,9 @@ log = logging.getLogger("unbroken.api")
 HEADER_HOLD_SECONDS = 5.0
 # How long a cancel waits for the producer to end the response before answering with it as it stands.
 CANCEL_WAIT_SECONDS = 10.0
+# A foreground stream handed on at its deadline goes on for at most this many more stream deadlines: on AWS the
+# worker's invocations (worker.MAX_HOPS), locally as many stream deadlines in this process.
+HAND_ON_HOPS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ class Journaled:
     response_id: str
     run: ResponseRun | None = None
     queued: dict[str, Any] | None = None
+    # When a stream of it must end with `router:stream.resume` if the response has not ended (opted-in callers).
+    until: float = math.inf
 
 
 def served_model(runtime: Runtime, name: str | None) -> PublicModel:
@@ -108,7 +113,7 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
             raise invalid("Idempotency-Key needs store: true (and a router with a store).", param="Idempotency-Key")
         existing = await store.find_by_idempotency_key(caller.tenant, caller.idempotency_key)
         if existing is not None:
-            return _attach(existing, body_hash)
+            return _attach(existing, body_hash, caller)
     context: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         context = await _previous_context(runtime, caller.tenant, body.previous_response_id)
@@ -118,13 +123,24 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
     logs.bind(correlation_id=response_id, tenant=caller.tenant, model=model.name)
     emitter = ResponseEmitter(response_skeleton(body, response_id, model.name),
                               hold_tool_arguments=runtime.settings.hold_tool_arguments)
+    # An opted-in foreground stream is not bound to this call either: at the call's deadline its HTTP stream ends
+    # with `router:stream.resume` and the generation goes on, handed to the worker on AWS, in this process
+    # elsewhere. Other clients (and non-streamed calls) end `incomplete` at the deadline.
+    hands_on = journaled and body.stream and not body.background and caller.recovery_events
+    to_worker = hands_on and runtime.launch_background is not None
     options = GenerationOptions(
         queued=body.background,
         header_hold_seconds=HEADER_HOLD_SECONDS if body.stream and not body.background else math.inf,
         recovery_events=caller.recovery_events,
+        hand_off_at_deadline=to_worker,
     )
-    # A background response is not bound to this call: it may run for the whole of the attempt loop's bounds.
-    control = RunControl(time.time() + runtime.settings.max_total_seconds if body.background else caller.deadline)
+    if body.background:  # not bound to this call: it may run for the whole of the attempt loop's bounds
+        run_deadline = time.time() + runtime.settings.max_total_seconds
+    elif hands_on and not to_worker:
+        run_deadline = _run_deadline(runtime, caller.deadline)
+    else:
+        run_deadline = caller.deadline
+    control = RunControl(run_deadline)
     generation = runtime.generation(request, model.name, emitter, options, control)
     log.info("response created", extra={"response_id": response_id, "tenant": caller.tenant, "model": model.name,
                                          "stream": body.stream, "journaled": journaled})
@@ -144,7 +160,7 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
         existing = await store.find_by_idempotency_key(caller.tenant, caller.idempotency_key or "")
         if existing is None:
             raise Failure("conflict", "A request with this Idempotency-Key is being created.") from None
-        return _attach(existing, body_hash)
+        return _attach(existing, body_hash, caller)
     if body.background:
         # Committed before anything else: `queued` is what a poll sees until a producer picks it up.
         queued = dict(emitter.response, status="queued")
@@ -152,20 +168,33 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
             await runtime.launch_background(response_id, 0)
             return Journaled(response_id, None, queued)
         return Journaled(response_id, ResponseRun(runtime, response_id, 0, generation, control).start(), queued)
-    run = ResponseRun(runtime, response_id, 0, generation, control).start()
+    run = ResponseRun(runtime, response_id, 0, generation, control,
+                      hand_on=runtime.launch_background if to_worker else None).start()
     outcome = await run.first
     if outcome.failure is not None:
         raise outcome.failure
-    return Journaled(response_id, run)
+    return Journaled(response_id, run, until=caller.deadline if hands_on else math.inf)
 
 
-def _attach(existing: ResponseHeader, body_hash: str) -> Journaled:
+def _run_deadline(runtime: Runtime, stream_deadline: float) -> float:
+    """Where no worker takes a handed-on stream over, its generation goes on in this process past the stream's
+    end (the same run, its epoch and lease unchanged), for as long as the worker's hops would give it."""
+    return stream_deadline + HAND_ON_HOPS * runtime.settings.stream_deadline_seconds
+
+
+def stream_until(header: ResponseHeader, caller: Caller) -> float:
+    """When a stream of a stored response served to `caller` ends with `router:stream.resume` (if the response
+    has not ended by then): the caller's deadline for a response created with recovery events, else never."""
+    return caller.deadline if header.request.get("_recovery_events") else math.inf
+
+
+def _attach(existing: ResponseHeader, body_hash: str, caller: Caller) -> Journaled:
     """A retried POST with the same Idempotency-Key: the same response, replayed from its start (never a second
     model call); the same key with another body is a conflict."""
     if existing.body_hash != body_hash:
         raise Failure("conflict", "This Idempotency-Key was used with a different request body.",
                       param="Idempotency-Key", code="idempotency_key_reused")
-    return Journaled(existing.id)
+    return Journaled(existing.id, until=stream_until(existing, caller))
 
 
 async def _previous_context(runtime: Runtime, tenant: str, previous_id: str) -> list[dict[str, Any]]:
@@ -276,9 +305,9 @@ def check_cursor(header: ResponseHeader, after: int, param: str) -> int:
     return after
 
 
-def follow_response(runtime: Runtime, response_id: str, after: int,
-                    run: ResponseRun | None = None) -> AsyncIterator[Event]:
-    return journal_events(runtime, response_id, after, run)
+def follow_response(runtime: Runtime, response_id: str, after: int, run: ResponseRun | None = None, *,
+                    until: float = math.inf) -> AsyncIterator[Event]:
+    return journal_events(runtime, response_id, after, run, until=until)
 
 
 async def cancel_response(runtime: Runtime, response_id: str, tenant: str) -> dict[str, Any]:

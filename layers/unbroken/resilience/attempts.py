@@ -86,11 +86,13 @@ def _never() -> bool:
 
 @dataclass(slots=True)
 class RunControl:
-    """What the owner of a running generation may change: the deadline (a client that leaves shortens it) and
-    cancellation. The loop reads it before every token."""
+    """What the owner of a running generation may change: the deadline (a client that leaves shortens it),
+    cancellation, and whether a generation built to hand off at its deadline still does (a client that leaves
+    before it gets the response ended within the detached cap instead). The loop reads it before every token."""
 
     deadline: float
     cancelled: Callable[[], bool] = _never
+    hand_off: bool = True
 
     def shorten_to(self, deadline: float) -> None:
         self.deadline = min(self.deadline, deadline)
@@ -527,9 +529,10 @@ class Generation:
         return events + self.emitter.end_incomplete(reason, status=status)
 
     def _at_deadline(self) -> list[Event]:
-        if self.options.hand_off_at_deadline:
+        if self.options.hand_off_at_deadline and self.control.hand_off:
+            # The start events still go out, so that a stream that showed nothing yet has an id to resume from.
             self.handed_off = True
-            return self.emitter.drop_open_tool_call()
+            return self._ensure_started() + self.emitter.drop_open_tool_call()
         return self._end_incomplete("stream_deadline")
 
     async def _give_up(self) -> AsyncIterator[Event]:
