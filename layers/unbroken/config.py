@@ -403,6 +403,19 @@ class AuthSettings(_Strict):
     gateway_tenant_claim: str | None = Field(default=None, min_length=1)
 
 
+class HedgeSettings(_Strict):
+    """Hedged first token (README "Hedged first token"): when the first attempt's first token is later than its
+    deployment's live p95 time to first token (clamped to `floor_ms`..`ceiling_ms`; the ceiling until a p95 is
+    known; the ceiling wins a floor above it), the next ranked deployment is started alongside and the first to stream wins. Bounded per model: at
+    most `max_share` of its recent requests are hedged, and the losers cost at most `max_cost_share` of its spend."""
+
+    enabled: bool = False
+    floor_ms: float = Field(default=500.0, ge=0)
+    ceiling_ms: float = Field(default=5000.0, gt=0)
+    max_share: float = Field(default=0.1, ge=0, le=1)
+    max_cost_share: float = Field(default=0.05, ge=0, le=1)
+
+
 class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     heartbeat_seconds: float = Field(default=15.0, gt=0)
@@ -419,6 +432,7 @@ class ServerSettings(_Strict):
     # Attempt loop bounds.
     max_attempts: int = Field(default=6, ge=1, le=50)
     max_total_seconds: float = Field(default=600.0, gt=0)
+    hedge: HedgeSettings = HedgeSettings()  # hedged first token, per model (off by default)
     # Hold function-call argument deltas until the call is complete, so a failover never leaves half a call.
     hold_tool_arguments: bool = True
     compaction_key: str | None = None

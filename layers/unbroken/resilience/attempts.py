@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unbroken import logs
-from unbroken.config import Deployment, ServerSettings
+from unbroken.config import Deployment, HedgeSettings, ServerSettings
 from unbroken.errors import Failure, invalid
 from unbroken.ir import (
     Delta,
@@ -282,6 +282,7 @@ class Generation:
         self._t0 = 0.0
         self._ttft: float | None = None  # seconds from run() to this owner's first output
         self._done_at: float | None = None
+        self._hedge_counted = False  # this request counts in its model's hedge budget
 
     # -- public --------------------------------------------------------------------------------------------------
 
@@ -328,8 +329,20 @@ class Generation:
                               else ("literal" if literal else "instruction"))
             self.attempts.append(attempt)
             rounds.tried(deployment)
+            race = self._hedge_plan(rounds, deployment, provider, sent, attempt)
+            primed: tuple[AsyncIterator[Delta], float] | None = None
             try:
-                async for ev in self._stream_attempt(provider, deployment, sent, attempt):
+                if race is not None:
+                    # The first attempt races a hedge once its first token is late; the winner goes on as the
+                    # attempt, the loser was closed before anything of it was emitted.
+                    async for ev in self._race(race, rounds):
+                        yield ev
+                    winner, primed = race.handover()
+                    deployment, provider, sent, attempt = (winner.deployment, winner.provider, winner.sent,
+                                                           winner.attempt)
+                async for ev in self._stream_attempt(provider, deployment, sent, attempt,
+                                                     stream=None if primed is None else primed[0],
+                                                     started_at=None if primed is None else primed[1]):
                     yield ev
             except _Cancelled:
                 attempt.outcome = "cancelled"
@@ -419,14 +432,164 @@ class Generation:
                                              "usage_estimated": attempt.usage_estimated,
                                              "cost_usd": round(attempt.cost, 8)})
 
+    # -- hedged first token --------------------------------------------------------------------------------------
+
+    def _hedge_plan(self, rounds: _Rounds, deployment: Deployment, provider: Provider, sent: GenerationRequest,
+                    attempt: Attempt) -> _Race | None:
+        """A race for the response's first attempt, if it may be hedged: hedging is on, nothing was sent or
+        output yet (no takeover, no continuation), the request is hedgeable and another deployment is next. The
+        hedge itself starts only if the first token is late and the model's hedge budget allows it then."""
+        hedge = self.settings.hedge
+        if (not hedge.enabled or len(self.attempts) != 1 or self._taken_over or self.emitter.has_output
+                or sent.continuation is not None or not hedgeable(self.request)):
+            return None
+        self.route.health.hedge_budget(self.route.model).note_request()
+        self._hedge_counted = True
+        nxt = next((d for d in rounds.fresh() if d.name != deployment.name), None)
+        if nxt is None or self.settings.max_attempts < 2:
+            return None
+        started_at = time.monotonic()
+        stream = provider.stream(sent).__aiter__()
+        primary = _Racer(deployment, provider, sent, attempt, stream, started_at,
+                         asyncio.ensure_future(stream.__anext__()))
+        return _Race(primary, nxt, hedge_threshold(hedge, self.route.health.ttft_p95(self.route.model,
+                                                                                       deployment.name)))
+
+    async def _race(self, race: _Race, rounds: _Rounds) -> AsyncIterator[Event]:
+        """Wait for the first of the racers' first items. The header hold, the hedge timer and each racer's TTFT
+        timeout are independent timers. A racer that fails while another runs drops out (its failure recorded);
+        the last one left wins whatever its first item is (a delta, the end, an error or a timeout: the attempt's
+        stream then raises it). At a cancel or the deadline the race stops and the attempt's loop ends it."""
+        control = self.control
+        racers = race.racers
+        hold_at = race.primary.started_at + self.options.header_hold_seconds if not self._started else math.inf
+        hedge_at = race.primary.started_at + race.threshold
+        announce = False  # a hedge.started still to send (the response had not started when the hedge did)
+        winner: _Racer | None = None
+        while winner is None:
+            if control.cancelled() or control.deadline <= time.time():
+                break
+            limits = [r.started_at + r.deployment.options.ttft_timeout_s for r in racers]
+            wait = min(hold_at, hedge_at, *limits) - time.monotonic()
+            wait = max(0.0, min(wait, control.deadline - time.time()))
+            await asyncio.wait({r.pending for r in racers}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for racer in list(racers):  # the primary first: it wins a tie
+                if not racer.pending.done():
+                    continue
+                exc = racer.pending.exception()
+                if exc is None or not isinstance(exc, ProviderError) or len(racers) == 1:
+                    winner = racer
+                    break
+                racers.remove(racer)  # failed before the other's first token: the other races on alone
+                await self._drop_racer(racer, exc)
+            if winner is not None:
+                break
+            now = time.monotonic()
+            if now >= hold_at:
+                hold_at = math.inf
+                for ev in self._ensure_started():
+                    yield ev
+                if announce:
+                    announce = False
+                    yield self._hedge_started(race)
+            if now >= hedge_at:
+                hedge_at = math.inf
+                if self._start_hedge(race, rounds):
+                    if self._started:
+                        yield self._hedge_started(race)
+                    else:
+                        announce = True
+            for racer in list(racers):
+                timeout = racer.deployment.options.ttft_timeout_s
+                if now < racer.started_at + timeout:
+                    continue
+                err = ProviderError("timeout", f"no first token within {timeout:.1f}s")
+                if len(racers) > 1:
+                    racers.remove(racer)
+                    await self._drop_racer(racer, err)
+                else:
+                    await _stop(racer.pending)
+                    racer.pending = asyncio.get_running_loop().create_future()
+                    racer.pending.set_exception(err)
+        if winner is None:  # cancelled or at the deadline: the attempt's loop ends it, on the primary if it runs
+            winner = race.primary if race.primary in racers else racers[0]
+        race.winner = winner
+        for loser in [r for r in racers if r is not winner]:
+            await self._lose(loser)
+        # The winner's attempt is the last one: the one that served (logs, `served_by`).
+        self.attempts.remove(winner.attempt)
+        self.attempts.append(winner.attempt)
+        race.stream = _Primed(winner.pending, winner.stream)
+        if race.hedge is not None and winner.pending.done() and winner.pending.exception() is None:
+            if self.options.recovery_events:
+                events = self._ensure_started()
+                if announce:
+                    events.append(self._hedge_started(race))
+                loser = race.hedge if winner is race.primary else race.primary
+                events.append(self.emitter.extension(
+                    "router:hedge.won", deployment=winner.deployment.name, lost=loser.deployment.name,
+                    ttft_ms=round((time.monotonic() - winner.started_at) * 1000, 1)))
+                for ev in events:
+                    yield ev
+
+    def _start_hedge(self, race: _Race, rounds: _Rounds) -> bool:
+        hedge = self.settings.hedge
+        if not self.route.health.hedge_budget(self.route.model).allows(hedge.max_share, hedge.max_cost_share):
+            return False
+        deployment = race.next
+        provider = self.route.provider(deployment)
+        sent = attempt_request(self.request, self.emitter, literal=provider.capabilities.literal_continuation,
+                               provider=deployment.provider)
+        attempt = Attempt(deployment.name, deployment.provider, deployment.model)
+        stream = provider.stream(sent).__aiter__()
+        self.route.health.hedge_budget(self.route.model).hedged += 1.0
+        self.attempts.append(attempt)
+        rounds.tried(deployment)
+        race.hedge = _Racer(deployment, provider, sent, attempt, stream, time.monotonic(),
+                            asyncio.ensure_future(stream.__anext__()))
+        race.racers.append(race.hedge)
+        return True
+
+    def _hedge_started(self, race: _Race) -> Event:
+        assert race.hedge is not None
+        return self.emitter.extension("router:hedge.started", deployment=race.hedge.deployment.name,
+                                      primary=race.primary.deployment.name,
+                                      after_ms=round(race.threshold * 1000, 1))
+
+    async def _drop_racer(self, racer: _Racer, err: BaseException) -> None:
+        """A racer failed before anything of it was used: recorded as a failed attempt, its stream closed."""
+        await _stop(racer.pending)
+        await _aclose(racer.stream)
+        racer.attempt.settle(racer.deployment, racer.sent)
+        if isinstance(err, ProviderError):
+            self._record_failure(racer.deployment, racer.attempt, err)
+
+    async def _lose(self, racer: _Racer) -> None:
+        """The racer that lost: closed before any of its output reached the client. Its input was sent, so it is
+        charged (estimated); its output is what it streamed before the close (a first delta of a tie), unshown."""
+        pending = racer.pending
+        if pending.done() and not pending.cancelled() and pending.exception() is None:
+            racer.attempt.output_chars += delta_chars(pending.result())
+        await _stop(pending)
+        await _aclose(racer.stream)
+        attempt = racer.attempt
+        attempt.outcome = "hedge_lost"
+        if not attempt.usage.input_tokens:
+            attempt.usage = Usage(estimate_input_tokens(racer.sent), attempt.usage.output_tokens)
+            attempt.usage_estimated = True
+        attempt.settle(racer.deployment, racer.sent)
+
     # -- one attempt ---------------------------------------------------------------------------------------------
 
     async def _stream_attempt(self, provider: Provider, deployment: Deployment, request: GenerationRequest,
-                              attempt: Attempt) -> AsyncIterator[Event]:
+                              attempt: Attempt, *, stream: AsyncIterator[Delta] | None = None,
+                              started_at: float | None = None) -> AsyncIterator[Event]:
+        """One attempt's stream into the emitter. A hedge race hands over the winner's `stream` (its first item
+        already fetched) and when it started."""
         ttft_timeout = deployment.options.ttft_timeout_s
         stall_timeout = deployment.options.stall_timeout_s
-        started_at = time.monotonic()
-        stream = provider.stream(request).__aiter__()
+        started_at = time.monotonic() if started_at is None else started_at
+        stream = provider.stream(request).__aiter__() if stream is None else stream
         continued = request.continuation is not None
         seam = OverlapFilter(request.continuation)
         control = self.control
@@ -607,7 +770,13 @@ class Generation:
         output_tokens = sum(a.usage.output_tokens for a in attempts)
         streaming = self._done_at - self._t0 - self._ttft if self._ttft is not None else 0.0
         cost = sum(a.cost for a in attempts)
-        failovers = sum(1 for a, b in itertools.pairwise(attempts) if a.deployment != b.deployment)
+        raced = [a for a in attempts if a.outcome != "hedge_lost"]
+        failovers = sum(1 for a, b in itertools.pairwise(raced) if a.deployment != b.deployment)
+        hedges = len(attempts) - len(raced)
+        if self._hedge_counted:
+            budget = self.route.health.hedge_budget(self.route.model)
+            budget.cost += cost
+            budget.hedge_cost += sum(a.cost for a in attempts if a.outcome == "hedge_lost")
         continuations = sum(1 for a in attempts if a.continuation is not None)
         ttft_ms = None if self._ttft is None else round(self._ttft * 1000, 1)
         tps = round(output_tokens / streaming, 1) if output_tokens and streaming > 0 else None
@@ -617,13 +786,91 @@ class Generation:
             "attempt_count": len(attempts), "ttft_ms": ttft_ms,
             "input_tokens": sum(a.usage.input_tokens for a in attempts), "output_tokens": output_tokens,
             "output_tokens_per_s": tps, "cost_usd": round(cost, 8), "failovers": failovers,
-            "continuations": continuations, "taken_over": self._taken_over,
+            "continuations": continuations, "hedges": hedges, "taken_over": self._taken_over,
             "usage_estimated": any(a.usage_estimated for a in attempts)})
         logs.emit_metrics({"model": self.route.model, "deployment": served or "none"}, {
             "Requests": 0 if self._taken_over else 1, "TimeToFirstToken": ttft_ms, "OutputTokensPerSecond": tps,
             "InputTokens": sum(a.usage.input_tokens for a in attempts), "OutputTokens": output_tokens,
             "CostUSD": cost, "Failovers": failovers, "Continuations": continuations,
             "Takeovers": 1 if self._taken_over else 0})
+
+
+def hedgeable(request: GenerationRequest) -> bool:
+    """May this request be hedged? A hedge costs only tokens when every tool runs on the client: the IR has only
+    function tools today, so every request is. A hosted tool (one the upstream runs: search, code) would return
+    False here."""
+    del request  # nothing in the IR today makes a request unhedgeable
+    return True
+
+
+def hedge_threshold(hedge: HedgeSettings, p95: float | None) -> float:
+    """Seconds without a first token before the hedge starts: the deployment's live p95 TTFT within the configured
+    floor and ceiling, the ceiling while no p95 is known."""
+    floor, ceiling = hedge.floor_ms / 1000.0, hedge.ceiling_ms / 1000.0
+    return ceiling if p95 is None else min(ceiling, max(floor, p95))
+
+
+@dataclass(slots=True)
+class _Racer:
+    """One stream of a hedge race and its first item being fetched."""
+
+    deployment: Deployment
+    provider: Provider
+    sent: GenerationRequest
+    attempt: Attempt
+    stream: AsyncIterator[Delta]
+    started_at: float
+    pending: asyncio.Future[Delta]
+
+
+@dataclass(slots=True)
+class _Race:
+    primary: _Racer
+    next: Deployment  # the hedge's deployment, if the hedge starts
+    threshold: float
+    hedge: _Racer | None = None
+    racers: list[_Racer] = field(default_factory=list)
+    winner: _Racer | None = None
+    stream: AsyncIterator[Delta] | None = None
+
+    def __post_init__(self) -> None:
+        self.racers.append(self.primary)
+
+    def handover(self) -> tuple[_Racer, tuple[AsyncIterator[Delta], float]]:
+        """After the race: the winner, its primed stream and when it started."""
+        assert self.winner is not None and self.stream is not None
+        return self.winner, (self.stream, self.winner.started_at)
+
+
+class _Primed:
+    """A racer's stream handed to the attempt: its first item is the race's pending fetch, then the stream."""
+
+    def __init__(self, pending: asyncio.Future[Delta], stream: AsyncIterator[Delta]) -> None:
+        self._pending: asyncio.Future[Delta] | None = pending
+        self._stream = stream
+
+    def __aiter__(self) -> _Primed:
+        return self
+
+    async def __anext__(self) -> Delta:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            return await pending
+        return await self._stream.__anext__()
+
+    async def aclose(self) -> None:
+        if self._pending is not None:
+            await _stop(self._pending)
+        await _aclose(self._stream)
+
+
+async def _stop(pending: asyncio.Future[Any]) -> None:
+    """Cancel a fetch and let it unwind (a cancelled `__anext__` finishes its generator), whatever it raises."""
+    pending.cancel()
+    try:
+        await pending
+    except (Exception, asyncio.CancelledError):
+        pass
 
 
 def _has_image_urls(request: GenerationRequest) -> bool:
