@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 DDB_LOCAL_VERSION := 10.3.0
 DDB_LOCAL_DIR := .cache/dynamodb-local
 
-.PHONY: run test test-js install lint bench profile litellm chaos dynamodb-local clean check-config docs
+.PHONY: run test test-js install lint bench profile litellm chaos dynamodb-local clean check-config docs demo-client
 
 $(VENV_STAMP):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || (echo "Python 3.11+ is needed" && exit 1)
@@ -90,6 +90,12 @@ profile: $(DEV_STAMP) $(BENCH_STAMP)
 N ?= 1000
 chaos: $(DEV_STAMP) dynamodb-local
 	UNBROKEN_CHAOS_N=$(N) UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) $(BIN)/pytest -q -m chaos -p no:cacheprovider
+
+# The demo page's copy of the JS client (layers/unbroken/api/static/): the package and the Lambda layer carry it, and
+# tests/browser/test_demo_assets.py fails when it differs from clients/js.
+demo-client:
+	cp clients/js/index.js layers/unbroken/api/static/client.js
+	cp clients/js/sse.js layers/unbroken/api/static/sse.js
 
 # The architecture picture, from its source (needs Graphviz's `dot`).
 docs:

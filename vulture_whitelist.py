@@ -3,7 +3,7 @@
 vulture reads this file as code that uses the names below; it is never imported."""
 
 # ruff: noqa
-from unbroken.api import app, chat, compact, models, responses
+from unbroken.api import app, chat, compact, demo, models, responses
 from unbroken.api.identity import LambdaContextInfo
 from unbroken.journal.store import StoreStats
 from unbroken.journal.writer import JournalWriter
@@ -13,6 +13,9 @@ app._invalid
 app.healthz
 chat.create_chat_completion
 compact.compact_response
+demo.demo_page
+demo.demo_script
+demo.kill_producer
 models.list_models
 responses.get_response
 

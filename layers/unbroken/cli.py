@@ -77,7 +77,7 @@ def serve(args: argparse.Namespace) -> int:
             log.warning("model %s is not served: every deployment of it is off (requests get a 503)", model.name,
                         extra={"model": model.name})
     configure(metrics=config.server.metrics, tracing=config.server.tracing)
-    app = create_app(config, store, access_log=True)
+    app = create_app(config, store, access_log=True, demo_controls=args.demo_controls)
     # Bind first, then announce: a client that reads the ready line can connect at once (and --port 0 works).
     # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only then (else Nagle + delayed ACK
     # add tens of milliseconds to small writes such as SSE frames).
@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--create-table", action="store_true",
                          help="create the DynamoDB table (on-demand, TTL) if it does not exist; for local use — "
                               "on AWS the SAM template creates it")
+    p_serve.add_argument("--demo-controls", action="store_true",
+                         help="add the demo page's 'kill the producer' button and its debug route (POST "
+                              "/demo/responses/{id}/kill-producer, authenticated): it stops a response's producer "
+                              "in this process as a crash would; for demonstrations only")
     p_serve.set_defaults(func=serve)
     p_check = sub.add_parser("check-config", help="validate a config file")
     p_check.add_argument("path", type=str)

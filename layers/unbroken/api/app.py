@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from unbroken.api import chat, compact, models, responses
+from unbroken.api import chat, compact, demo, models, responses
 from unbroken.api.edge import Edge
 from unbroken.api.errors import error_response
 from unbroken.api.guard import Guard
@@ -26,9 +26,14 @@ _LOC_SOURCES = ("body", "query", "header", "path", "cookie")
 
 
 def create_app(config: Config, store: Store | None = None, *, launch_background: BackgroundLauncher | None = None,
-               lambda_env: Mapping[str, str] | None = None, access_log: bool = False) -> FastAPI:
+               lambda_env: Mapping[str, str] | None = None, access_log: bool = False,
+               demo_controls: bool = False) -> FastAPI:
     """`lambda_env` is the environment of a Lambda function behind the Web Adapter, which makes the adapter's
-    context headers trusted (deadlines); None everywhere else. `access_log`: one log line per request."""
+    context headers trusted (deadlines); None everywhere else. `access_log`: one log line per request.
+    `demo_controls` adds the demo page's debug route (`unbroken serve --demo-controls` only: it is refused inside
+    Lambda)."""
+    if demo_controls and lambda_env:
+        raise ValueError("demo controls are for a local `unbroken serve`, never for Lambda")
     runtime = Runtime(config=config, store=store, launch_background=launch_background)
 
     @asynccontextmanager
@@ -41,12 +46,15 @@ def create_app(config: Config, store: Store | None = None, *, launch_background:
     app.state.runtime = runtime
     app.state.lambda_env = dict(lambda_env or {})
     app.state.jwt_verifier = None
+    app.state.demo_controls = demo_controls
     if config.auth.jwt is not None:
         from unbroken.api.tokens import JwtVerifier  # PyJWT only when tokens are verified here
 
         app.state.jwt_verifier = JwtVerifier(config.auth.jwt)
-    for module in (responses, compact, chat, models):
+    for module in (responses, compact, chat, models, demo):
         app.include_router(module.router)
+    if demo_controls:
+        app.include_router(demo.controls_router)
 
     @app.exception_handler(Failure)
     async def _failure(request: Request, exc: Failure) -> JSONResponse:

@@ -37,6 +37,21 @@ class RunOutcome:
     failure: Failure | None = None
 
 
+def _task_name(response_id: str) -> str:
+    return f"produce {response_id}"
+
+
+def crash_producer(runtime: Runtime, response_id: str) -> bool:
+    """Stop this process's producer of the response as a crash would, for demonstrations (`unbroken serve
+    --demo-controls`): its task is cancelled, nothing pending is committed, no terminal event is written and the
+    lease is no longer renewed, so a reader of the response takes it over once the lease expires. False when no
+    producer of it runs in this process."""
+    tasks = [t for t in runtime.tasks if t.get_name() == _task_name(response_id) and not t.done()]
+    for task in tasks:
+        task.cancel()
+    return bool(tasks)
+
+
 class ResponseRun:
     def __init__(self, runtime: Runtime, response_id: str, epoch: int, generation: Generation,
                  control: RunControl, *, hand_on: BackgroundLauncher | None = None) -> None:
@@ -53,7 +68,7 @@ class ResponseRun:
         self.hand_on = hand_on
 
     def start(self) -> ResponseRun:
-        self.task = self.runtime.spawn(self._run(), name=f"produce {self.response_id}")
+        self.task = self.runtime.spawn(self._run(), name=_task_name(self.response_id))
         return self
 
     def detach(self) -> None:
