@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from unbroken.api.auth import authenticate
 from unbroken.durable.runtime import Runtime
@@ -23,7 +23,7 @@ from unbroken.errors import invalid
 from unbroken.ir import Usage
 from unbroken.protocol.body import parse_json, validate
 from unbroken.protocol.compaction import compaction_codec, expand_compaction_for
-from unbroken.protocol.request import MAX_INPUT_STRING, ItemParam, items_from_input
+from unbroken.protocol.request import InputParam, items_from_input
 from unbroken.protocol.responses import new_id, usage_object
 
 router = APIRouter()
@@ -38,26 +38,11 @@ class CompactBody(BaseModel):
     model_config = ConfigDict(extra="allow")  # extensions are allowed by the spec, and ignored
 
     model: str | None = None
-    input: str | list[ItemParam] | None = None
+    input: InputParam = None
     previous_response_id: str | None = None
     instructions: str | None = None
     prompt_cache_key: str | None = Field(default=None, max_length=64)
 
-    @field_validator("input", mode="before")
-    @classmethod
-    def _shorthand_messages(cls, value: Any) -> Any:
-        # OpenAI's shorthand `{role, content}` is a message item, as on /v1/responses.
-        if isinstance(value, list):
-            return [{"type": "message", **v} if isinstance(v, dict) and "type" not in v and "role" in v else v
-                    for v in value]
-        return value
-
-    @field_validator("input")
-    @classmethod
-    def _input_size(cls, value: Any) -> Any:
-        if isinstance(value, str) and len(value) > MAX_INPUT_STRING:
-            raise ValueError("input string is longer than 10 MiB")
-        return value
 
 
 @router.post("/v1/responses/compact", response_model=None)

@@ -12,7 +12,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from unbroken.errors import invalid
 from unbroken.ir import (
@@ -107,6 +116,25 @@ ItemParam = Annotated[
 ]
 
 
+def _shorthand_messages(value: Any) -> Any:
+    # OpenAI's shorthand `{role, content}` (used in the spec's own examples) is a message item.
+    if isinstance(value, list):
+        return [{"type": "message", **v} if isinstance(v, dict) and "type" not in v and "role" in v else v
+                for v in value]
+    return value
+
+
+def _input_size(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_INPUT_STRING:
+        raise ValueError("input string is longer than 10 MiB")
+    return value
+
+
+# A body's `input`, as /v1/responses and /v1/responses/compact both take it.
+InputParam = Annotated[str | list[ItemParam] | None, BeforeValidator(_shorthand_messages),
+                       AfterValidator(_input_size)]
+
+
 class FunctionToolParam(_Lenient):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
@@ -146,7 +174,7 @@ class ReasoningConfigParam(_Lenient):
 
 class CreateResponseBody(_Lenient):
     model: str | None = None
-    input: str | list[ItemParam] | None = None
+    input: InputParam = None
     instructions: str | None = None
     previous_response_id: str | None = None
     tools: list[FunctionToolParam] | None = None
@@ -171,22 +199,6 @@ class CreateResponseBody(_Lenient):
     safety_identifier: str | None = Field(default=None, max_length=64)
     prompt_cache_key: str | None = Field(default=None, max_length=64)
     include: list[str] | None = None
-
-    @field_validator("input", mode="before")
-    @classmethod
-    def _shorthand_messages(cls, value: Any) -> Any:
-        # OpenAI's shorthand `{role, content}` (used in the spec's own examples) is a message item.
-        if isinstance(value, list):
-            return [{"type": "message", **v} if isinstance(v, dict) and "type" not in v and "role" in v else v
-                    for v in value]
-        return value
-
-    @field_validator("input")
-    @classmethod
-    def _input_size(cls, value: Any) -> Any:
-        if isinstance(value, str) and len(value) > MAX_INPUT_STRING:
-            raise ValueError("input string is longer than 10 MiB")
-        return value
 
     @field_validator("metadata")
     @classmethod
