@@ -321,7 +321,8 @@ export async function* resilientEvents(o) {
       throw new UnbrokenError(`The stream could not be resumed after ${opts.maxRetries} retries.`,
         { code: "retries_exhausted", ...where });
     }
-    let delayMs = backoffDelay(attempt, opts);
+    // The server asked for the reconnection (its stream reached its deadline, the response goes on): no wait.
+    let delayMs = cut?.code === "resume_requested" ? 0 : backoffDelay(attempt, opts);
     if (typeof cut?.retryAfterMs === "number") delayMs = Math.max(delayMs, Math.min(cut.retryAfterMs, 60_000));
     opts.onRetry?.({ attempt, delayMs, error: cut, responseId: st.responseId, lastSequenceNumber: st.lastSeq });
     await sleep(delayMs, opts.signal);
