@@ -406,8 +406,9 @@ class AuthSettings(_Strict):
 class HedgeSettings(_Strict):
     """Hedged first token (README "Hedged first token"): when the first attempt's first token is later than its
     deployment's live p95 time to first token (clamped to `floor_ms`..`ceiling_ms`; the ceiling until a p95 is
-    known; the ceiling wins a floor above it), the next ranked deployment is started alongside and the first to stream wins. Bounded per model: at
-    most `max_share` of its recent requests are hedged, and the losers cost at most `max_cost_share` of its spend."""
+    known, and the ceiling wins a floor above it), the next ranked deployment is started alongside and the first
+    to stream wins. Bounded per model: at most `max_share` of its recent requests are hedged, and the losers cost
+    at most `max_cost_share` of its spend."""
 
     enabled: bool = False
     floor_ms: float = Field(default=500.0, ge=0)
