@@ -7,6 +7,8 @@ Each deployment gets a `FakeProvider` with a list of attempts; each attempt is a
 - `Fail(kind, ...)` raises `ProviderError(kind, ...)`;
 - `Do(fn)` calls `fn()` (flip a cancel flag, move a deadline) and goes on;
 - `HANG` waits until the consumer gives up on the stream (cancelled, or its own timeout);
+- `Wait(event)` waits until the test (or another script's `Do`) sets the `asyncio.Event`: a first token that comes
+  late, exactly when the test says, with no sleep;
 - the end of the list ends the stream.
 
 Every `GenerationRequest` an adapter is sent is recorded (`provider.requests`, and in order over all deployments in
@@ -45,6 +47,13 @@ class Do:
     fn: Callable[[], Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait here until `event` is set (or the consumer gives up on the stream), then go on."""
+
+    event: asyncio.Event
+
+
 class _Hang:
     def __repr__(self) -> str:
         return "HANG"
@@ -52,7 +61,7 @@ class _Hang:
 
 HANG = _Hang()
 
-Step = Delta | Fail | Do | _Hang
+Step = Delta | Fail | Do | Wait | _Hang
 
 
 def text_attempt(*chunks: str, finish: str = "stop") -> list[Step]:
@@ -98,6 +107,8 @@ class FakeProvider(Provider):
                     raise ProviderError(step.kind, step.message, retry_after=step.retry_after, status=step.status)
                 if isinstance(step, Do):
                     step.fn()
+                elif isinstance(step, Wait):
+                    await step.event.wait()
                 elif isinstance(step, _Hang):
                     await asyncio.Event().wait()  # until the consumer cancels or times out
                 else:

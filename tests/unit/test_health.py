@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from unbroken.config import Deployment, PublicModel
-from unbroken.routing.policy import EWMA_WEIGHT, FAILURES_TO_OPEN, OPEN_SECONDS, HealthBoard
+from unbroken.routing.policy import EWMA_WEIGHT, FAILURES_TO_OPEN, OPEN_SECONDS, HealthBoard, HedgeBudget
 
 
 class Clock:
@@ -97,3 +97,33 @@ def test_ttft_is_an_exponentially_weighted_average(clock: Clock) -> None:
     assert board.of("m", "a").ttft_ewma == pytest.approx((1 - EWMA_WEIGHT) * 1.0 + EWMA_WEIGHT * 2.0)
     board.record_success("m", "a", None)  # a success without a first token leaves the average alone
     assert board.of("m", "a").ttft_ewma == pytest.approx((1 - EWMA_WEIGHT) * 1.0 + EWMA_WEIGHT * 2.0)
+
+
+# -- the live TTFT p95 and the hedge budget ---------------------------------------------------------------------
+
+
+def test_ttft_p95_needs_a_few_samples_then_follows_the_tail() -> None:
+    board = HealthBoard()
+    assert board.ttft_p95("m", "a") is None
+    for i in range(100):
+        board.record_success("m", "a", 2.0 if i % 10 == 0 else 0.2)  # a tenth of first tokens are slow
+    p95 = board.ttft_p95("m", "a")
+    assert p95 is not None and 1.0 < p95 < 3.0
+    for _ in range(300):
+        board.record_success("m", "a", 0.2)  # the slow ones stop: the estimate decays back
+    p95 = board.ttft_p95("m", "a")
+    assert p95 is not None and p95 < 0.3
+
+
+def test_hedge_budget_share_decays() -> None:
+    budget = HedgeBudget()
+    budget.note_request()
+    assert budget.allows(0.1, 1.0)
+    budget.hedged += 1
+    allowed = 0
+    for _ in range(200):
+        budget.note_request()
+        if budget.allows(0.1, 1.0):
+            budget.hedged += 1
+            allowed += 1
+    assert 15 <= allowed <= 25  # about a tenth
