@@ -11,6 +11,10 @@ Items of one response, all under `pk = resp#<id>`:
   A superseded snapshot is left for TTL / `delete` rather than deleted, so a reader can never see a half-gone one.
 Plus the idempotency item `pk = idem#<len(tenant)>:<tenant>#<key>`, `sk = 0`, written with the header on create.
 
+Counters are one item each, `pk = ctr#<key>`, `sk = 0`, a number attribute `c_<field>` per field grown with `ADD`
+(one UpdateItem per key; increments commute, so no condition beyond "not expired"). Records of a kind share
+`pk = rec#<kind>` so a Query lists them; `sk` is a 48-bit hash of the name, which is kept in `name`.
+
 A commit of events is one `TransactWriteItems`: Put of each piece (`attribute_not_exists(pk)`) + Update of the header
 conditional on `owner_epoch` and `last_seq`, so a zombie writer can never make anything visible. Transactions carry a
 `ClientRequestToken`, so retrying after an ambiguous failure (timeout, 5xx) cannot apply a commit twice. Every item
@@ -37,7 +41,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,6 +56,7 @@ from unbroken.journal.store import (
     AlreadyExists,
     Fenced,
     NotFound,
+    Record,
     ResponseHeader,
     Store,
     StoreError,
@@ -1015,6 +1020,175 @@ class DynamoDBStore(Store):
         self._expires.pop(response_id, None)
         self._header_size.pop(response_id, None)
         return header is not None or bool(keys)
+
+    # -- counters and records ----------------------------------------------------------------------------------------
+
+    async def add_counters(self, increments: Mapping[str, Mapping[str, float]], *, expires_at: float) -> None:
+        expires = _n(math.ceil(expires_at))
+        for key, deltas in increments.items():
+            if not deltas:
+                continue
+            names = {f"#f{i}": f"c_{field}" for i, field in enumerate(deltas)}
+            values = {f":v{i}": _n(delta) for i, delta in enumerate(deltas.values())}
+            adds = ", ".join(f"#f{i} :v{i}" for i in range(len(deltas)))
+            key_attrs = {"pk": {"S": f"ctr#{key}"}, "sk": {"N": "0"}}
+            try:
+                for _ in range(3):  # an expired item is replaced by a fresh one at most once per race; bounded
+                    try:
+                        await self._call(
+                            "UpdateItem",
+                            TableName=self.table,
+                            Key=key_attrs,
+                            UpdateExpression=f"SET #x = :x ADD {adds}",
+                            ConditionExpression="attribute_not_exists(pk) OR #x > :now",
+                            ExpressionAttributeNames={**names, "#x": "expires_at"},
+                            ExpressionAttributeValues={**values, ":x": expires, ":now": _n(int(self._clock()))},
+                        )
+                        break
+                    except _CallFailed as failure:
+                        if failure.code != "ConditionalCheckFailedException":
+                            raise
+                    # Expired but not yet removed by TTL: start again from zero, as the other stores do.
+                    try:
+                        await self._call(
+                            "DeleteItem",
+                            TableName=self.table,
+                            Key=key_attrs,
+                            ConditionExpression="#x <= :now",
+                            ExpressionAttributeNames={"#x": "expires_at"},
+                            ExpressionAttributeValues={":now": _n(int(self._clock()))},
+                        )
+                    except _CallFailed as failure:
+                        if failure.code != "ConditionalCheckFailedException":
+                            raise
+                else:
+                    raise StoreUnavailable(f"dynamodb add_counters: {key} kept expiring under concurrent updates")
+            except _CallFailed as failure:
+                raise StoreError(f"dynamodb add_counters: {failure}") from failure.error
+            self.stats.commits += 1
+            self.stats.add_item(40 + 16 * len(deltas), wru_factor=1)
+
+    async def get_counters(self, keys: Sequence[str]) -> dict[str, dict[str, float]]:
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, dict[str, float]] = {}
+        now = self._clock()
+        try:
+            for start in range(0, len(wanted), 100):  # BatchGetItem takes at most 100 keys
+                pending: dict[str, Any] = {
+                    self.table: {
+                        "Keys": [{"pk": {"S": f"ctr#{key}"}, "sk": {"N": "0"}} for key in wanted[start : start + 100]],
+                        "ConsistentRead": True,
+                    }
+                }
+                for attempt in range(self._max_attempts):
+                    result = await self._call("BatchGetItem", RequestItems=pending)
+                    for item in result.get("Responses", {}).get(self.table, []):
+                        if _num(item.get("expires_at")) <= now:
+                            continue
+                        fields = {k[2:]: _num(v) for k, v in item.items() if k.startswith("c_")}
+                        found[item["pk"]["S"][4:]] = fields
+                    pending = result.get("UnprocessedKeys") or {}
+                    if not pending:
+                        break
+                    await asyncio.sleep(random.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt)))
+                else:
+                    raise StoreUnavailable("dynamodb batch_get_item: keys left unprocessed past the retry bound")
+        except _CallFailed as failure:
+            raise StoreError(f"dynamodb get_counters: {failure}") from failure.error
+        return found
+
+    @staticmethod
+    def _record_key(kind: str, name: str) -> dict[str, dict[str, str]]:
+        digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:6], "big")
+        return {"pk": {"S": f"rec#{kind}"}, "sk": {"N": str(digest)}}
+
+    def _record_live(self, item: dict[str, Any] | None) -> bool:
+        return item is not None and ("expires_at" not in item or _num(item["expires_at"]) > self._clock())
+
+    async def get_record(self, kind: str, name: str) -> Record | None:
+        try:
+            got = await self._call(
+                "GetItem", TableName=self.table, Key=self._record_key(kind, name), ConsistentRead=True
+            )
+        except _CallFailed as failure:
+            raise StoreError(f"dynamodb get_record: {failure}") from failure.error
+        item = got.get("Item")
+        if not self._record_live(item) or item is None or item["name"]["S"] != name:
+            return None
+        return Record(name, decode_json(item["d"]["B"]), _int(item.get("v")))
+
+    async def put_record(
+        self,
+        kind: str,
+        name: str,
+        data: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        expires_at: float | None = None,
+    ) -> int:
+        blob = encode_json(data)
+        names = {"#d": "d", "#n": "name", "#v": "v", "#x": "expires_at"}
+        values: dict[str, Any] = {":d": {"B": blob}, ":n": {"S": name}, ":one": _n(1)}
+        update = "SET #d = :d, #n = :n, #v = if_not_exists(#v, :zero) + :one"
+        values[":zero"] = _n(0)
+        update += ", #x = :x" if expires_at is not None else " REMOVE #x"
+        if expires_at is not None:
+            values[":x"] = _n(math.ceil(expires_at))
+        live = "(attribute_not_exists(#x) OR #x > :now)"
+        condition: str | None = None
+        if expected_version == 0:
+            condition = f"attribute_not_exists(pk) OR NOT {live}"
+            update = update.replace("if_not_exists(#v, :zero) + :one", ":one")
+            values.pop(":zero")
+        elif expected_version is not None:
+            condition = f"#v = :expected AND {live}"
+            values[":expected"] = _n(expected_version)
+        if condition is not None:
+            values[":now"] = _n(self._clock())
+        extra = {"ConditionExpression": condition} if condition is not None else {}
+        try:
+            got = await self._call(
+                "UpdateItem",
+                TableName=self.table,
+                Key=self._record_key(kind, name),
+                UpdateExpression=update,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="UPDATED_NEW",
+                **extra,
+            )
+        except _CallFailed as failure:
+            if failure.code == "ConditionalCheckFailedException":
+                if expected_version == 0:
+                    raise AlreadyExists(f"record {kind}/{name} exists") from failure.error
+                raise Fenced(f"record {kind}/{name} is not at version {expected_version}") from failure.error
+            raise StoreError(f"dynamodb put_record: {failure}") from failure.error
+        self.stats.commits += 1
+        self.stats.add_item(60 + len(blob), wru_factor=1)
+        return _int(got.get("Attributes", {}).get("v"), 1)
+
+    async def list_records(self, kind: str) -> list[Record]:
+        try:
+            items = await self._query(
+                KeyConditionExpression="pk = :p", ExpressionAttributeValues={":p": {"S": f"rec#{kind}"}}
+            )
+        except _CallFailed as failure:
+            raise StoreError(f"dynamodb list_records: {failure}") from failure.error
+        records = [
+            Record(item["name"]["S"], decode_json(item["d"]["B"]), _int(item.get("v")))
+            for item in items
+            if self._record_live(item)
+        ]
+        return sorted(records, key=lambda record: record.name)
+
+    async def delete_record(self, kind: str, name: str) -> bool:
+        try:
+            got = await self._call(
+                "DeleteItem", TableName=self.table, Key=self._record_key(kind, name), ReturnValues="ALL_OLD"
+            )
+        except _CallFailed as failure:
+            raise StoreError(f"dynamodb delete_record: {failure}") from failure.error
+        return self._record_live(got.get("Attributes"))
 
     async def create_table_if_missing(self, *, wait_seconds: float = 120.0) -> bool:
         """Create the table (on-demand, TTL on `expires_at`) unless it exists. True if it was created here."""

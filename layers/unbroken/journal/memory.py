@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from unbroken.journal.codec import check_dense, decode_events, decode_json, encode_events, encode_json
@@ -16,6 +16,7 @@ from unbroken.journal.store import (
     AlreadyExists,
     Fenced,
     NotFound,
+    Record,
     ResponseHeader,
     Store,
     StoreStats,
@@ -36,6 +37,8 @@ class MemoryStore(Store):
         self._clock = clock  # epoch seconds; tests move it forward to check expiry
         self._entries: dict[str, _Entry] = {}
         self._idem: dict[tuple[str, str], tuple[str, float]] = {}  # (tenant, key) -> (response_id, expires_at)
+        self._counters: dict[str, tuple[dict[str, float], float]] = {}  # key -> (fields, expires_at)
+        self._records: dict[tuple[str, str], tuple[bytes, int, float | None]] = {}  # -> (data, version, expires_at)
 
     def _live(self, response_id: str) -> _Entry | None:
         entry = self._entries.get(response_id)
@@ -157,3 +160,64 @@ class MemoryStore(Store):
         if key is not None and self._idem.get((entry.header.tenant, key), ("",))[0] == response_id:
             del self._idem[(entry.header.tenant, key)]
         return True
+
+    # -- counters and records ----------------------------------------------------------------------------------------
+
+    async def add_counters(self, increments: Mapping[str, Mapping[str, float]], *, expires_at: float) -> None:
+        now = self._clock()
+        for key, deltas in increments.items():
+            held = self._counters.get(key)
+            fields = dict(held[0]) if held is not None and held[1] > now else {}
+            for name, delta in deltas.items():
+                fields[name] = fields.get(name, 0.0) + float(delta)
+            self._counters[key] = (fields, expires_at)
+            self._count(16 * len(fields))
+
+    async def get_counters(self, keys: Sequence[str]) -> dict[str, dict[str, float]]:
+        now = self._clock()
+        found: dict[str, dict[str, float]] = {}
+        for key in keys:
+            held = self._counters.get(key)
+            if held is not None and held[1] > now:
+                found[key] = dict(held[0])
+        return found
+
+    def _live_record(self, kind: str, name: str) -> tuple[bytes, int, float | None] | None:
+        held = self._records.get((kind, name))
+        if held is None or (held[2] is not None and held[2] <= self._clock()):
+            return None
+        return held
+
+    async def get_record(self, kind: str, name: str) -> Record | None:
+        held = self._live_record(kind, name)
+        return Record(name, decode_json(held[0]), held[1]) if held is not None else None
+
+    async def put_record(
+        self,
+        kind: str,
+        name: str,
+        data: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        expires_at: float | None = None,
+    ) -> int:
+        held = self._live_record(kind, name)
+        current = held[1] if held is not None else 0
+        if expected_version == 0 and held is not None:
+            raise AlreadyExists(f"record {kind}/{name} exists")
+        if expected_version is not None and expected_version > 0 and current != expected_version:
+            raise Fenced(f"record {kind}/{name} is at version {current}, not {expected_version}")
+        blob = encode_json(data)
+        self._records[(kind, name)] = (blob, current + 1, expires_at)
+        self._count(len(blob))
+        return current + 1
+
+    async def list_records(self, kind: str) -> list[Record]:
+        names = sorted(name for (k, name) in self._records if k == kind)
+        found = [await self.get_record(kind, name) for name in names]
+        return [record for record in found if record is not None]
+
+    async def delete_record(self, kind: str, name: str) -> bool:
+        held = self._live_record(kind, name)
+        self._records.pop((kind, name), None)
+        return held is not None

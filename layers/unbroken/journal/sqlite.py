@@ -12,7 +12,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from unbroken.journal.store import (
     AlreadyExists,
     Fenced,
     NotFound,
+    Record,
     ResponseHeader,
     Store,
     StoreStats,
@@ -54,6 +55,21 @@ CREATE TABLE IF NOT EXISTS idempotency (
     response_id TEXT NOT NULL,
     expires_at REAL NOT NULL,
     PRIMARY KEY (tenant, key)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    key TEXT NOT NULL,
+    field TEXT NOT NULL,
+    value REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (key, field)
+);
+CREATE TABLE IF NOT EXISTS records (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (kind, name)
 );
 CREATE TABLE IF NOT EXISTS batches (
     response_id TEXT NOT NULL,
@@ -341,6 +357,119 @@ class SQLiteStore(Store):
 
         return await self._run(run, write=True)
 
+    # -- counters and records ----------------------------------------------------------------------------------------
+
+    async def add_counters(self, increments: Mapping[str, Mapping[str, float]], *, expires_at: float) -> None:
+        rows = [
+            (key, name, float(delta), expires_at)
+            for key, deltas in increments.items()
+            for name, delta in deltas.items()
+        ]
+        if not rows:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            now = self._clock()
+            keys = list(increments)
+            # An expired counter starts again from zero, as if it had been removed.
+            conn.executemany("DELETE FROM counters WHERE key = ? AND expires_at <= ?", [(k, now) for k in keys])
+            conn.executemany(
+                "INSERT INTO counters (key, field, value, expires_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key, field) DO UPDATE SET value = value + excluded.value, "
+                "expires_at = excluded.expires_at",
+                rows,
+            )
+            conn.executemany("UPDATE counters SET expires_at = ? WHERE key = ?", [(expires_at, k) for k in keys])
+
+        await self._run(run, write=True)
+        self._count(*(16 for _ in rows))
+
+    async def get_counters(self, keys: Sequence[str]) -> dict[str, dict[str, float]]:
+        if not keys:
+            return {}
+        wanted = list(dict.fromkeys(keys))
+
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str, float]]:
+            now = self._clock()
+            found: list[tuple[str, str, float]] = []
+            for start in range(0, len(wanted), 500):  # below SQLite's bound on host parameters
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found += conn.execute(
+                    f"SELECT key, field, value FROM counters WHERE key IN ({marks}) AND expires_at > ?", (*chunk, now)
+                ).fetchall()
+            return found
+
+        result: dict[str, dict[str, float]] = {}
+        for key, name, value in await self._run(run, write=False):
+            result.setdefault(key, {})[name] = value
+        return result
+
+    async def get_record(self, kind: str, name: str) -> Record | None:
+        def run(conn: sqlite3.Connection) -> tuple[bytes, int] | None:
+            row = conn.execute(
+                "SELECT data, version FROM records "
+                "WHERE kind = ? AND name = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (kind, name, self._clock()),
+            ).fetchone()
+            return (bytes(row[0]), int(row[1])) if row else None
+
+        found = await self._run(run, write=False)
+        return Record(name, decode_json(found[0]), found[1]) if found is not None else None
+
+    async def put_record(
+        self,
+        kind: str,
+        name: str,
+        data: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        expires_at: float | None = None,
+    ) -> int:
+        blob = encode_json(data)
+
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT version FROM records WHERE kind = ? AND name = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (kind, name, self._clock()),
+            ).fetchone()
+            current = int(row[0]) if row else 0
+            if expected_version == 0 and row:
+                raise AlreadyExists(f"record {kind}/{name} exists")
+            if expected_version is not None and expected_version > 0 and current != expected_version:
+                raise Fenced(f"record {kind}/{name} is at version {current}, not {expected_version}")
+            conn.execute(
+                "INSERT OR REPLACE INTO records (kind, name, data, version, expires_at) VALUES (?, ?, ?, ?, ?)",
+                (kind, name, blob, current + 1, expires_at),
+            )
+            return current + 1
+
+        version = await self._run(run, write=True)
+        self._count(len(blob))
+        return version
+
+    async def list_records(self, kind: str) -> list[Record]:
+        def run(conn: sqlite3.Connection) -> list[tuple[str, bytes, int]]:
+            return conn.execute(
+                "SELECT name, data, version FROM records WHERE kind = ? AND (expires_at IS NULL OR expires_at > ?) "
+                "ORDER BY name",
+                (kind, self._clock()),
+            ).fetchall()
+
+        rows = await self._run(run, write=False)
+        return [Record(name, decode_json(bytes(blob)), int(version)) for name, blob, version in rows]
+
+    async def delete_record(self, kind: str, name: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            live = conn.execute(
+                "SELECT 1 FROM records WHERE kind = ? AND name = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (kind, name, self._clock()),
+            ).fetchone()
+            conn.execute("DELETE FROM records WHERE kind = ? AND name = ?", (kind, name))
+            return live is not None
+
+        return await self._run(run, write=True)
+
     async def close(self) -> None:
         def run() -> None:
             with self._lock:
@@ -355,3 +484,5 @@ def _purge(conn: sqlite3.Connection, now: float) -> None:
     conn.execute("DELETE FROM batches WHERE response_id IN (SELECT id FROM responses WHERE expires_at <= ?)", (now,))
     conn.execute("DELETE FROM responses WHERE expires_at <= ?", (now,))
     conn.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+    conn.execute("DELETE FROM counters WHERE expires_at <= ?", (now,))
+    conn.execute("DELETE FROM records WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))

@@ -10,11 +10,20 @@ Rules every implementation keeps (the contract suite checks each):
 - After `take_over` no append with an older epoch succeeds, so nothing a zombie writes becomes visible.
 - A terminal status is final: `take_over` refuses a terminal response, and the owner stops after its terminal commit.
 - Expired data (`expires_at` in the past) is invisible to every read, even before it is physically removed.
+
+Beside the journal, two small shared facilities every router instance reads and writes (the same rules, the same
+contract suite):
+- **Counters**: named sets of numeric fields that only ever grow by increments (`add_counters`). Increments commute,
+  so instances batch them locally and flush now and then without coordination; spend, rate limits and the routing
+  stats are built on them. Each key's increment is atomic; different keys are independent.
+- **Records**: small JSON documents by (kind, name) with a version for compare-and-set (`put_record`): API keys,
+  budgets, circuit-breaker state.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +96,15 @@ class StoreStats:
             self.max_item_bytes = size
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A stored document: `version` is 1 after its first put and grows by one with every put."""
+
+    name: str
+    data: dict[str, Any]
+    version: int
+
+
 class Store(ABC):
     """All methods are async; implementations on blocking clients run them in a thread."""
 
@@ -141,6 +159,44 @@ class Store(ABC):
     @abstractmethod
     async def delete(self, response_id: str) -> bool:
         """Remove the header and every batch. True if something was deleted."""
+
+    # -- counters and records: shared state beside the journal --------------------------------------------------
+
+    @abstractmethod
+    async def add_counters(self, increments: Mapping[str, Mapping[str, float]], *, expires_at: float) -> None:
+        """Add each field's delta to the counter `key` ({key: {field: delta}}); absent keys and fields start at 0.
+        Each key's update is atomic; keys are updated independently (a failure may leave some applied). Sets the
+        key's expiry to `expires_at` (later increments may move it)."""
+
+    @abstractmethod
+    async def get_counters(self, keys: Sequence[str]) -> dict[str, dict[str, float]]:
+        """The live counters among `keys`, {key: {field: value}}; absent or expired keys are left out."""
+
+    @abstractmethod
+    async def get_record(self, kind: str, name: str) -> Record | None:
+        """The record, or None if absent or expired."""
+
+    @abstractmethod
+    async def put_record(
+        self,
+        kind: str,
+        name: str,
+        data: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        expires_at: float | None = None,
+    ) -> int:
+        """Write the record and return its new version. `expected_version`: None writes unconditionally; 0 only
+        creates (raises `AlreadyExists` if a live record is there); n > 0 replaces version n only (raises `Fenced`
+        if the live version differs or the record is absent). `expires_at` None keeps it until deleted."""
+
+    @abstractmethod
+    async def list_records(self, kind: str) -> list[Record]:
+        """Every live record of a kind, ordered by name."""
+
+    @abstractmethod
+    async def delete_record(self, kind: str, name: str) -> bool:
+        """Remove the record. True if a live one was there."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
