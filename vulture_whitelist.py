@@ -74,3 +74,20 @@ _.converter
 # The Python client's public functions: called by users of `unbroken.client` (and its tests), not by the router.
 _.stream_events
 _.async_stream_events
+
+# LiveView is the one shape routing policies and the operator health endpoint read; the per-process board fills
+# only part of it until the shared live stats land, and record_success takes what those stats will keep.
+_.tokens_per_s
+_.error_rate
+_.rate_limit_rate
+_.cache_hit_rate
+_.mean_input_tokens
+_.mean_output_tokens
+_.output_seconds
+_.ttft_p50
+# The store's counters and records: the Store interface (every backend implements it, the contract suite calls it).
+_.add_counters
+_.get_counters
+_.put_record
+_.list_records
+_.delete_record

@@ -29,7 +29,7 @@ from tests.integration.endpoints import (
 )
 from tests.support.server import RouterThread, base_config
 from unbroken.ir import CONTINUE_INSTRUCTION
-from unbroken.routing import policy
+from unbroken.routing import health as policy
 from unbroken.simulator import SimulatedUpstream, SimulatedUpstreamThread
 
 LENGTH = 24

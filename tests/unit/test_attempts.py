@@ -33,7 +33,7 @@ from unbroken.protocol.responses import Event, ResponseEmitter
 from unbroken.providers.base import Capabilities
 from unbroken.resilience import attempts
 from unbroken.resilience.attempts import Generation, GenerationOptions, NoOutput, Route, RunControl
-from unbroken.routing.policy import HealthBoard
+from unbroken.routing.health import HealthBoard
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed"}
 LITERAL = Capabilities(literal_continuation=True)

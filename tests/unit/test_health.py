@@ -1,11 +1,12 @@
-"""The health board (`routing/policy.py`): circuit breaker per deployment and the ranking that reads it."""
+"""The health board (`routing/health.py`, circuit breaker per deployment) and the ranking (`routing/policy.py`)."""
 
 from __future__ import annotations
 
 import pytest
 
 from unbroken.config import Deployment, PublicModel
-from unbroken.routing.policy import EWMA_WEIGHT, FAILURES_TO_OPEN, OPEN_SECONDS, HealthBoard, HedgeBudget
+from unbroken.routing.health import EWMA_WEIGHT, FAILURES_TO_OPEN, OPEN_SECONDS, HealthBoard, HedgeBudget
+from unbroken.routing.policy import rank
 
 
 class Clock:
@@ -72,12 +73,12 @@ def test_a_success_closes_an_open_circuit(clock: Clock) -> None:
 def test_rank_puts_open_circuits_last_but_keeps_them(clock: Clock) -> None:
     board = HealthBoard(clock)
     m = model("a", "b", "c")
-    assert names(board.rank(m)) == ["a", "b", "c"]
+    assert names(rank(m, board)) == ["a", "b", "c"]
     for _ in range(FAILURES_TO_OPEN):
         board.record_failure("m", "a")
-    assert names(board.rank(m)) == ["b", "c", "a"]
+    assert names(rank(m, board)) == ["b", "c", "a"]
     clock.now += OPEN_SECONDS + 1
-    assert names(board.rank(m)) == ["a", "b", "c"]
+    assert names(rank(m, board)) == ["a", "b", "c"]
 
 
 def test_rank_by_latency_reads_the_ttft_average(clock: Clock) -> None:
@@ -85,8 +86,8 @@ def test_rank_by_latency_reads_the_ttft_average(clock: Clock) -> None:
     m = model("slow", "fast")
     board.record_success("m", "slow", 2.0)
     board.record_success("m", "fast", 0.2)
-    assert names(board.rank(m, "latency")) == ["fast", "slow"]
-    assert names(board.rank(m)) == ["slow", "fast"]  # ordered: as configured
+    assert names(rank(m, board, "latency")) == ["fast", "slow"]
+    assert names(rank(m, board)) == ["slow", "fast"]  # ordered: as configured
 
 
 def test_ttft_is_an_exponentially_weighted_average(clock: Clock) -> None:

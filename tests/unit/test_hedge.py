@@ -17,7 +17,7 @@ from unbroken.config import Deployment, HedgeSettings, Price, ServerSettings
 from unbroken.ir import TextDelta
 from unbroken.protocol.responses import Event, ResponseEmitter
 from unbroken.resilience.attempts import Generation, GenerationOptions, NoOutput, Route, RunControl, hedgeable
-from unbroken.routing.policy import HealthBoard
+from unbroken.routing.health import HealthBoard
 
 THRESHOLD_MS = 10.0
 HEDGE = HedgeSettings(enabled=True, floor_ms=THRESHOLD_MS, ceiling_ms=THRESHOLD_MS, max_share=1.0,

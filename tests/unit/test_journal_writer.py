@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 from unbroken.journal.feed import LocalFeeds, follow, is_terminal_event
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.sqlite import SQLiteStore
-from unbroken.journal.store import Fenced, NotFound, ResponseHeader, Store, StoreUnavailable
+from unbroken.journal.store import Fenced, NotFound, Record, ResponseHeader, Store, StoreUnavailable
 from unbroken.journal.writer import JournalWriter, WriterClosed
 
 BOUND = 10.0  # seconds: an upper bound on waits that normally take milliseconds; never a performance assertion
@@ -106,6 +106,26 @@ class ControlledStore(Store):
 
     async def delete(self, response_id: str) -> bool:
         return await self.inner.delete(response_id)
+
+    # Counters and records pass straight through: the writer never uses them.
+    async def add_counters(self, increments: Mapping[str, Mapping[str, float]], *, expires_at: float) -> None:
+        await self.inner.add_counters(increments, expires_at=expires_at)
+
+    async def get_counters(self, keys: Sequence[str]) -> dict[str, dict[str, float]]:
+        return await self.inner.get_counters(keys)
+
+    async def get_record(self, kind: str, name: str) -> Record | None:
+        return await self.inner.get_record(kind, name)
+
+    async def put_record(self, kind: str, name: str, data: dict[str, Any], *, expected_version: int | None = None,
+                         expires_at: float | None = None) -> int:
+        return await self.inner.put_record(kind, name, data, expected_version=expected_version, expires_at=expires_at)
+
+    async def list_records(self, kind: str) -> list[Record]:
+        return await self.inner.list_records(kind)
+
+    async def delete_record(self, kind: str, name: str) -> bool:
+        return await self.inner.delete_record(kind, name)
 
 
 def delta(seq: int, text: str = "tok") -> dict[str, Any]:

@@ -14,7 +14,8 @@ from unbroken.ir import GenerationRequest
 from unbroken.journal.store import Store
 from unbroken.protocol.responses import ResponseEmitter
 from unbroken.resilience.attempts import Generation, GenerationOptions, Route, RunControl
-from unbroken.routing.policy import HealthBoard
+from unbroken.routing.health import HealthBoard
+from unbroken.routing.policy import rank
 from unbroken.routing.pool import ProviderPool
 
 log = logging.getLogger("unbroken")
@@ -40,7 +41,7 @@ class Runtime:
     def route(self, model_name: str) -> Route:
         """The model's deployments as the routing policy ranks them now."""
         model = self.config.model(model_name)
-        candidates = tuple(self.health.rank(model)) if model is not None else ()
+        candidates = tuple(rank(model, self.health)) if model is not None else ()
         return Route(model_name, candidates, self.pool, self.health)
 
     def generation(self, request: GenerationRequest, model_name: str, emitter: ResponseEmitter,

@@ -46,7 +46,7 @@ from unbroken.protocol.responses import Event, ResponseEmitter
 from unbroken.providers.base import Provider, ProviderError
 from unbroken.resilience.continuation import OverlapFilter, attempt_request, continuation_base
 from unbroken.resilience.outcome import failure_for, judge
-from unbroken.routing.policy import HealthBoard
+from unbroken.routing.health import HealthBoard
 from unbroken.routing.pool import ProviderPool
 
 log = logging.getLogger("unbroken.resilience")
