@@ -91,3 +91,7 @@ _.get_counters
 _.put_record
 _.list_records
 _.delete_record
+
+# Operator routes depend on it (api/admin.py, api/operator.py).
+from unbroken.api import admin_auth
+admin_auth.require_admin

@@ -401,6 +401,17 @@ class AuthSettings(_Strict):
     # names the tenant ("jwt:" + its value). None: the claims are not read. Trusted only inside Lambda under the
     # Web Adapter (api/identity.in_lambda), where the adapter, not the client, writes the request context header.
     gateway_tenant_claim: str | None = Field(default=None, min_length=1)
+    # Operators (the `/admin/v1` routes locally: keys, budgets, spend, deployment health). Same forms as api_keys;
+    # the tenant is a label for the logs. On AWS the admin function is authorised by IAM instead.
+    admin_keys: list[ApiKey] = Field(default_factory=list)
+
+    def is_admin_key(self, presented: str) -> bool:
+        """Constant time over all admin keys, like `Config.tenant_for_key`."""
+        digest = hashlib.sha256(presented.encode()).digest()
+        found = False
+        for k in self.admin_keys:
+            found |= hmac.compare_digest(digest, k.digest)
+        return found
 
 
 class HedgeSettings(_Strict):
