@@ -95,3 +95,8 @@ _.delete_record
 # Operator routes depend on it (api/admin.py, api/operator.py).
 from unbroken.api import admin_auth
 admin_auth.require_admin
+# The flush loop and the reader are used by spend/limits and the routing stats.
+_.counter_reader
+_.forget
+_.reads
+_.flushes

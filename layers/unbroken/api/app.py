@@ -38,6 +38,7 @@ def create_app(config: Config, store: Store | None = None, *, launch_background:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
         yield
         await runtime.aclose()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from unbroken.config import Config, ServerSettings
 from unbroken.ir import GenerationRequest
+from unbroken.journal.counters import CounterBatcher, CounterReader
 from unbroken.journal.store import Store
 from unbroken.protocol.responses import ResponseEmitter
 from unbroken.resilience.attempts import Generation, GenerationOptions, Route, RunControl
@@ -33,6 +34,19 @@ class Runtime:
     health: HealthBoard = field(default_factory=HealthBoard)
     launch_background: BackgroundLauncher | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # Shared counters (spend, rate limits, routing stats): batched writes, cached reads. None without a store.
+    counters: CounterBatcher | None = None
+    counter_reader: CounterReader | None = None
+
+    def __post_init__(self) -> None:
+        if self.store is not None and self.counters is None:
+            self.counters = CounterBatcher(self.store)
+            self.counter_reader = CounterReader(self.store, self.counters)
+
+    def start(self) -> None:
+        """Start what runs beside the requests (on the running loop): the counter flusher."""
+        if self.counters is not None:
+            self.spawn(self.counters.run(), "counter-flush")
 
     @property
     def settings(self) -> ServerSettings:
@@ -56,6 +70,8 @@ class Runtime:
         return task
 
     async def aclose(self) -> None:
+        if self.counters is not None:
+            await self.counters.flush()  # before the tasks stop: what this instance counted reaches the store
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:

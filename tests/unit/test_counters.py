@@ -1,0 +1,71 @@
+"""Batched counters (journal/counters.py): sums flushed in one call, kept on a failed flush, read through a cache
+that adds this instance's pending increments."""
+
+from __future__ import annotations
+
+import time
+
+from unbroken.journal.counters import CounterBatcher, CounterReader
+from unbroken.journal.memory import MemoryStore
+from unbroken.journal.store import StoreUnavailable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_increments_are_summed_and_flushed_in_one_call() -> None:
+    store = MemoryStore()
+    batcher = CounterBatcher(store)
+    expires = time.time() + 3600
+    for _ in range(50):
+        batcher.add("spend#k", {"usd": 0.01, "requests": 1}, expires_at=expires)
+    assert await store.get_counters(["spend#k"]) == {}
+    await batcher.flush()
+    assert batcher.flushes == 1
+    got = await store.get_counters(["spend#k"])
+    assert got["spend#k"]["requests"] == 50 and abs(got["spend#k"]["usd"] - 0.5) < 1e-9
+    await batcher.flush()  # nothing pending: no store call
+    assert batcher.flushes == 1
+
+
+async def test_a_failed_flush_keeps_the_sums() -> None:
+    class Down(MemoryStore):
+        down = True
+
+        async def add_counters(self, increments, *, expires_at):  # type: ignore[no-untyped-def]
+            if self.down:
+                raise StoreUnavailable("down")
+            await super().add_counters(increments, expires_at=expires_at)
+
+    store = Down()
+    batcher = CounterBatcher(store)
+    expires = time.time() + 3600
+    batcher.add("c", {"n": 2}, expires_at=expires)
+    await batcher.flush()
+    batcher.add("c", {"n": 3}, expires_at=expires)
+    assert batcher.pending("c") == {"n": 5}
+    store.down = False
+    await batcher.flush()
+    assert await store.get_counters(["c"]) == {"c": {"n": 5}}
+
+
+async def test_reads_are_cached_and_include_pending() -> None:
+    store = MemoryStore()
+    clock = Clock()
+    batcher = CounterBatcher(store)
+    reader = CounterReader(store, batcher, max_age=5.0, clock=clock)
+    expires = time.time() + 3600
+    await store.add_counters({"c": {"n": 10}}, expires_at=expires)  # as another instance would
+    assert await reader.read(["c"]) == {"c": {"n": 10}}
+    await store.add_counters({"c": {"n": 1}}, expires_at=expires)
+    batcher.add("c", {"n": 100}, expires_at=expires)
+    assert await reader.read(["c"]) == {"c": {"n": 110}}  # cached store value + own pending
+    assert reader.reads == 1
+    clock.now += 6
+    assert await reader.read(["c", "absent"]) == {"c": {"n": 111}}
+    assert reader.reads == 2
