@@ -404,6 +404,10 @@ class AuthSettings(_Strict):
     # Operators (the `/admin/v1` routes locally: keys, budgets, spend, deployment health). Same forms as api_keys;
     # the tenant is a label for the logs. On AWS the admin function is authorised by IAM instead.
     admin_keys: list[ApiKey] = Field(default_factory=list)
+    # Keys created through the admin API live in the store (durable/keys.py); each process caches a lookup, found
+    # or not, for at most this long: a revoked key is refused by every instance within it (plus a store read).
+    key_cache_seconds: float = Field(default=5.0, ge=0, le=5.0)
+    key_cache_entries: int = Field(default=10_000, ge=1, le=1_000_000)
 
     def is_admin_key(self, presented: str) -> bool:
         """Constant time over all admin keys, like `Config.tenant_for_key`."""
@@ -468,8 +472,11 @@ class Config(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique: {', '.join(dupes)}")
-        if not (self.api_keys or self.allow_anonymous or self.auth.jwt or self.auth.gateway_tenant_claim):
-            raise ValueError("no api_keys or auth.jwt configured (set allow_anonymous: true to run without keys)")
+        if not (self.api_keys or self.allow_anonymous or self.auth.jwt or self.auth.gateway_tenant_claim
+                or self.auth.admin_keys):
+            # With admin keys, callers' keys can be created in the store (`unbroken keys create`).
+            raise ValueError("no api_keys, auth.jwt or auth.admin_keys configured (set allow_anonymous: true to "
+                             "run without keys)")
         return self
 
     def model(self, name: str) -> PublicModel | None:
@@ -493,11 +500,17 @@ class Config(_Strict):
 
     def tenant_for_key(self, presented: str) -> str | None:
         """The tenant a presented key belongs to, comparing digests in constant time over all keys."""
+        found = self.key_for(presented)
+        return found[1].tenant if found is not None else None
+
+    def key_for(self, presented: str) -> tuple[str, ApiKey] | None:
+        """(key id, key) of a presented YAML key, in constant time over all keys. The id names the key in spend and
+        logs: its `name`, else `yaml-<position in api_keys>` (never derived from the secret)."""
         digest = hashlib.sha256(presented.encode()).digest()
-        found: str | None = None
-        for k in self.api_keys:
+        found: tuple[str, ApiKey] | None = None
+        for i, k in enumerate(self.api_keys):
             if hmac.compare_digest(digest, k.digest):
-                found = k.tenant
+                found = (k.name or f"yaml-{i}", k)
         return found
 
 

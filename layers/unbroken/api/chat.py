@@ -17,9 +17,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from unbroken import logs
-from unbroken.api.auth import authenticate
+from unbroken.api.auth import authenticate_principal
 from unbroken.api.responses import accounting_headers, caller_of, runtime_of
 from unbroken.api.streaming import END, queued_sse, start_generation
+from unbroken.durable import limits
+from unbroken.durable.keys import Principal
 from unbroken.durable.runtime import Runtime
 from unbroken.durable.service import HEADER_HOLD_SECONDS, served_model
 from unbroken.journal.store import TERMINAL_EVENT_TYPES
@@ -34,12 +36,14 @@ log = logging.getLogger("unbroken.api")
 router = APIRouter()
 
 
-
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(request: Request, tenant: Annotated[str, Depends(authenticate)]) -> Response:
+async def create_chat_completion(request: Request,
+                                 principal: Annotated[Principal, Depends(authenticate_principal)]) -> Response:
     runtime = runtime_of(request)
+    tenant = principal.tenant
     body = validate(ChatCompletionBody, parse_json(await request.body()))
     model = served_model(runtime, body.model)
+    await limits.admit(runtime, principal, model.name)  # the key's models, budgets and rate limits
     gen_request = generation_request(body)
     response_id = new_id("resp")
     logs.bind(correlation_id=response_id, tenant=tenant, model=model.name)
@@ -53,7 +57,7 @@ async def create_chat_completion(request: Request, tenant: Annotated[str, Depend
     # Chat has no place for `router:` events: recovery events stay off.
     options = GenerationOptions(header_hold_seconds=HEADER_HOLD_SECONDS if streaming else math.inf)
     generation = runtime.generation(gen_request, model.name, emitter, options,
-                                    RunControl(caller_of(request, tenant).deadline))
+                                    RunControl(caller_of(request, tenant).deadline), account=principal.account)
     log.info("chat completion created", extra={"response_id": response_id, "tenant": tenant, "model": model.name,
                                                 "stream": streaming})
     chunker = ChatChunker(completion_id, created, model.name, include_usage=streaming and body.include_usage,

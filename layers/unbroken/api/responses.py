@@ -17,11 +17,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from unbroken import logs
-from unbroken.api.auth import authenticate
+from unbroken.api.auth import authenticate, authenticate_principal
 from unbroken.api.identity import stream_deadline
 from unbroken.api.streaming import END, queued_sse, sse_response, start_generation
-from unbroken.durable import service
+from unbroken.durable import limits, service
 from unbroken.durable.follow import HandedOn, failure_events, resume_events
+from unbroken.durable.keys import Principal
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
 from unbroken.durable.service import Caller, Direct
@@ -43,21 +44,25 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-def caller_of(request: Request, tenant: str) -> Caller:
+def caller_of(request: Request, tenant: str, key_id: str | None = None) -> Caller:
     """What the transport knows of the call: the tenant, its stream deadline (earlier when the Lambda invocation
     ends earlier), its Idempotency-Key and whether it opted in to recovery events."""
     runtime = runtime_of(request)
     deadline = stream_deadline(request.headers, runtime.settings.stream_deadline_seconds, time.time(),
                                env=request.app.state.lambda_env)
     return Caller(tenant=tenant, deadline=deadline, idempotency_key=request.headers.get("idempotency-key"),
-                  recovery_events=request.headers.get(RECOVERY_HEADER, "").lower() in ("1", "true", "yes"))
+                  recovery_events=request.headers.get(RECOVERY_HEADER, "").lower() in ("1", "true", "yes"),
+                  key_id=key_id)
 
 
 @router.post("/v1/responses", response_model=None)
-async def create_response(request: Request, tenant: Annotated[str, Depends(authenticate)]) -> Response:
+async def create_response(request: Request,
+                          principal: Annotated[Principal, Depends(authenticate_principal)]) -> Response:
     runtime = runtime_of(request)
     parsed = ResponsesRequest.parse(parse_json(await request.body()))
-    caller = caller_of(request, tenant)
+    # The key's models, budgets and rate limits, before any upstream call.
+    await limits.admit(runtime, principal, service.served_model(runtime, parsed.body.model).name)
+    caller = caller_of(request, principal.tenant, principal.key_id)
     created = await service.create_response(runtime, parsed, caller)
     streaming = parsed.body.stream
     if isinstance(created, Direct):

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from unbroken.config import Config, ServerSettings
+from unbroken.durable import spend
+from unbroken.durable.keys import Accounts
 from unbroken.ir import GenerationRequest
 from unbroken.journal.counters import CounterBatcher, CounterReader
 from unbroken.journal.store import Store
@@ -37,11 +39,17 @@ class Runtime:
     # Shared counters (spend, rate limits, routing stats): batched writes, cached reads. None without a store.
     counters: CounterBatcher | None = None
     counter_reader: CounterReader | None = None
+    # API keys and tenants in the store, through the per-process lookup cache. None without a store.
+    accounts: Accounts | None = None
 
     def __post_init__(self) -> None:
         if self.store is not None and self.counters is None:
             self.counters = CounterBatcher(self.store)
             self.counter_reader = CounterReader(self.store, self.counters)
+        if self.store is not None and self.accounts is None:
+            auth = self.config.auth
+            self.accounts = Accounts.over(self.store, max_age=auth.key_cache_seconds,
+                                          max_entries=auth.key_cache_entries)
 
     def start(self) -> None:
         """Start what runs beside the requests (on the running loop): the counter flusher."""
@@ -59,7 +67,11 @@ class Runtime:
         return Route(model_name, candidates, self.pool, self.health)
 
     def generation(self, request: GenerationRequest, model_name: str, emitter: ResponseEmitter,
-                   options: GenerationOptions, control: RunControl) -> Generation:
+                   options: GenerationOptions, control: RunControl, *,
+                   account: spend.Account | None = None) -> Generation:
+        """`account`: who the attempts are charged to (spend counters), once this owner has finished them."""
+        if account is not None and self.counters is not None:
+            options = replace(options, on_report=spend.reporter(self.counters, account, model_name))
         return Generation(request, self.route(model_name), emitter, self.settings, options, control)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -20,6 +20,7 @@ from unbroken.config import PublicModel
 from unbroken.durable.follow import journal_events
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
+from unbroken.durable.spend import KEY_ID_FIELD, Account
 from unbroken.durable.takeover import nobody_produces, stored_skeleton, take_over
 from unbroken.errors import Failure, invalid
 from unbroken.journal.store import TERMINAL_EVENT_TYPES, AlreadyExists, ResponseHeader
@@ -53,6 +54,7 @@ class Caller:
     deadline: float  # when a stream served to this caller must end (the Lambda invocation's end, or the setting)
     idempotency_key: str | None = None
     recovery_events: bool = False  # the caller opted in to `router:` events and the `router` field
+    key_id: str | None = None  # the API key's id, which spend is charged to (with the tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +143,8 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
     else:
         run_deadline = caller.deadline
     control = RunControl(run_deadline)
-    generation = runtime.generation(request, model.name, emitter, options, control)
+    generation = runtime.generation(request, model.name, emitter, options, control,
+                                    account=Account(caller.tenant, caller.key_id))
     log.info("response created", extra={"response_id": response_id, "tenant": caller.tenant, "model": model.name,
                                          "stream": body.stream, "journaled": journaled})
     if store is None or not journaled:
@@ -151,7 +154,7 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
     header = ResponseHeader(
         id=response_id, tenant=caller.tenant, created_at=now, expires_at=now + settings.retention_seconds,
         status="queued" if body.background else "in_progress", lease_expires_at=now + settings.lease_seconds,
-        request={**parsed.stored(context), "_recovery_events": caller.recovery_events},
+        request={**parsed.stored(context), "_recovery_events": caller.recovery_events, KEY_ID_FIELD: caller.key_id},
         idempotency_key=caller.idempotency_key, body_hash=body_hash, background=body.background,
     )
     try:

@@ -10,6 +10,7 @@ from typing import Any
 
 from unbroken import logs
 from unbroken.config import PublicModel
+from unbroken.durable import spend
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
 from unbroken.ir import GenerationRequest
@@ -65,14 +66,19 @@ async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
         emitter = ResponseEmitter(stored_skeleton(header, parsed), hold_tool_arguments=settings.hold_tool_arguments)
     request = parsed.to_ir(expand_compaction=expand_compaction_for(header.tenant, settings.compaction_key))
     model = runtime.config.model(body.model or "")
+    key_id = header.request.get(spend.KEY_ID_FIELD)
+    account = spend.Account(header.tenant, key_id if isinstance(key_id, str) else None)
     if model is not None:
         emitter.previous_attempts = previous_attempts(header, events, request, model)
+        unrecorded = emitter.previous_attempts[len(_recorded(header)):]
+        if unrecorded and runtime.counters is not None:  # a dead owner's estimated work: charged by its heir
+            spend.charge(runtime.counters, account, model.name, map(spend.charge_of, unrecorded), now)
     logs.bind(correlation_id=response_id, tenant=header.tenant, model=body.model)
     options = GenerationOptions(queued=header.background, header_hold_seconds=math.inf,
                                 recovery_events=bool(header.request.get("_recovery_events")),
                                 hand_off_at_deadline=hand_off_at_deadline)
     control = RunControl(deadline if deadline is not None else now + settings.stream_deadline_seconds)
-    generation = runtime.generation(request, body.model or "", emitter, options, control)
+    generation = runtime.generation(request, body.model or "", emitter, options, control, account=account)
     log.warning("taking over response", extra={"response_id": response_id, "epoch": epoch, "events": len(events)})
     return ResponseRun(runtime, response_id, epoch, generation, control).start()
 
@@ -84,7 +90,7 @@ def previous_attempts(header: ResponseHeader, events: list[Event], request: Gene
     journaled after that, which an owner that died mid-attempt never recorded (priced at the deployment the
     recorded attempts last used, else at the model's first)."""
     recorded = (header.response or {}).get("router") if not header.terminal else None
-    attempts: list[dict[str, Any]] = list(recorded.get("attempts") or []) if isinstance(recorded, dict) else []
+    attempts = _recorded(header)
     through = int(recorded.get("journaled_through", -1)) if isinstance(recorded, dict) else -1
     chars = streamed_chars(events, after=through)
     if chars and model.deployments:
@@ -92,3 +98,9 @@ def previous_attempts(header: ResponseHeader, events: list[Event], request: Gene
         deployment = next((d for d in model.deployments if d.name == last), model.deployments[0])
         attempts.append(unrecorded_attempt(request, deployment, chars))
     return attempts
+
+
+def _recorded(header: ResponseHeader) -> list[dict[str, Any]]:
+    """The attempts earlier owners recorded when they handed the response on (already charged by them)."""
+    recorded = (header.response or {}).get("router") if not header.terminal else None
+    return list(recorded.get("attempts") or []) if isinstance(recorded, dict) else []

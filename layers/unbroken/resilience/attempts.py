@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,8 @@ class GenerationOptions:
     # A background response outlives one Lambda invocation: at the deadline it stops without a terminal event and
     # the next invocation takes it over (worker handoff) instead of ending it incomplete.
     hand_off_at_deadline: bool = False
+    # Spend (h-keys): called once per owner, however its run ended, with this owner's attempts (settled).
+    on_report: Callable[[Sequence[Attempt]], None] | None = None
 
 
 def _never() -> bool:
@@ -793,6 +795,8 @@ class Generation:
             "InputTokens": sum(a.usage.input_tokens for a in attempts), "OutputTokens": output_tokens,
             "CostUSD": cost, "Failovers": failovers, "Continuations": continuations,
             "Takeovers": 1 if self._taken_over else 0})
+        if self.options.on_report is not None:  # spend (h-keys): this owner's attempts, once
+            self.options.on_report(attempts)
 
 
 def hedgeable(request: GenerationRequest) -> bool:
