@@ -23,6 +23,8 @@ from unbroken.resilience.attempts import Attempt
 Dimension = Literal["key", "tenant", "model", "deployment"]
 DIMENSIONS: tuple[Dimension, ...] = ("key", "tenant", "model", "deployment")
 SPEND_FIELDS = ("usd", "requests", "input_tokens", "output_tokens")
+# A deployment counts attempts (a request may make several, on several deployments), not requests.
+DEPLOYMENT_FIELDS = ("usd", "attempts", "input_tokens", "output_tokens")
 # How long the counters live: a year of days, two of months, and a rate window a little past its minute.
 DAY_RETENTION_SECONDS = 400 * 86400
 MONTH_RETENTION_SECONDS = 800 * 86400
@@ -191,3 +193,32 @@ async def read_fresh(store: Store, counters: CounterBatcher | None, keys: Sequen
                 fields = found.setdefault(key, {})
                 fields[name] = fields.get(name, 0.0) + value
     return found
+
+
+def days_between(first: float, last: float) -> list[str]:
+    """The UTC days from `first`'s to `last`'s, both included (epoch seconds)."""
+    return [day_of(t) for t in range(int(day_start(first)), int(day_start(last)) + 1, 86400)]
+
+
+async def report(store: Store, counters: CounterBatcher | None, dimension: Dimension, names: Sequence[str],
+                 days: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Spend of each name on each day: (rows with anything in them, by name then day; totals per name)."""
+    wanted = [(name, day, spend_key(dimension, name, day)) for name in names for day in days]
+    found = await read_fresh(store, counters, [k for _, _, k in wanted])
+    fields = DEPLOYMENT_FIELDS if dimension == "deployment" else SPEND_FIELDS
+    rows: list[dict[str, Any]] = []
+    totals: dict[str, dict[str, Any]] = {}
+    for name, day, key in wanted:
+        got = found.get(key)
+        if not got:
+            continue
+        row = {"id": name, "day": day, **{f: _rounded(f, got.get(f, 0.0)) for f in fields}}
+        rows.append(row)
+        total = totals.setdefault(name, {"id": name, **{f: 0.0 for f in fields}})
+        for f in fields:
+            total[f] = _rounded(f, total[f] + got.get(f, 0.0))
+    return rows, list(totals.values())
+
+
+def _rounded(name: str, value: float) -> float | int:
+    return round(value, 8) if name == "usd" else round(value)
