@@ -1,0 +1,149 @@
+"""Keys, budgets and rate limits shared by every instance: two `unbroken serve` processes on one SQLite store.
+
+- A key revoked through one process is refused by the other within 10 s (the acceptance bound; the key cache keeps
+  an answer at most `auth.key_cache_seconds`, 5 s).
+- What one process admitted and spent holds the other to the key's budget, rpm and tpm (429, the error code,
+  Retry-After). The first process is stopped gracefully before the second is asked, which flushes its counters:
+  the second process has never seen those requests itself.
+- Under many concurrent requests on both, no request sent later than the counter flush interval plus the read
+  cache's age (plus a little slack) after the budget was reached is admitted (benchmarks/budget_overshoot.py).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from benchmarks import budget_overshoot
+from tests.support.server import RouterProcess
+from unbroken.journal.counters import FLUSH_SECONDS, READ_CACHE_SECONDS
+
+ADMIN_KEY = "sk-admin-procs"
+ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+REVOCATION_BOUND_S = 10.0
+CONFIG = f"""
+api_keys: [{{key: sk-test, tenant: t1}}]
+auth:
+  admin_keys: [{{key: {ADMIN_KEY}, tenant: ops}}]
+models:
+  - name: demo
+    deployments:
+      - {{name: sim, provider: simulated, model: sim-1, price: {{input: 1.0, output: 2.0}},
+         options: {{seed: 7, ttft_ms: 0, tps: 0, length: 40}}}}
+"""
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, str]:
+    config = tmp_path / "router.yaml"
+    config.write_text(CONFIG, encoding="utf-8")
+    return config, f"sqlite:///{tmp_path / 'shared.db'}"
+
+
+def _root(router: RouterProcess) -> str:
+    return router.base_url.removesuffix("/v1")
+
+
+def _create_key(router: RouterProcess, **fields: Any) -> dict[str, Any]:
+    with httpx.Client(timeout=30) as client:
+        r = client.post(_root(router) + "/admin/v1/keys", json={"tenant": "acme", **fields}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    created: dict[str, Any] = r.json()
+    return created
+
+
+def _respond(router: RouterProcess, secret: str) -> httpx.Response:
+    with httpx.Client(timeout=30) as client:
+        return client.post(router.base_url + "/responses", json={"model": "demo", "input": "hi", "store": False},
+                           headers={"authorization": f"Bearer {secret}"})
+
+
+def _refused(r: httpx.Response, code: str, max_retry_after: int) -> None:
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == code
+    assert 1 <= int(r.headers["retry-after"]) <= max_retry_after
+
+
+def test_a_revoked_key_is_refused_by_the_other_process_within_10_s(setup: tuple[Path, str]) -> None:
+    config, store = setup
+    with RouterProcess(config, store) as a, RouterProcess(config, store) as b:
+        created = _create_key(a)
+        auth = {"authorization": f"Bearer {created['secret']}"}
+        with httpx.Client(timeout=30) as client:
+            assert client.get(b.base_url + "/models", headers=auth).status_code == 200  # b caches: a valid key
+            r = client.post(f"{_root(a)}/admin/v1/keys/{created['id']}/revoke", headers=ADMIN)
+            assert r.status_code == 200 and r.json()["revoked"] is True
+            revoked_at = time.monotonic()
+            assert client.get(a.base_url + "/models", headers=auth).status_code == 401  # a: at once
+            refused: httpx.Response | None = None
+            while time.monotonic() - revoked_at < REVOCATION_BOUND_S + 5:  # bounded poll of the second process
+                got = client.get(b.base_url + "/models", headers=auth)
+                if got.status_code != 200:
+                    refused = got
+                    break
+                time.sleep(0.1)
+            elapsed = time.monotonic() - revoked_at
+        assert refused is not None, "the second process never refused the revoked key"
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "api_key_revoked"
+        assert elapsed <= REVOCATION_BOUND_S, f"refused only {elapsed:.1f} s after the revoke"
+
+
+def test_a_budget_spent_through_one_process_holds_the_other(setup: tuple[Path, str]) -> None:
+    config, store = setup
+    with RouterProcess(config, store) as a:
+        created = _create_key(a, budgets={"daily_usd": 0.000001})
+        assert _respond(a, created["secret"]).status_code == 200  # admitted at $0; costs more than the budget
+        _refused(_respond(a, created["secret"]), "budget_exceeded", 86400)  # a: its own spend, unflushed
+    with RouterProcess(config, store) as b:
+        _refused(_respond(b, created["secret"]), "budget_exceeded", 86400)
+
+
+def test_a_tenant_budget_spent_through_one_process_holds_the_other(setup: tuple[Path, str]) -> None:
+    config, store = setup
+    with RouterProcess(config, store) as a:
+        with httpx.Client(timeout=30) as client:
+            r = client.patch(_root(a) + "/admin/v1/tenants/t1", json={"budgets": {"monthly_usd": 0.000001}},
+                             headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert _respond(a, "sk-test").status_code == 200
+    with RouterProcess(config, store) as b:
+        _refused(_respond(b, "sk-test"), "budget_exceeded", 31 * 86400)
+
+
+@pytest.mark.parametrize(("limits", "admitted"), [({"rpm": 2}, 2), ({"tpm": 10}, 1)])
+def test_rate_limits_count_what_the_other_process_admitted(setup: tuple[Path, str], limits: dict[str, int],
+                                                          admitted: int) -> None:
+    """rpm 2: two requests through a; tpm 10: one request of more than 10 tokens through a. b then refuses.
+    The windows are UTC minutes: a run that straddles a boundary runs again."""
+    config, store = setup
+    for _ in range(3):
+        minute = int(time.time() // 60)
+        with RouterProcess(config, store) as a:
+            created = _create_key(a, limits=limits)
+            for _ in range(admitted):
+                assert _respond(a, created["secret"]).status_code == 200
+        with RouterProcess(config, store) as b:
+            second = _respond(b, created["secret"])
+        if int(time.time() // 60) != minute:
+            continue
+        _refused(second, "rate_limit_exceeded", 60)
+        return
+    pytest.fail("every run straddled a minute boundary")
+
+
+def test_concurrent_requests_overshoot_a_budget_only_within_the_counter_lag(tmp_path: Path) -> None:
+    """Two processes, twelve clients, a budget of ten requests: every request sent later than
+    FLUSH_SECONDS + READ_CACHE_SECONDS (+ slack) after the clients' spend reached the budget is refused."""
+    report = budget_overshoot.measure(workers=12, budget_requests=10, after_lag_s=2.0, workdir=tmp_path)
+    assert report.lag_bound_s == FLUSH_SECONDS + READ_CACHE_SECONDS + budget_overshoot.LAG_SLACK_SECONDS
+    reached, bound = report.reached_monotonic, report.lag_bound_s
+    late = [o for o in report.outcomes if o.status == 200 and o.sent_at > reached + bound]
+    assert report.late_admissions == 0 and not late, late
+    # Requests were sent past the bound, and every one was refused with the spec's error.
+    past = [o for o in report.outcomes if o.sent_at > reached + bound]
+    assert past and all(o.status == 429 and o.code == "budget_exceeded" for o in past)
+    assert report.spent_usd >= report.budget_usd
