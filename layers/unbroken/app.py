@@ -95,6 +95,14 @@ def app_from_env() -> FastAPI:
                       lambda_env=dict(os.environ) if lambda_env else None)
 
 
+def admin_app_from_env() -> FastAPI:
+    """The admin function's app (functions/admin, through Mangum): the same app, with every caller an operator,
+    because its only route is IAM-authorised: API Gateway checked the SigV4 signature before invoking."""
+    app = app_from_env()
+    app.state.admin_trusted = True
+    return app
+
+
 class _LazyApp:
     """ASGI app built on first use, so importing this module (and uvicorn's readiness) stays cheap."""
 

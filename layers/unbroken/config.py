@@ -406,6 +406,9 @@ class AuthSettings(_Strict):
     admin_keys: list[ApiKey] = Field(default_factory=list)
     # Keys created through the admin API live in the store (durable/keys.py); each process caches a lookup, found
     # or not, for at most this long: a revoked key is refused by every instance within it (plus a store read).
+    # Look up `sk-ub-...` keys in the store. Say `store_keys: true` explicitly in a config whose callers' keys all
+    # live there (no api_keys, no admin keys: e.g. on AWS, where the admin API is authorised by IAM).
+    store_keys: bool = True
     key_cache_seconds: float = Field(default=5.0, ge=0, le=5.0)
     key_cache_entries: int = Field(default=10_000, ge=1, le=1_000_000)
 
@@ -472,11 +475,11 @@ class Config(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique: {', '.join(dupes)}")
+        store_keys = self.auth.store_keys and ("store_keys" in self.auth.model_fields_set or self.auth.admin_keys)
         if not (self.api_keys or self.allow_anonymous or self.auth.jwt or self.auth.gateway_tenant_claim
-                or self.auth.admin_keys):
-            # With admin keys, callers' keys can be created in the store (`unbroken keys create`).
-            raise ValueError("no api_keys, auth.jwt or auth.admin_keys configured (set allow_anonymous: true to "
-                             "run without keys)")
+                or store_keys):
+            raise ValueError("no api_keys or auth.jwt configured (set auth.store_keys: true when every key is "
+                             "created in the store, allow_anonymous: true to run without keys)")
         return self
 
     def model(self, name: str) -> PublicModel | None:

@@ -56,7 +56,8 @@ def _layer_subs(layers: list[Any]) -> list[str]:
 
 
 def test_every_api_integration_streams_from_the_gateway() -> None:
-    integrations = api_integrations(translated())
+    """Every public route; the admin API (its own buffered, IAM-authorised function) is checked below."""
+    integrations = [i for i in api_integrations(translated()) if not i[0].startswith("/admin/")]
     assert integrations, "no API Gateway integration found"
     for path, method, integ in integrations:
         assert integ["type"] == "aws_proxy", (path, method)
@@ -185,10 +186,69 @@ def test_worker_is_async_without_lambda_retries() -> None:
     assert 60 <= props["MaximumEventAgeInSeconds"] <= 21600
 
 
-def test_no_admin_function_and_the_reason_is_written_down() -> None:
-    functions = resources_of_type(translated(), "AWS::Lambda::Function")
-    assert set(functions) == {"GatewayFunction", "WorkerFunction"}
-    assert 'No separate "admin" function' in TEMPLATE.read_text(encoding="utf-8")
+def _admin_operation(cfn: dict[str, Any]) -> dict[str, Any]:
+    (api,) = resources_of_type(cfn, "AWS::ApiGateway::RestApi").values()
+    paths = api["Properties"]["Body"]["paths"]
+    assert set(paths["/admin/{proxy+}"]) == {"x-amazon-apigateway-any-method"}
+    operation: dict[str, Any] = paths["/admin/{proxy+}"]["x-amazon-apigateway-any-method"]
+    return operation
+
+
+def test_the_admin_api_is_a_buffered_function_behind_an_iam_authorised_route() -> None:
+    cfn = translated()
+    functions = resources_of_type(cfn, "AWS::Lambda::Function")
+    assert set(functions) == {"GatewayFunction", "WorkerFunction", "AdminFunction"}
+    fn = _function(cfn, "AdminFunction")
+    assert fn["Handler"] == "handler.handler" and fn["Runtime"] == "python3.13"
+    assert "AWS_LAMBDA_EXEC_WRAPPER" not in fn["Environment"]["Variables"]  # Mangum, not the Web Adapter
+    assert fn["Environment"]["Variables"]["UNBROKEN_SECRETS"] == ""  # no provider keys loaded
+    operation = _admin_operation(cfn)
+    # IAM-authorised: API Gateway verifies the SigV4 signature (execute-api:Invoke) before the function runs.
+    assert operation["security"] == [{"AWS_IAM": []}]
+    (api,) = resources_of_type(cfn, "AWS::ApiGateway::RestApi").values()
+    scheme = api["Properties"]["Body"]["components"]["securitySchemes"]["AWS_IAM"]
+    assert scheme["x-amazon-apigateway-authtype"] == "awsSigv4"
+    # Buffered, not a streaming route, and invoked under the function's resource policy (not caller credentials).
+    integ = operation["x-amazon-apigateway-integration"]
+    assert integ["type"] == "aws_proxy" and "responseTransferMode" not in integ and "credentials" not in integ
+    assert _uri(integ).endswith("/2015-03-31/functions/${AdminFunction.Arn}/invocations")
+    # No other route reaches the admin function, and the admin route reaches nothing else.
+    for path, _, other in api_integrations(cfn):
+        assert ("AdminFunction" in _uri(other)) == path.startswith("/admin/"), path
+    perms = [p["Properties"] for p in resources_of_type(cfn, "AWS::Lambda::Permission").values()
+             if p["Properties"]["FunctionName"] == {"Ref": "AdminFunction"}]
+    assert perms and all(p["Principal"] == "apigateway.amazonaws.com" for p in perms)
+    assert "/admin/v1" in translated()["Outputs"]["AdminUrl"]["Value"]["Fn::Sub"]
+
+
+def test_the_admin_function_has_only_the_table_access_it_needs() -> None:
+    cfn = translated()
+    role = cfn["Resources"]["AdminFunctionRole"]["Properties"]
+    assert role["ManagedPolicyArns"] == ["arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole",
+                                         {"Ref": "AdminAccessPolicy"}]
+    assert not role.get("Policies")
+    statements = cfn["Resources"]["AdminAccessPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    plain = [st for st in statements if "Fn::If" not in st]
+    conditional = [st["Fn::If"] for st in statements if "Fn::If" in st]
+    (table,) = plain
+    # Records: GetItem, Query (list), UpdateItem (compare-and-set puts); counters: BatchGetItem. Nothing else.
+    assert sorted(table["Action"]) == ["dynamodb:BatchGetItem", "dynamodb:GetItem", "dynamodb:Query",
+                                       "dynamodb:UpdateItem"]
+    assert table["Resource"] == {"Fn::GetAtt": ["JournalTable", "Arn"]}
+    ((cond, config, otherwise),) = conditional
+    assert cond == "HasConfigParameter" and otherwise == {"Ref": "AWS::NoValue"}
+    assert config["Action"] == "ssm:GetParameter"
+    # What the store calls for the admin API's reads and writes is within those actions.
+    import inspect
+
+    from unbroken.journal.dynamodb import DynamoDBStore
+
+    used = set()
+    for name in ("get_record", "put_record", "list_records", "get_counters"):
+        source = inspect.getsource(getattr(DynamoDBStore, name))
+        used |= {op for op in ("GetItem", "BatchGetItem", "UpdateItem", "PutItem", "DeleteItem", "_query", "Scan")
+                 if f'"{op}"' in source or f"self.{op}(" in source}
+    assert used == {"GetItem", "BatchGetItem", "UpdateItem", "_query"}
 
 
 # --- data and IAM -----------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ async def _principal(request: Request) -> Principal:
     found = config.key_for(key)
     if found is not None:
         return Principal(found[1].tenant, found[0])
-    if key.startswith(SECRET_PREFIX) and runtime.accounts is not None:
+    if key.startswith(SECRET_PREFIX) and config.auth.store_keys and runtime.accounts is not None:
         stored = await runtime.accounts.key_for_secret(key)
         if stored is not None:
             if stored.revoked:
