@@ -100,3 +100,16 @@ _.counter_reader
 _.forget
 _.reads
 _.flushes
+
+# The admin API's routes (api/admin.py): FastAPI calls them.
+from unbroken.api import admin
+admin.get_key
+admin.revoke_key
+admin.get_tenant
+admin.read_spend
+# The admin function's entry point (functions/admin/handler.py) builds its app with it.
+from unbroken import app
+app.admin_app_from_env
+# The tenant alone of a YAML key (auth uses `key_for`, which gives the key's id too); kept for callers and tests.
+from unbroken.config import Config
+Config.tenant_for_key

@@ -220,7 +220,7 @@ def test_rpm_counts_concurrent_requests_at_admission(router: RouterThread) -> No
         created = _create(router, limits={"rpm": 2})
         minute = int(time.time() // 60)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda _: _respond(router, created["secret"]), range(4)))
+            results = list(pool.map(_respond, [router] * 4, [created["secret"]] * 4))
         if int(time.time() // 60) != minute:
             continue
         statuses = sorted(r.status_code for r in results)
@@ -280,7 +280,7 @@ def _wait_for_spend(router: RouterThread, by: str, id_: str, expected_usd: float
         r = _call(router, "GET", f"/admin/v1/spend?by={by}&id={id_}")
         assert r.status_code == 200, r.text
         totals = r.json()["totals"]
-        if totals and totals[0]["usd"] == pytest.approx(expected_usd, abs=1e-9) or time.monotonic() > deadline:
+        if (totals and totals[0]["usd"] == pytest.approx(expected_usd, abs=1e-9)) or time.monotonic() > deadline:
             return r.json()
         time.sleep(0.05)
 

@@ -21,7 +21,6 @@ from unbroken.journal.store import Store
 from unbroken.resilience.attempts import Attempt
 
 Dimension = Literal["key", "tenant", "model", "deployment"]
-DIMENSIONS: tuple[Dimension, ...] = ("key", "tenant", "model", "deployment")
 SPEND_FIELDS = ("usd", "requests", "input_tokens", "output_tokens")
 # A deployment counts attempts (a request may make several, on several deployments), not requests.
 DEPLOYMENT_FIELDS = ("usd", "attempts", "input_tokens", "output_tokens")
