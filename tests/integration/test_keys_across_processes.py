@@ -5,6 +5,7 @@
 - What one process admitted and spent holds the other to the key's budget, rpm and tpm (429, the error code,
   Retry-After). The first process is stopped gracefully before the second is asked, which flushes its counters:
   the second process has never seen those requests itself.
+- The spend of a response taken over from a killed process adds up to its reported cost.
 - Under many concurrent requests on both, no request sent later than the counter flush interval plus the read
   cache's age (plus a little slack) after the budget was reached is admitted (benchmarks/budget_overshoot.py).
 """
@@ -17,10 +18,13 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from benchmarks import budget_overshoot
-from tests.support.server import RouterProcess
+from tests.support.server import RouterProcess, RouterThread, base_config, sim_model
+from unbroken.journal.backends import open_store
 from unbroken.journal.counters import FLUSH_SECONDS, READ_CACHE_SECONDS
+from unbroken.simulator import SimulatedUpstream
 
 ADMIN_KEY = "sk-admin-procs"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -147,3 +151,51 @@ def test_concurrent_requests_overshoot_a_budget_only_within_the_counter_lag(tmp_
     past = [o for o in report.outcomes if o.sent_at > reached + bound]
     assert past and all(o.status == 429 and o.code == "budget_exceeded" for o in past)
     assert report.spent_usd >= report.budget_usd
+
+
+def test_the_spend_of_a_response_taken_over_from_a_killed_process_adds_up(tmp_path: Path) -> None:
+    """a produces a background response and is killed mid-way (SIGKILL: it charges nothing); b's poll takes the
+    response over and charges both its own attempts and the estimate of what a streamed: the key's spend is the
+    response's `router.cost_usd`."""
+    with SimulatedUpstream.start_in_thread() as sim:
+        slow = sim_model("slow", deployments=1, length=80, tps=25)
+        slow["deployments"][0]["base_url"] = sim.base_url
+        config = base_config(slow, lease_seconds=1.0)
+        config["auth"] = {"admin_keys": [{"key": ADMIN_KEY, "tenant": "ops"}]}
+        path = tmp_path / "router.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        db = f"sqlite:///{tmp_path / 'shared.db'}"
+        with RouterProcess(path, db) as a, RouterThread(config, store=open_store(db)) as b, \
+                httpx.Client(timeout=30) as client:
+            created = _create_key(a)
+            auth = {"authorization": f"Bearer {created['secret']}"}
+            queued = client.post(a.base_url + "/responses", headers=auth,
+                                 json={"model": "slow", "input": "outlive the producer", "background": True}).json()
+            url = f"/responses/{queued['id']}"
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # bounded: until a has streamed part of the answer
+                polled = client.get(a.base_url + url, headers=auth).json()
+                if any(i["type"] == "message" and i["content"] and i["content"][0]["text"]
+                       for i in polled["output"]):
+                    break
+                time.sleep(0.05)
+            a.kill()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # bounded: b's polls take it over and finish it
+                polled = client.get(b.base_url + url, headers=auth).json()
+                if polled["status"] == "completed":
+                    break
+                time.sleep(0.1)
+            assert polled["status"] == "completed"
+            attempts = polled["router"]["attempts"]
+            assert attempts[0]["outcome"] == "taken_over" and attempts[0]["usage_estimated"] is True
+            cost = polled["router"]["cost_usd"]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # bounded: b charges as its run closes
+                spent = client.get(f"http://127.0.0.1:{b.port}/admin/v1/spend?by=key&id={created['id']}",
+                                   headers=ADMIN).json()["totals"]
+                if spent and spent[0]["usd"] == pytest.approx(cost, abs=1e-9):
+                    break
+                time.sleep(0.05)
+        assert spent and spent[0]["usd"] == pytest.approx(cost, abs=1e-9)
+        assert spent[0]["output_tokens"] == polled["usage"]["output_tokens"]
