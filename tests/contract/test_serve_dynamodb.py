@@ -33,3 +33,34 @@ def test_serve_journals_to_dynamodb_local(ddb_local: object, tmp_path: Path) -> 
                 headers=headers()) as r:
             replay = parse_sse(r.read(), first_seq=5)
     assert replay.events == stream.events[5:]
+
+
+def test_keys_budgets_and_spend_on_dynamodb_local(ddb_local: object, tmp_path: Path) -> None:
+    """The admin API and a store key over DynamoDB: created, used, held to its budget, revoked; spend read back."""
+    admin = {"authorization": "Bearer sk-admin-ddb"}
+    cfg = base_config(sim_model("demo", deployments=1, length=30))
+    cfg["auth"] = {"admin_keys": [{"key": "sk-admin-ddb", "tenant": "ops"}]}
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    endpoint = ddb_local.endpoint_url  # type: ignore[attr-defined]
+    store = f"dynamodb://keys-{uuid.uuid4().hex[:12]}?region=us-east-1&endpoint_url={endpoint}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with RouterProcess(config, store, env=env, extra_args=["--create-table"]) as router, \
+            httpx.Client(timeout=TIMEOUT) as client:
+        root = router.base_url.removesuffix("/v1")
+        created = client.post(f"{root}/admin/v1/keys", headers=admin,
+                              json={"tenant": "acme", "budgets": {"daily_usd": 0.000001}})
+        assert created.status_code == 201, created.text
+        key = created.json()
+        auth = {"authorization": f"Bearer {key['secret']}"}
+        body = {"model": "demo", "input": "into dynamodb", "store": False}
+        first = client.post(f"{router.base_url}/responses", headers=auth, json=body)
+        assert first.status_code == 200, first.text
+        refused = client.post(f"{router.base_url}/responses", headers=auth, json=body)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
+        spent = client.get(f"{root}/admin/v1/spend", params={"by": "key", "id": key["id"]}, headers=admin).json()
+        assert spent["totals"][0]["usd"] == float(first.headers["x-unbroken-cost-usd"])
+        assert [k["id"] for k in client.get(f"{root}/admin/v1/keys", headers=admin).json()["data"]] == [key["id"]]
+        assert client.post(f"{root}/admin/v1/keys/{key['id']}/revoke", headers=admin).status_code == 200
+        gone = client.get(f"{router.base_url}/models", headers=auth)
+        assert gone.status_code == 401 and gone.json()["error"]["code"] == "api_key_revoked"
