@@ -55,9 +55,7 @@ async def run_event(runtime: Runtime, event: dict[str, Any], deadline: float,
     assert run.task is not None
     await run.task
     if runtime.counters is not None:
-        # Spend (h-keys): the run's charges reach the store before Lambda freezes this environment.
-        await asyncio.sleep(0)  # the generation's report runs as its generator closes, a turn after the task
-        await runtime.counters.flush()
+        await runtime.counters.flush()  # spend (h-keys): in the store before Lambda freezes this environment
     if run.generation.handed_off:
         invoke({"kind": "handoff", "response_id": response_id, "epoch": run.epoch, "hop": hop + 1,
                 "reason": "deadline"})

@@ -125,10 +125,9 @@ async def create_key(request: Request) -> JSONResponse:
     runtime, accounts = _accounts(request)
     body = validate(CreateKeyBody, parse_json(await request.body()))
     _check_models(runtime, body.models)
-    blank = _apply(ApiKeyRecord(id="", digest="", tenant=body.tenant), body)
-    key, secret = await accounts.create_key(body.tenant, name=blank.name,
-                                            models=None if blank.models is None else list(blank.models),
-                                            budgets=blank.budgets, limits=blank.limits, expires_at=blank.expires_at)
+    key, secret = await accounts.create_key(body.tenant, name=body.name, models=body.models,
+                                            budgets=_budgets(Budgets(), body.budgets),
+                                            limits=_limits(Limits(), body.limits), expires_at=body.expires_at)
     return JSONResponse({**_key_view(key), "secret": secret}, status_code=201)
 
 
@@ -186,10 +185,11 @@ async def update_tenant(request: Request, tenant: str) -> dict[str, Any]:
 
     def change(current: TenantRecord) -> TenantRecord:
         given = body.model_fields_set
-        budgets = current.budgets if "budgets" not in given else _budgets(current.budgets, body.budgets) \
-            if body.budgets is not None else Budgets()
-        limits = current.limits if "limits" not in given else _limits(current.limits, body.limits) \
-            if body.limits is not None else Limits()
+        budgets, limits = current.budgets, current.limits
+        if "budgets" in given:
+            budgets = _budgets(budgets, body.budgets) if body.budgets is not None else Budgets()
+        if "limits" in given:
+            limits = _limits(limits, body.limits) if body.limits is not None else Limits()
         return replace(current, budgets=budgets, limits=limits)
 
     return _tenant_view(await accounts.update_tenant(tenant, change))

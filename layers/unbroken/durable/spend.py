@@ -4,7 +4,8 @@ Counted per key, tenant, model and deployment (`<model>/<deployment>`), per UTC 
 `input_tokens`, `output_tokens` (and `attempts` per deployment). Per key and tenant also per UTC minute
 (`requests`, `tokens`) for the rate limits. A request counts when it is admitted (so concurrent requests see each
 other at once within a process); its tokens and USD when each owner of the response has finished its attempts
-(`Generation._report`), each attempt at its own deployment. What one owner of a response records is its own
+(`Generation._charge`: before the terminal event, so a client that has seen it finds its spend counted), each
+attempt at its own deployment. What one owner of a response records is its own
 attempts, so the owners of a response taken over or handed on add up to the response's `router.cost_usd`.
 """
 

@@ -78,7 +78,7 @@ class GenerationOptions:
     # A background response outlives one Lambda invocation: at the deadline it stops without a terminal event and
     # the next invocation takes it over (worker handoff) instead of ending it incomplete.
     hand_off_at_deadline: bool = False
-    # Spend (h-keys): called once per owner, however its run ended, with this owner's attempts (settled).
+    # Spend (h-keys): called once per owner with this owner's attempts, settled (see `Generation._charge`).
     on_report: Callable[[Sequence[Attempt]], None] | None = None
 
 
@@ -285,6 +285,7 @@ class Generation:
         self._ttft: float | None = None  # seconds from run() to this owner's first output
         self._done_at: float | None = None
         self._hedge_counted = False  # this request counts in its model's hedge budget
+        self._charged = False  # this owner's attempts went to `options.on_report`
 
     # -- public --------------------------------------------------------------------------------------------------
 
@@ -761,6 +762,14 @@ class Generation:
         router = self.accounting()
         del router["journaled_through"]
         self.emitter.response["router"] = router
+        self._charge()  # before the terminal event: a caller that has seen it finds its spend counted
+
+    def _charge(self) -> None:
+        """Spend (h-keys): this owner's attempts to `options.on_report`, once, as soon as they are final: at the
+        accounting before the terminal event, else (a handoff, nothing produced) when the run ends."""
+        if self.options.on_report is not None and not self._charged:
+            self._charged = True
+            self.options.on_report(self.attempts)
 
     def _report(self) -> None:
         """Once per owner, however the run ended: one log line (and one EMF blob, if metrics are on) with this
@@ -795,8 +804,7 @@ class Generation:
             "InputTokens": sum(a.usage.input_tokens for a in attempts), "OutputTokens": output_tokens,
             "CostUSD": cost, "Failovers": failovers, "Continuations": continuations,
             "Takeovers": 1 if self._taken_over else 0})
-        if self.options.on_report is not None:  # spend (h-keys): this owner's attempts, once
-            self.options.on_report(attempts)
+        self._charge()
 
 
 def hedgeable(request: GenerationRequest) -> bool:
