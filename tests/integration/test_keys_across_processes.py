@@ -106,6 +106,22 @@ def test_a_budget_spent_through_one_process_holds_the_other(setup: tuple[Path, s
         _refused(_respond(b, created["secret"]), "budget_exceeded", 86400)
 
 
+def test_a_budget_spent_through_one_running_process_holds_the_other_running_one(setup: tuple[Path, str]) -> None:
+    """Both running: once b can see a's flushed spend in the store (b's admin API reads it), b refuses too."""
+    config, store = setup
+    with RouterProcess(config, store) as a, RouterProcess(config, store) as b, httpx.Client(timeout=30) as client:
+        created = _create_key(a, budgets={"daily_usd": 0.000001})
+        assert _respond(a, created["secret"]).status_code == 200
+        deadline = time.monotonic() + FLUSH_SECONDS + 10
+        seen: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not seen:  # bounded: until a's flush reaches the store
+            seen = client.get(f"{_root(b)}/admin/v1/spend", params={"by": "key", "id": created["id"]},
+                              headers=ADMIN).json()["totals"]
+            time.sleep(0.1)
+        assert seen and seen[0]["usd"] > 0.000001
+        _refused(_respond(b, created["secret"]), "budget_exceeded", 86400)
+
+
 def test_a_tenant_budget_spent_through_one_process_holds_the_other(setup: tuple[Path, str]) -> None:
     config, store = setup
     with RouterProcess(config, store) as a:
