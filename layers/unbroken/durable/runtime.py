@@ -9,15 +9,17 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from unbroken.config import Config, ServerSettings
+from unbroken.config import Config, PolicyName, ServerSettings
 from unbroken.ir import GenerationRequest
 from unbroken.journal.counters import CounterBatcher, CounterReader
 from unbroken.journal.store import Store
 from unbroken.protocol.responses import ResponseEmitter
 from unbroken.resilience.attempts import Generation, GenerationOptions, Route, RunControl
+from unbroken.routing.affinity import AffinityMemory, Predecessor
 from unbroken.routing.health import HealthBoard
-from unbroken.routing.policy import rank
+from unbroken.routing.policy import plan
 from unbroken.routing.pool import ProviderPool
+from unbroken.routing.profile import RequestProfile
 
 log = logging.getLogger("unbroken")
 
@@ -37,6 +39,8 @@ class Runtime:
     # Shared counters (spend, rate limits, routing stats): batched writes, cached reads. None without a store.
     counters: CounterBatcher | None = None
     counter_reader: CounterReader | None = None
+    # Which deployment served each long prompt prefix lately (cache affinity), in this process.
+    affinity: AffinityMemory = field(default_factory=AffinityMemory)
 
     def __post_init__(self) -> None:
         if self.store is not None and self.counters is None:
@@ -52,15 +56,26 @@ class Runtime:
     def settings(self) -> ServerSettings:
         return self.config.server
 
-    def route(self, model_name: str) -> Route:
-        """The model's deployments as the routing policy ranks them now."""
+    def route(self, model_name: str, request: GenerationRequest, *, response_id: str = "",
+              policy: PolicyName | None = None, predecessor: Predecessor | None = None) -> Route:
+        """The model's deployments as its routing policy (or the request's `policy`) ranks them for this request
+        now. A continuation's `predecessor` (from previous_response_id) wins over one remembered by prompt
+        prefix."""
         model = self.config.model(model_name)
-        candidates = tuple(rank(model, self.health)) if model is not None else ()
-        return Route(model_name, candidates, self.pool, self.health)
+        if model is None:
+            return Route(model_name, (), self.pool, self.health)
+        profile = RequestProfile.of(request)
+        if predecessor is None and profile.prefix_key is not None and model.routing.affinity:
+            predecessor = self.affinity.recall(profile.prefix_key, profile.input_tokens)
+        ranking = plan(model, self.health, profile, policy=policy, response_id=response_id, predecessor=predecessor)
+        return Route(model_name, ranking.candidates, self.pool, self.health, ranking, self.affinity)
 
     def generation(self, request: GenerationRequest, model_name: str, emitter: ResponseEmitter,
-                   options: GenerationOptions, control: RunControl) -> Generation:
-        return Generation(request, self.route(model_name), emitter, self.settings, options, control)
+                   options: GenerationOptions, control: RunControl, *, policy: PolicyName | None = None,
+                   predecessor: Predecessor | None = None) -> Generation:
+        route = self.route(model_name, request, response_id=str(emitter.response.get("id", "")), policy=policy,
+                           predecessor=predecessor)
+        return Generation(request, route, emitter, self.settings, options, control)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A task the runtime keeps alive (a bare create_task can be garbage-collected mid-flight)."""
