@@ -100,3 +100,16 @@ _.counter_reader
 _.forget
 _.reads
 _.flushes
+# Routing config and the price catalog: validators pydantic calls; capabilities read by name (`ModelCapabilities.lacks`
+# uses getattr with the request's needs; catalog capabilities reach deployments through model_dump()); `as_of` and
+# `verified` are the catalog's provenance, for people reading it and checked by tests/unit/test_catalog.py.
+_._from_catalog
+_._not_both_zero
+_._shares
+_.images
+_.assistant_prefill
+_.as_of
+_.verified
+# The older ranking entry point (routing/policy.rank), still called by tests/unit/test_health.py; the router ranks
+# with routing/policy.plan. Remove both together.
+_.rank

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from unbroken.catalog import CatalogEntry, catalog
+from unbroken.catalog import catalog
 
 # The `provider` values a deployment may name; `unbroken.providers.PROVIDERS` maps each to its adapter (a test keeps
 # the two in step). Listed here so that reading a config never imports an adapter.
@@ -345,10 +345,6 @@ class Deployment(_Strict):
         return (f"no known price ({self.provider} model {self.catalog_model or self.model} is not in the price "
                 f"catalog and the config gives none): its cost counts as 0 and `cheapest` ranks it last; set "
                 f"`price: {{input, output}}`")
-
-    @property
-    def catalog_entry(self) -> CatalogEntry | None:
-        return catalog().lookup(self.provider, self.catalog_model or self.model)
 
     @property
     def window(self) -> int | None:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.paths import REPO_ROOT
 from unbroken import cli
 from unbroken.catalog import CATALOG_PATH, PROVIDER_SECTIONS, catalog, parse_catalog
 from unbroken.config import PROVIDER_NAMES, Deployment, ModelCapabilities, Price
-
-from tests.support.paths import REPO_ROOT
 
 
 def test_the_catalog_covers_every_provider_with_sourced_dated_entries() -> None:
