@@ -187,3 +187,12 @@ def test_the_same_long_prompt_prefix_finds_its_deployment_without_previous_respo
     again = respond(conversations, "conv", input=LONG_PROMPT + " One more question.", headers=EXPLAIN)
     router = again.json()["router"]
     assert router["served_by"] == "a" and router["routing"]["affinity"]["via"] == "prompt_prefix"
+
+
+def test_a_journaled_stream_carries_the_deployment_header_and_the_explanation(conversations: RouterThread) -> None:
+    response, stream = post_stream(conversations.base_url, {"model": "conv", "input": "Route me"},
+                                   extra_headers={"X-Unbroken-Policy": "ordered", **EXPLAIN})
+    assert response.status_code == 200 and response.headers["x-unbroken-deployment"] == "a"
+    assert stream.response["router"]["routing"]["policy"] == "ordered"
+    plain, _ = post_stream(conversations.base_url, {"model": "conv", "input": "Route me"})
+    assert "x-unbroken-deployment" not in plain.headers
