@@ -44,7 +44,7 @@ from unbroken.resilience.continuation import OverlapFilter, attempt_request, con
 from unbroken.resilience.outcome import failure_for, judge
 from unbroken.routing.affinity import AffinityMemory
 from unbroken.routing.health import HealthBoard
-from unbroken.routing.policy import Ranking
+from unbroken.routing.policy import Ranking, WaitDecision
 from unbroken.routing.pool import ProviderPool
 from unbroken.routing.tokens import estimate_input_tokens, estimate_output_tokens
 
@@ -440,13 +440,15 @@ class Generation:
         if alternative is None:
             return
         decision = ranking.wait_or_move(deployment, hint, alternative)
+        if decision.wait and hint >= self._remaining():
+            decision = WaitDecision(False, f"{decision.reason}, but the request has no time left for it")
         self.decisions.append({"after": err.kind, "deployment": deployment.name, "wait_s": round(hint, 3),
                                "action": "wait" if decision.wait else "move",
                                "next": deployment.name if decision.wait else alternative.name,
                                "reason": decision.reason})
         log.info("wait or move", extra={"response_id": self.emitter.response["id"], "model": self.route.model,
                                         **self.decisions[-1]})
-        if decision.wait and hint < self._remaining():
+        if decision.wait:
             rounds.waiting = (deployment, hint)
 
     @property
