@@ -152,6 +152,8 @@ class SimulatedOptions(OpenAIChatOptions):
     fault_attempts: int | None = Field(default=None, ge=0)
     reject_prefill: bool | None = None
     parallel_tools: bool | None = None
+    fail_rate: float | None = Field(default=None, ge=0, le=1)
+    prompt_cache: bool | None = None
 
 
 class OpenAIResponsesOptions(ProviderOptions):
@@ -402,7 +404,7 @@ class RoutingSettings(_Strict):
     wait_price_ratio: float = Field(default=2.0, ge=1)
     # Cache affinity: a continuation (previous_response_id, or the same long prompt prefix seen in this process
     # within `affinity_ttl_s`) prices its predecessor's deployment with a prompt-cache hit on what it shares.
-    affinity: bool = True
+    cache_affinity: bool = True
     affinity_ttl_s: float = Field(default=300.0, gt=0)
 
     @field_validator("weights")

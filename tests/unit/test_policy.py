@@ -309,7 +309,7 @@ def test_affinity_gives_way_when_the_difference_is_larger_or_the_circuit_is_open
     m = affinity_model(0.8)
     r = rank(m, Board(a=view(circuit="open")), profile(10_000), predecessor=predecessor)
     assert ranked(r) == ["b", "a"] and "its circuit is open" in r.reason
-    off = affinity_model(0.8, affinity=False)
+    off = affinity_model(0.8, cache_affinity=False)
     assert ranked(rank(off, p=profile(10_000), predecessor=predecessor)) == ["b", "a"]
 
 

@@ -65,7 +65,7 @@ class Runtime:
         if model is None:
             return Route(model_name, (), self.pool, self.health)
         profile = RequestProfile.of(request)
-        if predecessor is None and profile.prefix_key is not None and model.routing.affinity:
+        if predecessor is None and profile.prefix_key is not None and model.routing.cache_affinity:
             predecessor = self.affinity.recall(profile.prefix_key, profile.input_tokens)
         ranking = plan(model, self.health, profile, policy=policy, response_id=response_id, predecessor=predecessor)
         return Route(model_name, ranking.candidates, self.pool, self.health, ranking, self.affinity)

@@ -121,7 +121,7 @@ class Route:
         ranking = self.ranking
         if self.affinity is None or ranking is None or ranking.profile.prefix_key is None:
             return
-        if ranking.routing.affinity:
+        if ranking.routing.cache_affinity:
             self.affinity.remember(ranking.profile.prefix_key, deployment.name,
                                    attempt.usage.input_tokens or ranking.profile.input_tokens,
                                    ranking.routing.affinity_ttl_s)

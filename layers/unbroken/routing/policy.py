@@ -183,7 +183,7 @@ def plan(model: PublicModel, board: HealthBoard, profile: RequestProfile, *, pol
     deployments = model.enabled_deployments
     views = {d.name: board.view(model.name, d.name) for d in deployments}
     output_tokens = expected_output_tokens(views.values(), profile, routing)
-    if predecessor is not None and (not routing.affinity or predecessor.deployment not in views):
+    if predecessor is not None and (not routing.cache_affinity or predecessor.deployment not in views):
         predecessor = None
     scored: list[Scored] = []
     affinity_notes: list[str] = []
