@@ -5,13 +5,15 @@ The attempt loop reports every attempt (`record_success`, `record_failure`); rou
 endpoint read `view()` (a `LiveView`, the one shape they see). Neither call waits on anything.
 
 With a store (`share()`), every instance sees every instance's attempts: each adds its attempts to time windows in
-the store's counters (`runtime.counters`: one write per instance and key every flush, 2 s), and `run()` re-reads the
-recent windows every `server.health.refresh_seconds` through `runtime.counter_reader` (cached up to 5 s), off the
-request path. The circuit breaker is a store record every instance shares (`routing/circuit.py`); `run()` writes
-this instance's transitions, claims the half-open probe, and re-reads the records every 5 s. How stale another
-instance's view can be: flush 2 s + cache 5 s + refresh 1 s + one refresh tick of rounding = 9 s, within the 10 s
-stated in README "Deployment health". Without a store all of it stays in the process. The hedge budget
-(`HedgeBudget`) is per process either way: it bounds this instance's own hedging."""
+the store's counters (`runtime.counters`: one write per instance and key every flush, 2 s), and `run()` (a task of
+the runtime, every `server.health.refresh_seconds`) reads every instance's windows back through
+`runtime.counter_reader`, off the request path. The circuit breaker is a store record every instance shares (`routing/circuit.py`); `run()` writes
+this instance's transitions and claims the half-open probe. Windows and records are re-read together once the
+reader's cache age (5 s) has passed, at a refresh tick (1 s): one BatchGetItem and one Query per instance every 5-6
+s on DynamoDB. How stale another instance's view can be: flush 2 s + read every 5 s + refresh tick 1 s = 8 s (a
+circuit change: written at the next tick, 1 s, then read within 6 s: 7 s), within the 10 s stated in README
+"Deployment health". Without a store all of it stays in the process. The hedge budget (`HedgeBudget`) is per
+process either way: it bounds this instance's own hedging."""
 
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ class HealthBoard:
         self._store: Store | None = None
         self._counters: CounterBatcher | None = None
         self._reader: CounterReader | None = None
-        self._circuits_read_at = float("-inf")
+        self._read_at = float("-inf")  # the last read of the shared windows and circuit records
         self.refreshed_at: float | None = None  # the last refresh from the store that succeeded (epoch seconds)
 
     # -- set-up (the runtime) --------------------------------------------------------------------------------------
@@ -243,30 +245,38 @@ class HealthBoard:
             await self.refresh()
 
     async def refresh(self) -> None:
-        """Read every instance's recent windows (through the counter cache), re-read the circuit records when the
-        cache age has passed, then write this instance's circuit changes and claim probes that are due. A store
-        error leaves the last figures in place (logged); the next refresh tries again."""
+        """Once the counter cache's age has passed: read every instance's recent windows and the circuit records
+        (two store requests, whatever the traffic). Every time: write this instance's circuit changes and claim
+        probes that are due. In between, this instance's own attempts go straight into its windows. A store error
+        leaves the last figures in place (logged); the next refresh tries again."""
         if self._store is None or self._reader is None:
             return
         now = self._now()
-        width = self.settings.window_seconds
-        current = window_start(now, width)
-        starts = [current - i * width for i in range(self.settings.windows)]
         entries = list(self._health.values())
         try:
-            got = await self._reader.read([window_key(h.model, h.deployment, s) for h in entries for s in starts])
-            for h in entries:
-                h.windows = {s: got[k] for s in starts if (k := window_key(h.model, h.deployment, s)) in got}
-                h.changes += 1
-            if now - self._circuits_read_at >= self._reader.max_age:
+            if now - self._read_at >= self._reader.max_age:
+                await self._read_windows(entries, now)
                 await self._read_circuits()
-                self._circuits_read_at = now
+                self._read_at = now
             for h in entries:
                 await self._settle_circuit(h, self._now())
         except StoreError as exc:
             log.warning("health refresh failed", extra={"error": str(exc)})
             return
         self.refreshed_at = now
+
+    async def _read_windows(self, entries: list[DeploymentHealth], now: float) -> None:
+        assert self._reader is not None
+        width = self.settings.window_seconds
+        current = window_start(now, width)
+        starts = [current - i * width for i in range(self.settings.windows)]
+        keys = [window_key(h.model, h.deployment, s) for h in entries for s in starts]
+        for key in keys:
+            self._reader.forget(key)  # all of them in one request, rather than each when its cache entry ages
+        got = await self._reader.read(keys)
+        for h in entries:
+            h.windows = {s: got[k] for s in starts if (k := window_key(h.model, h.deployment, s)) in got}
+            h.changes += 1
 
     async def _read_circuits(self) -> None:
         assert self._store is not None
