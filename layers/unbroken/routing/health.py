@@ -7,13 +7,13 @@ endpoint read `view()` (a `LiveView`, the one shape they see). Neither call wait
 With a store (`share()`), every instance sees every instance's attempts: each adds its attempts to time windows in
 the store's counters (`runtime.counters`: one write per instance and key every flush, 2 s), and `run()` (a task of
 the runtime, every `server.health.refresh_seconds`) reads every instance's windows back through
-`runtime.counter_reader`, off the request path. The circuit breaker is a store record every instance shares (`routing/circuit.py`); `run()` writes
-this instance's transitions and claims the half-open probe. Windows and records are re-read together once the
-reader's cache age (5 s) has passed, at a refresh tick (1 s): one BatchGetItem and one Query per instance every 5-6
-s on DynamoDB. How stale another instance's view can be: flush 2 s + read every 5 s + refresh tick 1 s = 8 s (a
-circuit change: written at the next tick, 1 s, then read within 6 s: 7 s), within the 10 s stated in README
-"Deployment health". Without a store all of it stays in the process. The hedge budget (`HedgeBudget`) is per
-process either way: it bounds this instance's own hedging."""
+`runtime.counter_reader`, off the request path. The circuit breaker is a store record every instance shares
+(`routing/circuit.py`); `run()` writes this instance's transitions and claims the half-open probe. Windows and
+records are re-read together once the reader's cache age (5 s) has passed, at a refresh tick (1 s): one
+BatchGetItem and one Query per instance every 5-6 s on DynamoDB. How stale another instance's view can be: flush
+2 s + a read every 5 s at a 1 s tick = 8 s (a circuit change: written at the next tick, 1 s, then read within 6 s:
+7 s), within the 10 s stated in README "Deployment health". Without a store all of it stays in the process. The
+hedge budget (`HedgeBudget`) is per process either way: it bounds this instance's own hedging."""
 
 from __future__ import annotations
 
@@ -41,9 +41,6 @@ from unbroken.routing.stats import (
 
 log = logging.getLogger("unbroken")
 
-_DEFAULTS = HealthSettings()
-FAILURES_TO_OPEN = _DEFAULTS.failures_to_open
-OPEN_SECONDS = _DEFAULTS.open_seconds
 EWMA_WEIGHT = 0.2
 # The hedge budget of a model decays by this per request: its shares are over roughly the last 100 requests.
 HEDGE_DECAY = 0.99
@@ -114,9 +111,6 @@ class DeploymentHealth:
 
     def circuit_seen(self, now: float) -> str:
         return self.circuit.seen_by(self.instance, now, claims_implicitly=not self.shared)
-
-    def is_open(self, now: float) -> bool:
-        return self.circuit_seen(now) == "open"
 
 
 class HealthBoard:
