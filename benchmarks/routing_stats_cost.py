@@ -65,6 +65,8 @@ def counted(store: DynamoDBStore, calls: Counter[str]) -> None:
 
     async def call(op: str, **kwargs: Any) -> dict[str, Any]:
         calls[op] += 1
+        if op == "BatchGetItem":  # billed per item read (a strongly consistent read unit each, absent or not)
+            calls["items_batch_read"] += sum(len(t["Keys"]) for t in kwargs["RequestItems"].values())
         return await original(op, **kwargs)
 
     store._call = call  # type: ignore[method-assign]
@@ -141,6 +143,7 @@ async def run_case(endpoint: str, *, instances: int, deployments: int, rate: flo
         "fail": fail, "degrade": degrade, "simulated_seconds": round(elapsed, 1),
         "calls": dict(sorted(calls.items())), "writes": writes, "reads": reads,
         "writes_per_1k": round(writes * per_1k, 1), "reads_per_1k": round(reads * per_1k, 1),
+        "items_per_batch_read": round(calls["items_batch_read"] / max(1, calls["BatchGetItem"]), 1),
         "writes_per_instance_s": round(writes / instances / elapsed, 3),
         "reads_per_instance_s": round(reads / instances / elapsed, 3),
         "counter_flush_calls": sum(inst.counters.flushes for inst in fleet),
@@ -196,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DynamoDB requests for shared routing stats and circuits, {args.requests} routed requests per case "
           f"(fail {args.fail:.0%} of attempts at random)")
     header = ("instances", "deployments", "req/s/inst", "degrade", "writes/1k", "reads/1k", "writes/inst/s",
-              "reads/inst/s")
+              "reads/inst/s", "items/BatchGetItem")
     print(" | ".join(header))
     row: Callable[[dict[str, Any]], tuple[Any, ...]] = lambda r: (  # noqa: E731
         r["instances"], r["deployments"], r["rate_per_instance"], "yes" if r["degrade"] else "no",
-        r["writes_per_1k"], r["reads_per_1k"], r["writes_per_instance_s"], r["reads_per_instance_s"])
+        r["writes_per_1k"], r["reads_per_1k"], r["writes_per_instance_s"], r["reads_per_instance_s"],
+        r["items_per_batch_read"])
     for r in results:
         print(" | ".join(str(x) for x in row(r)))
         print(f"    calls: {r['calls']}  served: {r['served']}")

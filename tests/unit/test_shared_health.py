@@ -24,16 +24,17 @@ SETTINGS = HealthSettings(window_seconds=10, windows=12, half_life_seconds=30, f
 
 
 class Clock:
-    """Wall-clock time plus an offset the test moves forward (the stores filter expired data by it too)."""
+    """Epoch time that moves only when the test says (the stores filter expired data by it too): one second into a
+    stats window, so that nothing the test records decays unless it moves the clock."""
 
     def __init__(self) -> None:
-        self.offset = 0.0
+        self.now = (time.time() // SETTINGS.window_seconds) * SETTINGS.window_seconds + 1.0
 
     def __call__(self) -> float:
-        return time.time() + self.offset
+        return self.now
 
     def advance(self, seconds: float) -> None:
-        self.offset += seconds
+        self.now += seconds
 
 
 # -- the estimates -----------------------------------------------------------------------------------------------
@@ -254,3 +255,48 @@ async def test_failures_spread_over_instances_open_the_circuit(pair: tuple[Insta
     await one.board.refresh()
     await two.board.refresh()
     assert two.board.view("m", "a").circuit == "open" and one.board.view("m", "a").circuit == "open"
+
+
+async def test_a_close_elsewhere_ends_this_instances_run_of_failures(pair: tuple[Instance, Instance, Clock]) -> None:
+    one, two, clock = pair
+    for _ in range(3):
+        one.board.record_failure("m", "a", "timeout")
+    await one.sync()
+    await two.sync()
+    clock.advance(SETTINGS.open_seconds + 1)
+    await two.board.refresh()  # two claims the probe, and it succeeds
+    assert two.board.view("m", "a").circuit == "half_open"
+    two.board.record_success("m", "a", 0.1)
+    await two.sync()
+    await one.sync()
+    assert one.board.view("m", "a").circuit == "closed"
+    one.board.record_failure("m", "a", "timeout")  # one failure after the close: not a fourth in a row
+    assert one.board.view("m", "a").circuit == "closed"
+
+
+class CountingStore(MemoryStore):
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.keys_read: list[int] = []
+
+    async def get_counters(self, keys):  # type: ignore[no-untyped-def]
+        self.keys_read.append(len(keys))
+        return await super().get_counters(keys)
+
+
+async def test_windows_that_stopped_growing_are_read_once() -> None:
+    clock = Clock()
+    store = CountingStore(clock)
+    writer, reader = Instance(store, clock), Instance(store, clock)
+    writer.board.record_success("m", "a", 0.2)
+    await writer.sync()
+    await reader.sync()
+    assert reader.board.view("m", "a").samples == pytest.approx(1)
+    for _ in range(6):  # a minute on: every window but the newest has stopped growing
+        clock.advance(SETTINGS.window_seconds)
+        await reader.board.refresh()
+    store.keys_read.clear()
+    await reader.board.refresh()
+    assert store.keys_read == [4]  # of m/a and m/b: the current window and the one that ended a second ago
+    view = reader.board.view("m", "a")
+    assert 0 < view.samples < 0.5 and view.last_attempt_window is not None  # the old window is still counted

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from unbroken.config import HealthSettings
-from unbroken.journal.counters import CounterBatcher, CounterReader
+from unbroken.journal.counters import FLUSH_SECONDS, CounterBatcher, CounterReader
 from unbroken.journal.store import AlreadyExists, Fenced, Store, StoreError
 from unbroken.routing.circuit import CLOSED, OPEN, PROBING, RECORD_KIND, Circuit, record_name
 from unbroken.routing.stats import (
@@ -46,6 +46,9 @@ EWMA_WEIGHT = 0.2
 HEDGE_DECAY = 0.99
 # Circuit records outlive any open period; one nobody touched for a week is gone (a closed circuit reads the same).
 CIRCUIT_RECORD_SECONDS = 7 * 86400.0
+# A window stops growing this long after it ended: every instance has flushed into it (flush interval 2 s, and a
+# slow or failed flush or two).
+FINAL_AFTER_SECONDS = 3 * FLUSH_SECONDS
 # How long after a refresh the figures count as current (README: at most 10 s stale); the operator endpoint says it.
 STALENESS_BOUND_SECONDS = 10.0
 
@@ -124,6 +127,7 @@ class HealthBoard:
         self._counters: CounterBatcher | None = None
         self._reader: CounterReader | None = None
         self._read_at = float("-inf")  # the last read of the shared windows and circuit records
+        self._final: dict[str, dict[str, float] | None] = {}  # windows read after they stopped growing, by key
         self.refreshed_at: float | None = None  # the last refresh from the store that succeeded (epoch seconds)
 
     # -- set-up (the runtime) --------------------------------------------------------------------------------------
@@ -264,12 +268,26 @@ class HealthBoard:
         width = self.settings.window_seconds
         current = window_start(now, width)
         starts = [current - i * width for i in range(self.settings.windows)]
-        keys = [window_key(h.model, h.deployment, s) for h in entries for s in starts]
+        # A window nobody adds to any more (ended a flush interval and more ago) is read once and kept: a read asks
+        # for the one or two windows per deployment that may still grow, not all of them.
+        final_before = now - width - FINAL_AFTER_SECONDS
+        wanted = {window_key(h.model, h.deployment, s): s for h in entries for s in starts}
+        keys = [k for k in wanted if k not in self._final]
         for key in keys:
             self._reader.forget(key)  # all of them in one request, rather than each when its cache entry ages
-        got = await self._reader.read(keys)
+        got = await self._reader.read(keys) if keys else {}
+        for key in keys:
+            if wanted[key] <= final_before:
+                self._final[key] = got.get(key)
+        self._final = {k: v for k, v in self._final.items() if k in wanted}
         for h in entries:
-            h.windows = {s: got[k] for s in starts if (k := window_key(h.model, h.deployment, s)) in got}
+            windows: dict[float, dict[str, float]] = {}
+            for s in starts:
+                key = window_key(h.model, h.deployment, s)
+                fields = self._final[key] if key in self._final else got.get(key)
+                if fields:
+                    windows[s] = dict(fields)
+            h.windows = windows
             h.changes += 1
 
     async def _read_circuits(self) -> None:
@@ -281,9 +299,9 @@ class HealthBoard:
             record = records.get(record_name(h.model, h.deployment))
             if record is None:
                 if h.circuit.version:
-                    h.circuit = Circuit()  # removed or expired: closed
+                    self._adopt(h, Circuit())  # removed or expired: closed
             elif record.version >= h.circuit.version:
-                h.circuit = Circuit.from_record(record)
+                self._adopt(h, Circuit.from_record(record))
 
     async def _settle_circuit(self, h: DeploymentHealth, now: float) -> None:
         if not h.pending and h.circuit_seen(now) == "closed":
@@ -312,7 +330,8 @@ class HealthBoard:
             if retry and circuit.state == CLOSED and latest.state != CLOSED:
                 return await self._put(h, replace(circuit, version=latest.version), now, retry=False)
             if h.circuit is base:
-                h.circuit, h.pending = latest, False
+                self._adopt(h, latest)
+                h.pending = False
             else:  # decided again meanwhile: keep that decision, written over the latest version next time
                 h.circuit = replace(h.circuit, version=latest.version)
             return False
@@ -359,6 +378,13 @@ class HealthBoard:
         if (recent.failures >= self.settings.min_failures
                 and recent.failures >= self.settings.failure_share * recent.attempts):
             self._open(h, now, f"{recent.failures:g} of {recent.attempts:g} recent attempts failed")
+
+    @staticmethod
+    def _adopt(h: DeploymentHealth, circuit: Circuit) -> None:
+        """Take another instance's circuit state. Closed there: this instance's run of failures is over too."""
+        if circuit.state == CLOSED and h.circuit.state != CLOSED:
+            h.consecutive_failures = 0
+        h.circuit = circuit
 
     def _change(self, h: DeploymentHealth, circuit: Circuit) -> None:
         h.circuit = circuit
