@@ -300,3 +300,33 @@ async def test_windows_that_stopped_growing_are_read_once() -> None:
     assert store.keys_read == [4]  # of m/a and m/b: the current window and the one that ended a second ago
     view = reader.board.view("m", "a")
     assert 0 < view.samples < 0.5 and view.last_attempt_window is not None  # the old window is still counted
+
+
+def test_one_request_is_the_probe_and_the_others_see_the_circuit_open() -> None:
+    clock = Clock()
+    board = HealthBoard(clock, SETTINGS)
+    for _ in range(3):
+        board.record_failure("m", "a", "server_error")
+    clock.advance(SETTINGS.open_seconds + 1)
+    assert board.view("m", "a").circuit == "half_open"
+    board.admit("m", "a")  # the runtime routed a request with `a` first: the probe
+    view = board.view("m", "a")
+    assert view.circuit == "open" and view.probe_in_flight
+    board.admit("m", "a")  # a later request ranked it first anyway: not a second probe
+    assert board.view("m", "a").probe_in_flight
+    board.record_failure("m", "a", "server_error")  # the probe's outcome
+    view = board.view("m", "a")
+    assert view.circuit == "open" and not view.probe_in_flight and "probe failed" in view.circuit_reason
+    clock.advance(SETTINGS.open_seconds + 1)
+    board.admit("m", "a")
+    clock.advance(SETTINGS.probe_seconds + 1)  # the probe never reported: the next request may probe
+    assert board.view("m", "a").circuit == "half_open"
+    board.admit("m", "a")
+    board.record_success("m", "a", 0.1)
+    assert board.view("m", "a").circuit == "closed"
+
+
+def test_admitting_a_closed_deployment_changes_nothing() -> None:
+    board = HealthBoard(Clock(), SETTINGS)
+    board.admit("m", "a")
+    assert board.view("m", "a").circuit == "closed" and not board.view("m", "a").probe_in_flight

@@ -26,6 +26,7 @@ def _live(view: LiveView) -> dict[str, Any]:
     return {
         "circuit": view.circuit,
         "circuit_reason": view.circuit_reason or None,
+        "probe_in_flight": view.probe_in_flight,
         "circuit_changed_at": view.circuit_changed_at,
         "ttft_p50_ms": _ms(view.ttft_p50),
         "ttft_p95_ms": _ms(view.ttft_p95),

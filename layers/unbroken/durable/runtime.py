@@ -63,6 +63,8 @@ class Runtime:
         """The model's deployments as the routing policy ranks them now."""
         model = self.config.model(model_name)
         candidates = tuple(rank(model, self.health)) if model is not None else ()
+        if candidates:
+            self.health.admit(model_name, candidates[0].name)  # a half-open circuit: this request is the probe
         return Route(model_name, candidates, self.pool, self.health)
 
     def generation(self, request: GenerationRequest, model_name: str, emitter: ResponseEmitter,

@@ -91,6 +91,7 @@ class LiveView:
     mean_output_tokens: float | None
     samples: float  # (decayed) number of attempts behind the figures
     circuit_reason: str = ""  # why it opened, while it is not closed
+    probe_in_flight: bool = False  # half-open here, and a request of this instance is the probe (circuit: open)
     circuit_changed_at: float | None = None  # epoch seconds of the last circuit change
     last_attempt_window: float | None = None  # start (epoch seconds) of the newest stats window with an attempt
 
@@ -112,8 +113,16 @@ class DeploymentHealth:
     _stamp: tuple[int, int] = (-1, 0)
     _estimates: Estimates = EMPTY
 
+    probe_until: float = 0.0  # a request of this instance is the half-open probe, until its outcome or this time
+
     def circuit_seen(self, now: float) -> str:
+        """closed | open | half_open, the breaker's state here (a probe in flight or not)."""
         return self.circuit.seen_by(self.instance, now, claims_implicitly=not self.shared)
+
+    def circuit_for_routing(self, now: float) -> str:
+        """As `circuit_seen`, but open while the probe is in flight: one request probes, not every one."""
+        seen = self.circuit_seen(now)
+        return "open" if seen == "half_open" and now < self.probe_until else seen
 
 
 class HealthBoard:
@@ -176,6 +185,7 @@ class HealthBoard:
                                            output_seconds=output_seconds, input_tokens=input_tokens,
                                            cached_input_tokens=cached_input_tokens))
         h.consecutive_failures = 0
+        h.probe_until = 0.0
         if ttft is not None:
             h.ttft_ewma = ttft if h.ttft_ewma is None else (1 - EWMA_WEIGHT) * h.ttft_ewma + EWMA_WEIGHT * ttft
         if h.circuit.state != CLOSED:
@@ -189,8 +199,9 @@ class HealthBoard:
         h = self.of(model, deployment)
         now = self._now()
         self._count(h, now, attempt_fields(failure_kind=kind or "unknown"))
+        h.probe_until = 0.0
         if kind in REQUEST_FAULTS:
-            return  # the request's fault: the run of consecutive failures stays as it was
+            return  # the request's fault: the run of consecutive failures stays as it was (and the probe is free)
         h.consecutive_failures += 1
         seen = h.circuit_seen(now)
         if seen == "half_open":
@@ -207,7 +218,7 @@ class HealthBoard:
         h = self.of(model, deployment)
         now = self._now()
         est = self._estimates_of(h, now)
-        circuit = h.circuit_seen(now)
+        circuit = h.circuit_for_routing(now)
         return LiveView(
             circuit=circuit,
             ttft_p50=est.ttft_p50,
@@ -220,9 +231,19 @@ class HealthBoard:
             mean_output_tokens=est.mean_output_tokens,
             samples=est.samples,
             circuit_reason="" if circuit == "closed" else h.circuit.reason,
+            probe_in_flight=circuit != h.circuit_seen(now),
             circuit_changed_at=h.circuit.changed_at or None,
             last_attempt_window=est.last_window,
         )
+
+    def admit(self, model: str, deployment: str) -> None:
+        """A request is about to start on `deployment`, the head of its ranking (the runtime calls this). If the
+        circuit is half-open here, that request is the probe: rankings see the circuit open until its outcome is
+        reported, or `probe_seconds` pass (it never reached the deployment)."""
+        h = self.of(model, deployment)
+        now = self._now()
+        if h.circuit_for_routing(now) == "half_open":
+            h.probe_until = now + self.settings.probe_seconds
 
     def ttft_p95(self, model: str, deployment: str) -> float | None:
         """The deployment's live p95 time to first token (seconds), None until enough first tokens were seen."""
