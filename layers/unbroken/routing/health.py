@@ -261,7 +261,10 @@ class HealthBoard:
         """Refresh every `refresh_seconds` until cancelled."""
         while True:  # ends by cancellation
             await asyncio.sleep(self.settings.refresh_seconds)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bad record must not stop the refreshes for the life of the process
+                log.exception("health refresh crashed")
 
     async def refresh(self) -> None:
         """Once the counter cache's age has passed: read every instance's recent windows and the circuit records
