@@ -129,6 +129,8 @@ class SimulatedOptions(OpenAIChatOptions):
     fault_attempts: int | None = Field(default=None, ge=0)
     reject_prefill: bool | None = None
     parallel_tools: bool | None = None
+    fail_rate: float | None = Field(default=None, ge=0, le=1)
+    prompt_cache: bool | None = None
 
 
 class OpenAIResponsesOptions(ProviderOptions):

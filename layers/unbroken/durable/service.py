@@ -20,7 +20,7 @@ from unbroken.config import PublicModel
 from unbroken.durable.follow import journal_events
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
-from unbroken.durable.takeover import nobody_produces, stored_skeleton, take_over
+from unbroken.durable.takeover import nobody_produces, revive, stored_skeleton
 from unbroken.errors import Failure, invalid
 from unbroken.journal.store import TERMINAL_EVENT_TYPES, AlreadyExists, ResponseHeader
 from unbroken.protocol.compaction import expand_compaction_for
@@ -165,8 +165,13 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
         # Committed before anything else: `queued` is what a poll sees until a producer picks it up.
         queued = dict(emitter.response, status="queued")
         if runtime.launch_background is not None:
-            await runtime.launch_background(response_id, 0)
-            return Journaled(response_id, None, queued)
+            try:
+                await runtime.launch_background(response_id, 0)
+            except Exception:  # the client must still get its id: produce it here (a stale poll relaunches it)
+                log.exception("worker launch failed; producing the background response in this process",
+                              extra={"response_id": response_id})
+            else:
+                return Journaled(response_id, None, queued)
         return Journaled(response_id, ResponseRun(runtime, response_id, 0, generation, control).start(), queued)
     run = ResponseRun(runtime, response_id, 0, generation, control,
                       hand_on=runtime.launch_background if to_worker else None).start()
@@ -264,13 +269,12 @@ async def snapshot(runtime: Runtime, header: ResponseHeader) -> dict[str, Any]:
 async def poll_response(runtime: Runtime, response_id: str, tenant: str) -> dict[str, Any]:
     """A non-streaming GET: the response as it stands. A response nobody produces any more (its producer died,
     its lease expired) gets a new producer first, as a streaming reader would give it: the next polls see it go
-    on. On AWS the worker takes it over (this invocation ends with its answer); elsewhere this process does."""
+    on. On AWS the worker takes it over (this invocation ends with its answer); elsewhere, or when the launch
+    fails, this process does (`takeover.revive`)."""
     header = await owned_response(runtime, response_id, tenant)
     if nobody_produces(header):
-        if runtime.launch_background is not None:
-            await runtime.launch_background(response_id, header.owner_epoch)  # a duplicate is fenced, harmless
-        else:
-            await take_over(runtime, response_id, header.owner_epoch)  # None: another reader got there first
+        # Each stale poll launches the worker again (a duplicate is fenced); a failed launch produces it here.
+        await revive(runtime, response_id, header.owner_epoch)
     return await snapshot(runtime, header)
 
 
