@@ -3,7 +3,7 @@
 vulture reads this file as code that uses the names below; it is never imported."""
 
 # ruff: noqa
-from unbroken.api import app, chat, compact, demo, models, responses
+from unbroken.api import app, chat, compact, demo, models, operator, responses
 from unbroken.api.identity import LambdaContextInfo
 from unbroken.journal.store import StoreStats
 from unbroken.journal.writer import JournalWriter
@@ -17,6 +17,7 @@ demo.demo_page
 demo.demo_script
 demo.kill_producer
 models.list_models
+operator.deployment_health
 responses.get_response
 
 # pydantic reads `model_config` and calls `field_validator` / `model_validator` methods; body fields the router

@@ -564,6 +564,30 @@ class HedgeSettings(_Strict):
     max_cost_share: float = Field(default=0.05, ge=0, le=1)
 
 
+class HealthSettings(_Strict):
+    """Live deployment stats and the circuit breaker (`server.health`, README "Deployment health"). With a store,
+    every instance adds its attempts to time windows in the store's counters and reads every instance's windows
+    back; the breaker's state is a store record all instances share. Without one, both stay in the process."""
+
+    # Stats windows: each instance adds its attempts to the current window (one counter per deployment and window);
+    # readers combine the last `windows` windows, each weighed by 0.5 ** (age / half_life_seconds).
+    window_seconds: float = Field(default=10.0, ge=1, le=300)
+    windows: int = Field(default=12, ge=1, le=100)
+    half_life_seconds: float = Field(default=30.0, gt=0)
+    # How often an instance re-reads the shared stats and circuits (through the counter cache) off the request path.
+    refresh_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Open the circuit after this many consecutive failures seen by one instance ...
+    failures_to_open: int = Field(default=3, ge=1)
+    # ... or when the shared windows since the last close hold at least `min_failures` failures that are at least
+    # `failure_share` of the attempts (counted over every instance).
+    min_failures: int = Field(default=5, ge=1)
+    failure_share: float = Field(default=0.5, gt=0, le=1)
+    # An open circuit stays open this long; then exactly one instance claims the half-open probe.
+    open_seconds: float = Field(default=30.0, gt=0)
+    # A claimed probe that reports nothing within this long lapses (its instance died): another may claim it.
+    probe_seconds: float = Field(default=30.0, gt=0)
+
+
 class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     heartbeat_seconds: float = Field(default=15.0, gt=0)
@@ -581,6 +605,7 @@ class ServerSettings(_Strict):
     max_attempts: int = Field(default=6, ge=1, le=50)
     max_total_seconds: float = Field(default=600.0, gt=0)
     hedge: HedgeSettings = HedgeSettings()  # hedged first token, per model (off by default)
+    health: HealthSettings = HealthSettings()  # live stats and the circuit breaker, shared through the store
     # Hold function-call argument deltas until the call is complete, so a failover never leaves half a call.
     hold_tool_arguments: bool = True
     compaction_key: str | None = None

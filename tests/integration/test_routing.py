@@ -11,8 +11,8 @@ import pytest
 
 from tests.support.client import post_json, post_stream
 from tests.support.server import RouterThread, base_config
+from unbroken.config import HealthSettings
 from unbroken.journal.memory import MemoryStore
-from unbroken.routing.health import FAILURES_TO_OPEN
 
 EXPLAIN = {"x-unbroken-explain": "true"}
 FAST = {"seed": 7, "ttft_ms": 0, "tps": 0, "length": 20, "ttft_timeout_s": 2.0, "stall_timeout_s": 1.0}
@@ -175,7 +175,7 @@ def test_affinity_gives_way_when_the_difference_is_larger(conversations: RouterT
 
 def test_affinity_gives_way_when_the_predecessors_circuit_is_open(conversations: RouterThread) -> None:
     previous = first_turn(conversations, "conv-open")
-    for _ in range(FAILURES_TO_OPEN):
+    for _ in range(HealthSettings().failures_to_open):
         conversations.runtime.health.record_failure("conv-open", "a")
     router = second_turn(conversations, "conv-open", previous)
     assert router["served_by"] == "b" and "its circuit is open" in router["routing"]["reason"]

@@ -46,11 +46,18 @@ class Runtime:
         if self.store is not None and self.counters is None:
             self.counters = CounterBatcher(self.store)
             self.counter_reader = CounterReader(self.store, self.counters)
+        self.health.configure(self.config.server.health,
+                              [(m.name, d.name) for m in self.config.models for d in m.enabled_deployments])
+        if self.counters is not None and self.counter_reader is not None and self.store is not None:
+            self.health.share(self.store, self.counters, self.counter_reader)
 
     def start(self) -> None:
-        """Start what runs beside the requests (on the running loop): the counter flusher."""
+        """Start what runs beside the requests (on the running loop): the counter flusher and the refresh of the
+        shared deployment health."""
         if self.counters is not None:
             self.spawn(self.counters.run(), "counter-flush")
+        if self.health.shared:
+            self.spawn(self.health.run(), "health-refresh")
 
     @property
     def settings(self) -> ServerSettings:
@@ -68,6 +75,9 @@ class Runtime:
         if predecessor is None and profile.prefix_key is not None and model.routing.cache_affinity:
             predecessor = self.affinity.recall(profile.prefix_key, profile.input_tokens)
         ranking = plan(model, self.health, profile, policy=policy, response_id=response_id, predecessor=predecessor)
+        if ranking.candidates:
+            # A half-open circuit: this request is the probe.
+            self.health.admit(model_name, ranking.candidates[0].name)
         return Route(model_name, ranking.candidates, self.pool, self.health, ranking, self.affinity)
 
     def generation(self, request: GenerationRequest, model_name: str, emitter: ResponseEmitter,

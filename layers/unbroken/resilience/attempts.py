@@ -154,6 +154,7 @@ class Attempt:
     usage: Usage = field(default_factory=Usage)  # reported by the upstream, then completed by `settle`
     cost: float = 0.0
     ttft: float | None = None
+    first_token_at: float | None = None  # time.monotonic() of the first token (the live tokens/s start there)
     output_chars: int = 0  # characters of output streamed (before the seam strips a repeated overlap)
     usage_estimated: bool = False
 
@@ -390,7 +391,11 @@ class Generation:
                     self._resumed_from = deployment.name
                 continue
             attempt.outcome = "ok"
-            self.route.health.record_success(self.route.model, deployment.name, attempt.ttft)
+            usage = attempt.usage
+            self.route.health.record_success(
+                self.route.model, deployment.name, attempt.ttft, output_tokens=usage.output_tokens,
+                output_seconds=None if attempt.first_token_at is None else time.monotonic() - attempt.first_token_at,
+                input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens)
             self.route.served(deployment, attempt)
             break
         # The last attempt finished, or what was cut is complete as it stands (finished tool calls).
@@ -466,7 +471,7 @@ class Generation:
     def _record_failure(self, deployment: Deployment, attempt: Attempt, err: ProviderError) -> None:
         attempt.outcome = err.kind
         self.error = err
-        self.route.health.record_failure(self.route.model, deployment.name)
+        self.route.health.record_failure(self.route.model, deployment.name, err.kind)
         log.warning("attempt failed", extra={"response_id": self.emitter.response["id"], "model": self.route.model,
                                              "deployment": deployment.name, "attempt": len(self.attempts),
                                              "kind": err.kind, "status": err.status, "mid_stream": err.mid_stream,
@@ -679,6 +684,7 @@ class Generation:
                     first = False
                     now = time.monotonic()
                     attempt.ttft = now - started_at
+                    attempt.first_token_at = now
                     if self._ttft is None:
                         self._ttft = now - self._t0
                     if self._resumed_from is not None:

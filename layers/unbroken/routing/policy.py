@@ -316,15 +316,3 @@ def _affinity_reason(ranked: list[Scored], predecessor: Predecessor | None, note
         return f"; affinity: {first} served the previous turn and stays first with its prompt cache"
     return (f"; affinity: {predecessor.deployment} served the previous turn, but even with its prompt cache "
             f"{first} ranks first")
-
-
-def rank(model: PublicModel, board: HealthBoard, strategy: str = "ordered") -> list[Deployment]:
-    """The older entry point (configured order, `cost` by list price, `latency` by the TTFT average), kept for the
-    health board's tests; the router ranks with `plan`."""
-    candidates = list(model.enabled_deployments)
-    if strategy == "cost":
-        candidates.sort(key=lambda d: d.price.input + 3 * d.price.output)
-    elif strategy == "latency":
-        candidates.sort(key=lambda d: board.of(model.name, d.name).ttft_ewma or 0.0)
-    # Stable: open circuits move to the back but stay available as a last resort.
-    return sorted(candidates, key=lambda d: board.view(model.name, d.name).circuit == "open")
