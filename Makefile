@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 DDB_LOCAL_VERSION := 10.3.0
 DDB_LOCAL_DIR := .cache/dynamodb-local
 
-.PHONY: run test test-js install lint bench profile litellm chaos dynamodb-local clean check-config docs demo-client
+.PHONY: run test test-js install lint bench bench-routing profile litellm chaos dynamodb-local clean check-config docs demo-client
 
 $(VENV_STAMP):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || (echo "Python 3.11+ is needed" && exit 1)
@@ -82,6 +82,11 @@ litellm: $(LITELLM_STAMP)
 bench: $(DEV_STAMP) $(BENCH_STAMP) dynamodb-local litellm
 	UNBROKEN_BENCH_LITELLM=$(abspath $(LITELLM_VENV))/bin/litellm UNBROKEN_DDB_LOCAL_DIR=$(abspath $(DDB_LOCAL_DIR)) \
 		$(BIN)/python -m benchmarks.run
+
+# Routing policies on one replayed traffic mix over simulated deployments (benchmarks/routing.py; ~3-5 min).
+# Writes docs/bench/routing.{json,md,png} and the README block between <!-- bench-routing:start/end -->.
+bench-routing: $(DEV_STAMP) $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks.routing
 
 # The hot path of journaled (SQLite) streams under py-spy → docs/bench/profile.txt (also part of `make bench`).
 profile: $(DEV_STAMP) $(BENCH_STAMP)

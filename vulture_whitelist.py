@@ -3,7 +3,7 @@
 vulture reads this file as code that uses the names below; it is never imported."""
 
 # ruff: noqa
-from unbroken.api import app, chat, compact, demo, models, responses
+from unbroken.api import app, chat, compact, demo, models, operator, responses
 from unbroken.api.identity import LambdaContextInfo
 from unbroken.journal.store import StoreStats
 from unbroken.journal.writer import JournalWriter
@@ -17,6 +17,7 @@ demo.demo_page
 demo.demo_script
 demo.kill_producer
 models.list_models
+operator.deployment_health
 responses.get_response
 
 # pydantic reads `model_config` and calls `field_validator` / `model_validator` methods; body fields the router
@@ -100,6 +101,19 @@ _.counter_reader
 _.forget
 _.reads
 _.flushes
+# Routing config and the price catalog: validators pydantic calls; capabilities read by name (`ModelCapabilities.lacks`
+# uses getattr with the request's needs; catalog capabilities reach deployments through model_dump()); `as_of` and
+# `verified` are the catalog's provenance, for people reading it and checked by tests/unit/test_catalog.py.
+_._from_catalog
+_._not_both_zero
+_._shares
+_.images
+_.assistant_prefill
+_.as_of
+_.verified
+# The older ranking entry point (routing/policy.rank), still called by tests/unit/test_health.py; the router ranks
+# with routing/policy.plan. Remove both together.
+_.rank
 
 # The admin API's routes (api/admin.py): FastAPI calls them.
 from unbroken.api import admin

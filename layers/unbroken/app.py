@@ -84,6 +84,9 @@ def app_from_env() -> FastAPI:
     for model_name, deployment, why in config.switched_off:
         log.warning("deployment switched off: %s/%s (%s)", model_name, deployment, why,
                     extra={"model": model_name, "deployment": deployment, "reason": why})
+    for model_name, d in config.unpriced:
+        log.warning("deployment without a price: %s/%s (%s)", model_name, d.name, d.no_price_reason,
+                    extra={"model": model_name, "deployment": d.name})
     lambda_env = in_lambda()
     if lambda_env:
         config = cap_body_for_lambda(config)

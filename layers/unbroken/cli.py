@@ -78,6 +78,9 @@ def serve(args: argparse.Namespace) -> int:
         # Names the environment variable a key would come from, never a value.
         log.warning("deployment switched off: %s/%s (%s)", model_name, deployment, why,
                     extra={"model": model_name, "deployment": deployment, "reason": why})
+    for model_name, d in config.unpriced:
+        log.warning("deployment without a price: %s/%s (%s)", model_name, d.name, d.no_price_reason,
+                    extra={"model": model_name, "deployment": d.name})
     for model in config.models:
         if not model.enabled_deployments:
             log.warning("model %s is not served: every deployment of it is off (requests get a 503)", model.name,
@@ -121,6 +124,8 @@ def check_config(args: argparse.Namespace) -> int:
         for d in model.deployments:
             if d.off_reason:
                 print(f"  off: {d.name}: {d.off_reason}")
+            elif not d.price_known:
+                print(f"  warning: {d.name}: {d.no_price_reason}")
     print(f"{args.path}: OK")
     return 0
 

@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from unbroken.catalog import catalog
+
 # The `provider` values a deployment may name; `unbroken.providers.PROVIDERS` maps each to its adapter (a test keeps
 # the two in step). Listed here so that reading a config never imports an adapter.
 PROVIDER_NAMES = frozenset({"openai", "openai_compatible", "simulated", "anthropic", "bedrock", "azure", "gemini",
@@ -42,16 +44,37 @@ class _Strict(BaseModel):
 
 
 class Price(_Strict):
-    """USD per 1M tokens."""
+    """USD per 1M tokens. `cached_input`: input read from the provider's prompt cache (None: billed as input);
+    `cache_write`: input written to it, where the provider bills writes apart (Anthropic, Bedrock's Claude)."""
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
     cached_input: float | None = Field(default=None, ge=0)
+    cache_write: float | None = Field(default=None, ge=0)
 
     def cost(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:
         cached_rate = self.cached_input if self.cached_input is not None else self.input
         uncached = max(0, input_tokens - cached_input_tokens)
         return (uncached * self.input + cached_input_tokens * cached_rate + output_tokens * self.output) / 1e6
+
+
+CapabilityName = Literal["tools", "images", "reasoning", "json_schema", "assistant_prefill"]
+
+
+class ModelCapabilities(_Strict):
+    """What a deployment's model can be sent, as routing sees it (None: unknown, which no request is refused for).
+    Filled from the catalog; the config overrides each flag. The adapter's own wire-level flags (literal
+    continuation, image URLs, native JSON schema) are `providers.base.Capabilities`."""
+
+    tools: bool | None = None
+    images: bool | None = None
+    reasoning: bool | None = None
+    json_schema: bool | None = None
+    assistant_prefill: bool | None = None
+
+    def lacks(self, need: CapabilityName) -> bool:
+        """Known not to have it."""
+        return getattr(self, need) is False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,6 +152,8 @@ class SimulatedOptions(OpenAIChatOptions):
     fault_attempts: int | None = Field(default=None, ge=0)
     reject_prefill: bool | None = None
     parallel_tools: bool | None = None
+    fail_rate: float | None = Field(default=None, ge=0, le=1)
+    prompt_cache: bool | None = None
 
 
 class OpenAIResponsesOptions(ProviderOptions):
@@ -234,15 +259,46 @@ class Deployment(_Strict):
     name: str = Field(min_length=1)
     provider: str
     model: str = Field(min_length=1)
+    # The model id to look up in the price catalog when `model` is not one (an Azure deployment's own name).
+    catalog_model: str | None = Field(default=None, min_length=1)
     base_url: str | None = None
     api_key: str | None = None
     region: str | None = None
+    # Unset: the catalog's (by provider and model id), key by key; without a catalog entry either, the price is
+    # unknown (`price_known`): accounted as free, ranked after priced deployments by `cheapest`.
     price: Price = Price(input=0, output=0)
+    context_window: int | None = Field(default=None, gt=0)  # tokens; None: the catalog's, else unknown
+    capabilities: ModelCapabilities = ModelCapabilities()
     # Validated by the provider's model in PROVIDER_OPTIONS; documented in README "Configuration".
     options: ProviderOptions = Field(default_factory=ProviderOptions, validate_default=True)
     enabled: bool = True
     # Why a deployment is off when the config did not say `enabled: false` itself (set by `parse_config`).
     _off_reason: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_catalog(cls, data: Any) -> Any:
+        """What the config leaves unset of price, window and capabilities comes from the catalog entry."""
+        if not isinstance(data, dict):
+            return data
+        provider, model = data.get("provider"), data.get("catalog_model") or data.get("model")
+        entry = catalog().lookup(provider, model) if isinstance(provider, str) and isinstance(model, str) else None
+        if entry is None:
+            return data
+        out = dict(data)
+        price = out.get("price")
+        if isinstance(price, Price):
+            price = price.model_dump(exclude_unset=True)
+        if price is None or isinstance(price, dict):
+            out["price"] = {**entry.price.model_dump(exclude_none=True), **(price or {})}
+        if out.get("context_window") is None:
+            out["context_window"] = entry.context_window
+        caps = out.get("capabilities")
+        if isinstance(caps, ModelCapabilities):
+            caps = caps.model_dump(exclude_unset=True)
+        if caps is None or isinstance(caps, dict):
+            out["capabilities"] = {**entry.capabilities.model_dump(), **(caps or {})}
+        return out
 
     @field_validator("provider")
     @classmethod
@@ -281,6 +337,23 @@ class Deployment(_Strict):
         return self.options
 
     @property
+    def price_known(self) -> bool:
+        """A price came from the config or the catalog (else `price` is a placeholder of zeros)."""
+        return "price" in self.model_fields_set
+
+    @property
+    def no_price_reason(self) -> str:
+        """What check-config and the startup log say of a deployment without a known price."""
+        return (f"no known price ({self.provider} model {self.catalog_model or self.model} is not in the price "
+                f"catalog and the config gives none): its cost counts as 0 and `cheapest` ranks it last; set "
+                f"`price: {{input, output}}`")
+
+    @property
+    def window(self) -> int | None:
+        """The context window in tokens (`options.context_window`, the older spelling, wins), None if unknown."""
+        return self.options.context_window or self.context_window
+
+    @property
     def off_reason(self) -> str | None:
         """Why the deployment is switched off (None when it is on). Names an environment variable, never a value."""
         if self.enabled:
@@ -288,10 +361,67 @@ class Deployment(_Strict):
         return self._off_reason or "enabled: false in the config"
 
 
+PolicyName = Literal["cheapest", "fastest", "balanced", "weighted", "ordered"]
+POLICY_NAMES: tuple[PolicyName, ...] = ("cheapest", "fastest", "balanced", "weighted", "ordered")
+
+
+class BalanceWeights(_Strict):
+    """`balanced`: how much normalised expected cost and normalised expected latency count (any scale)."""
+
+    cost: float = Field(default=0.5, ge=0)
+    latency: float = Field(default=0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _not_both_zero(self) -> BalanceWeights:
+        if self.cost == 0 and self.latency == 0:
+            raise ValueError("cost and latency cannot both be 0")
+        return self
+
+
+class RoutingSettings(_Strict):
+    """How a model's deployments are ranked for each request (docs/routing.md). The ranked list is the attempt
+    order; a request's `X-Unbroken-Policy` header overrides `policy`."""
+
+    policy: PolicyName = "ordered"
+    balance: BalanceWeights = BalanceWeights()  # `balanced`
+    # `weighted`: deployment name -> share of first attempts (relative; unlisted deployments get none, but still
+    # serve as failover). Empty: an even split.
+    weights: dict[str, float] = Field(default_factory=dict)
+    # Constraints. A deployment whose expected cost for the request is above this is not tried.
+    max_price_per_request_usd: float | None = Field(default=None, gt=0)
+    # Only deployments whose `region` is listed (a deployment without a region is left out too).
+    regions: list[str] | None = Field(default=None, min_length=1)
+    # Deployments whose live p95 time to first token is above this go after those that meet it (or are unknown).
+    ttft_objective_ms: float | None = Field(default=None, gt=0)
+    # Expected output tokens while a model has no recent mean (and the request sets no max_output_tokens).
+    default_output_tokens: int = Field(default=256, gt=0)
+    # Share of requests (deterministic per response id) for which `fastest` and `balanced` put a deployment with
+    # no live latency yet first, so that it gets measured.
+    explore_share: float = Field(default=0.05, ge=0, le=1)
+    # Waiting or moving on (a 429 with Retry-After, a transient 5xx): never wait longer than this for the same
+    # deployment, and `cheapest` waits only when the next one would cost at least `wait_price_ratio` times as much.
+    max_wait_s: float = Field(default=2.0, ge=0, le=60)
+    wait_price_ratio: float = Field(default=2.0, ge=1)
+    # Cache affinity: a continuation (previous_response_id, or the same long prompt prefix seen in this process
+    # within `affinity_ttl_s`) prices its predecessor's deployment with a prompt-cache hit on what it shares.
+    cache_affinity: bool = True
+    affinity_ttl_s: float = Field(default=300.0, gt=0)
+
+    @field_validator("weights")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in value.values()):
+            raise ValueError("weights must be >= 0")
+        if value and not sum(value.values()) > 0:
+            raise ValueError("at least one weight must be > 0")
+        return value
+
+
 class PublicModel(_Strict):
     name: str = Field(min_length=1)
     description: str | None = None
     deployments: list[Deployment] = Field(min_length=1)
+    routing: RoutingSettings = RoutingSettings()
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> PublicModel:
@@ -299,6 +429,12 @@ class PublicModel(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"deployment names must be unique within a model: {', '.join(dupes)}")
+        unknown = sorted(set(self.routing.weights) - set(names))
+        if unknown:
+            raise ValueError(f"routing.weights names no deployment of this model: {', '.join(unknown)}")
+        if self.routing.regions is not None and not any(d.region in self.routing.regions for d in self.deployments):
+            raise ValueError(f"routing.regions ({', '.join(self.routing.regions)}) leaves no deployment of this "
+                             f"model (their regions: {', '.join(str(d.region) for d in self.deployments)})")
         return self
 
     @property
@@ -435,6 +571,30 @@ class HedgeSettings(_Strict):
     max_cost_share: float = Field(default=0.05, ge=0, le=1)
 
 
+class HealthSettings(_Strict):
+    """Live deployment stats and the circuit breaker (`server.health`, README "Deployment health"). With a store,
+    every instance adds its attempts to time windows in the store's counters and reads every instance's windows
+    back; the breaker's state is a store record all instances share. Without one, both stay in the process."""
+
+    # Stats windows: each instance adds its attempts to the current window (one counter per deployment and window);
+    # readers combine the last `windows` windows, each weighed by 0.5 ** (age / half_life_seconds).
+    window_seconds: float = Field(default=10.0, ge=1, le=300)
+    windows: int = Field(default=12, ge=1, le=100)
+    half_life_seconds: float = Field(default=30.0, gt=0)
+    # How often an instance re-reads the shared stats and circuits (through the counter cache) off the request path.
+    refresh_seconds: float = Field(default=1.0, gt=0, le=60)
+    # Open the circuit after this many consecutive failures seen by one instance ...
+    failures_to_open: int = Field(default=3, ge=1)
+    # ... or when the shared windows since the last close hold at least `min_failures` failures that are at least
+    # `failure_share` of the attempts (counted over every instance).
+    min_failures: int = Field(default=5, ge=1)
+    failure_share: float = Field(default=0.5, gt=0, le=1)
+    # An open circuit stays open this long; then exactly one instance claims the half-open probe.
+    open_seconds: float = Field(default=30.0, gt=0)
+    # A claimed probe that reports nothing within this long lapses (its instance died): another may claim it.
+    probe_seconds: float = Field(default=30.0, gt=0)
+
+
 class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     heartbeat_seconds: float = Field(default=15.0, gt=0)
@@ -452,6 +612,7 @@ class ServerSettings(_Strict):
     max_attempts: int = Field(default=6, ge=1, le=50)
     max_total_seconds: float = Field(default=600.0, gt=0)
     hedge: HedgeSettings = HedgeSettings()  # hedged first token, per model (off by default)
+    health: HealthSettings = HealthSettings()  # live stats and the circuit breaker, shared through the store
     # Hold function-call argument deltas until the call is complete, so a failover never leaves half a call.
     hold_tool_arguments: bool = True
     compaction_key: str | None = None
@@ -500,6 +661,12 @@ class Config(_Strict):
     def switched_off(self) -> list[tuple[str, str, str]]:
         """(model, deployment, why) for every deployment that is off; the startup log and check-config say them."""
         return [(m.name, d.name, d.off_reason) for m in self.models for d in m.deployments if d.off_reason]
+
+    @property
+    def unpriced(self) -> list[tuple[str, Deployment]]:
+        """(model, deployment) for every deployment that is on and has no known price (neither in the config nor in
+        the catalog): accounted as free and ranked last by `cheapest`; the startup log and check-config say them."""
+        return [(m.name, d) for m in self.models for d in m.deployments if d.enabled and not d.price_known]
 
     def tenant_for_key(self, presented: str) -> str | None:
         """The tenant a presented key belongs to, comparing digests in constant time over all keys."""

@@ -94,7 +94,7 @@ def open_page(page: Any, url: str) -> None:
     page.dispatch_event("#key", "change")
     page.wait_for_selector("#model option[value='demo']", state="attached")
     page.select_option("#model", "demo")
-    page.select_option("#policy", "cost")
+    page.select_option("#policy", "cheapest")
     page.fill("#prompt", PROMPT)
 
 

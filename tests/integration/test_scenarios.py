@@ -28,8 +28,8 @@ from tests.integration.endpoints import (
     upstream_requests,
 )
 from tests.support.server import RouterThread, base_config
+from unbroken.config import HealthSettings
 from unbroken.ir import CONTINUE_INSTRUCTION
-from unbroken.routing import health as policy
 from unbroken.simulator import SimulatedUpstream, SimulatedUpstreamThread
 
 LENGTH = 24
@@ -440,11 +440,11 @@ def test_flapping_primary(endpoint: str, flapping: tuple[RouterThread, FakeClock
     health = router.runtime.health
     primary_fails = {"sim_fault": "http:500,none"}  # this response's first attempt fails, whoever gets it
 
-    for _ in range(policy.FAILURES_TO_OPEN):
+    for _ in range(HealthSettings().failures_to_open):
         out = s.send(primary_fails)
         assert_completed(out)
         assert s.asked(out) == ["primary", "fallback"]
-    assert health.of(f"flap-{endpoint}", "primary").is_open(clock())
+    assert health.view(f"flap-{endpoint}", "primary").circuit == "open"
 
     # Open: the primary is not asked at all.
     out = s.send()
@@ -452,7 +452,7 @@ def test_flapping_primary(endpoint: str, flapping: tuple[RouterThread, FakeClock
     assert s.asked(out) == ["fallback"]
 
     # After the open period the primary gets a trial; it fails again, and the circuit opens again at once.
-    clock.now += policy.OPEN_SECONDS + 1
+    clock.now += HealthSettings().open_seconds + 1
     out = s.send(primary_fails)
     assert_completed(out)
     assert s.asked(out) == ["primary", "fallback"]
@@ -460,7 +460,7 @@ def test_flapping_primary(endpoint: str, flapping: tuple[RouterThread, FakeClock
     assert s.asked(out) == ["fallback"]
 
     # Next period: the trial succeeds and closes the circuit; the primary serves from then on.
-    clock.now += policy.OPEN_SECONDS + 1
+    clock.now += HealthSettings().open_seconds + 1
     for _ in range(2):
         out = s.send()
         assert_completed(out)

@@ -32,7 +32,7 @@ def test_cors_parameter_reaches_the_gateway_and_overrides_the_config() -> None:
 def test_preflights_reach_the_gateway_through_their_own_streaming_method() -> None:
     routes = {(p, m): integ for p, m, integ in api_integrations(translated())}
     options = routes[("/v1/{proxy+}", "options")]
-    assert options == routes[("/v1/{proxy+}", "x-amazon-apigateway-any-method")]  # same streaming integration
+    assert options == routes[("/v1/{proxy+}", "post")]  # same streaming integration
     body = next(r for r in translated()["Resources"].values() if r["Type"] == "AWS::ApiGateway::RestApi")
     op = body["Properties"]["Body"]["paths"]["/v1/{proxy+}"]["options"]
     assert not op.get("security")  # no authorizer or API key in front of a preflight

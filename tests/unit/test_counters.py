@@ -69,3 +69,17 @@ async def test_reads_are_cached_and_include_pending() -> None:
     clock.now += 6
     assert await reader.read(["c", "absent"]) == {"c": {"n": 111}}
     assert reader.reads == 2
+
+
+async def test_an_own_flush_does_not_drop_out_of_the_cached_value() -> None:
+    store = MemoryStore()
+    clock = Clock()
+    batcher = CounterBatcher(store)
+    reader = CounterReader(store, batcher, max_age=5.0, clock=clock)
+    expires = time.time() + 3600
+    await store.add_counters({"c": {"n": 10}}, expires_at=expires)
+    assert await reader.read(["c"]) == {"c": {"n": 10}}
+    batcher.add("c", {"n": 3}, expires_at=expires)
+    await batcher.flush()  # no longer pending, and the cached store value predates it
+    assert await reader.read(["c"]) == {"c": {"n": 13}}
+    assert reader.reads == 1

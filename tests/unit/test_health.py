@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from unbroken.config import Deployment, PublicModel
-from unbroken.routing.health import EWMA_WEIGHT, FAILURES_TO_OPEN, OPEN_SECONDS, HealthBoard, HedgeBudget
-from unbroken.routing.policy import rank
+from unbroken.config import Deployment, HealthSettings, PublicModel
+from unbroken.routing.health import HealthBoard, HedgeBudget
+from unbroken.routing.policy import plan
+from unbroken.routing.profile import RequestProfile
 
 
 class Clock:
@@ -22,6 +23,10 @@ def clock() -> Clock:
     return Clock()
 
 
+FAILURES_TO_OPEN = HealthSettings().failures_to_open
+OPEN_SECONDS = HealthSettings().open_seconds
+
+
 def model(*names: str) -> PublicModel:
     return PublicModel(name="m", deployments=[Deployment(name=n, provider="openai", model=f"x-{n}") for n in names])
 
@@ -34,11 +39,11 @@ def test_the_circuit_opens_after_consecutive_failures(clock: Clock) -> None:
     board = HealthBoard(clock)
     for _ in range(FAILURES_TO_OPEN - 1):
         board.record_failure("m", "a")
-    assert not board.of("m", "a").is_open(clock.now)
+    assert not (board.view("m", "a").circuit == "open")
     board.record_failure("m", "a")
-    assert board.of("m", "a").is_open(clock.now)
-    assert board.of("m", "b").is_open(clock.now) is False  # per deployment
-    assert board.of("other", "a").is_open(clock.now) is False  # and per model
+    assert (board.view("m", "a").circuit == "open")
+    assert (board.view("m", "b").circuit == "open") is False  # per deployment
+    assert (board.view("other", "a").circuit == "open") is False  # and per model
 
 
 def test_a_success_between_failures_resets_the_count(clock: Clock) -> None:
@@ -48,7 +53,7 @@ def test_a_success_between_failures_resets_the_count(clock: Clock) -> None:
     board.record_success("m", "a", None)
     for _ in range(FAILURES_TO_OPEN - 1):
         board.record_failure("m", "a")
-    assert not board.of("m", "a").is_open(clock.now)
+    assert not (board.view("m", "a").circuit == "open")
 
 
 def test_the_circuit_goes_back_after_open_seconds(clock: Clock) -> None:
@@ -56,9 +61,9 @@ def test_the_circuit_goes_back_after_open_seconds(clock: Clock) -> None:
     for _ in range(FAILURES_TO_OPEN):
         board.record_failure("m", "a")
     clock.now += OPEN_SECONDS - 0.001
-    assert board.of("m", "a").is_open(clock.now)
+    assert (board.view("m", "a").circuit == "open")
     clock.now += 0.002
-    assert not board.of("m", "a").is_open(clock.now)
+    assert not (board.view("m", "a").circuit == "open")
 
 
 def test_a_success_closes_an_open_circuit(clock: Clock) -> None:
@@ -66,8 +71,12 @@ def test_a_success_closes_an_open_circuit(clock: Clock) -> None:
     for _ in range(FAILURES_TO_OPEN):
         board.record_failure("m", "a")
     board.record_success("m", "a", 0.5)
-    h = board.of("m", "a")
-    assert not h.is_open(clock.now) and h.consecutive_failures == 0
+    assert board.view("m", "a").circuit == "closed" and board.of("m", "a").consecutive_failures == 0
+
+
+def rank(m: PublicModel, board: HealthBoard) -> list[Deployment]:
+    """The policy's attempt order for a plain request (`ordered`: as configured, open circuits last)."""
+    return list(plan(m, board, RequestProfile(100, None, (), None)).candidates)
 
 
 def test_rank_puts_open_circuits_last_but_keeps_them(clock: Clock) -> None:
@@ -79,28 +88,6 @@ def test_rank_puts_open_circuits_last_but_keeps_them(clock: Clock) -> None:
     assert names(rank(m, board)) == ["b", "c", "a"]
     clock.now += OPEN_SECONDS + 1
     assert names(rank(m, board)) == ["a", "b", "c"]
-
-
-def test_rank_by_latency_reads_the_ttft_average(clock: Clock) -> None:
-    board = HealthBoard(clock)
-    m = model("slow", "fast")
-    board.record_success("m", "slow", 2.0)
-    board.record_success("m", "fast", 0.2)
-    assert names(rank(m, board, "latency")) == ["fast", "slow"]
-    assert names(rank(m, board)) == ["slow", "fast"]  # ordered: as configured
-
-
-def test_ttft_is_an_exponentially_weighted_average(clock: Clock) -> None:
-    board = HealthBoard(clock)
-    board.record_success("m", "a", 1.0)
-    assert board.of("m", "a").ttft_ewma == 1.0
-    board.record_success("m", "a", 2.0)
-    assert board.of("m", "a").ttft_ewma == pytest.approx((1 - EWMA_WEIGHT) * 1.0 + EWMA_WEIGHT * 2.0)
-    board.record_success("m", "a", None)  # a success without a first token leaves the average alone
-    assert board.of("m", "a").ttft_ewma == pytest.approx((1 - EWMA_WEIGHT) * 1.0 + EWMA_WEIGHT * 2.0)
-
-
-# -- the live TTFT p95 and the hedge budget ---------------------------------------------------------------------
 
 
 def test_ttft_p95_needs_a_few_samples_then_follows_the_tail() -> None:

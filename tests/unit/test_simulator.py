@@ -687,3 +687,40 @@ async def test_shared_upstream_is_one_per_loop() -> None:
     fresh = await shared_upstream()
     assert fresh is not first
     await close_shared_upstream()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failure rate, prompt cache and server-side overrides (what the routing benchmark drives)
+# ---------------------------------------------------------------------------------------------------------------
+
+async def test_fail_rate_refuses_that_share_with_503(client: httpx.AsyncClient) -> None:
+    statuses = [(await stream(client, body(sim_length="2", sim_fail_rate="0.3"))).status for _ in range(60)]
+    refused = statuses.count(503)
+    assert set(statuses) <= {200, 503}
+    assert 6 <= refused <= 30  # 0.3 of 60 = 18, drawn from a seeded generator: the same every run
+    assert all(s == 200 for s in [(await stream(client, body(sim_length="2", sim_fail_rate="0"))).status
+                                  for _ in range(10)])
+
+
+async def test_prompt_cache_reports_the_longest_prefix_seen(client: httpx.AsyncClient) -> None:
+    long_system = {"role": "system", "content": "policy " * 400}
+    first = [long_system, {"role": "user", "content": "question one"}]
+    second = [*first, {"role": "assistant", "content": "answer one"}, {"role": "user", "content": "question two"}]
+
+    async def cached(messages: list[dict[str, Any]], **meta: str) -> tuple[int, int]:
+        payload = {**body(messages, sim_length="3", **meta), "stream_options": {"include_usage": True}}
+        usage = (await stream(client, payload)).chunks[-1]["usage"]
+        return usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"]
+
+    assert (await cached(first, sim_prompt_cache="true"))[0] == 0  # nothing seen yet
+    hit, prompt = await cached(second, sim_prompt_cache="true")
+    assert 0 < hit < prompt  # the first turn's two messages, not the new ones
+    assert hit >= 600  # the long system message is most of it
+    assert (await cached(second))[0] == 0  # without the control: no cache
+
+
+async def test_overrides_apply_over_request_metadata(sim: SimulatedUpstream, client: httpx.AsyncClient) -> None:
+    sim.overrides["sim_fault"] = "http:500"
+    assert (await stream(client, body(sim_length="2", sim_fault="none"))).status == 500
+    sim.overrides.clear()
+    assert (await stream(client, body(sim_length="2"))).status == 200

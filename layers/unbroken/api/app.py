@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from unbroken.api import admin, chat, compact, demo, models, responses
+from unbroken.api import admin, chat, compact, demo, models, operator, responses
 from unbroken.api.edge import Edge
 from unbroken.api.errors import error_response
 from unbroken.api.guard import Guard
@@ -52,7 +52,7 @@ def create_app(config: Config, store: Store | None = None, *, launch_background:
         from unbroken.api.tokens import JwtVerifier  # PyJWT only when tokens are verified here
 
         app.state.jwt_verifier = JwtVerifier(config.auth.jwt)
-    for module in (responses, compact, chat, models, demo, admin):
+    for module in (responses, compact, chat, models, demo, operator, admin):
         app.include_router(module.router)
     if demo_controls:
         app.include_router(demo.controls_router)

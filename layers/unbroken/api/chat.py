@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from unbroken import logs
 from unbroken.api.auth import authenticate_principal
-from unbroken.api.responses import accounting_headers, caller_of, runtime_of
+from unbroken.api.responses import accounting_headers, caller_of, runtime_of, streaming_headers
 from unbroken.api.streaming import END, queued_sse, start_generation
 from unbroken.durable import limits
 from unbroken.durable.keys import Principal
@@ -43,6 +43,7 @@ async def create_chat_completion(request: Request,
     tenant = principal.tenant
     body = validate(ChatCompletionBody, parse_json(await request.body()))
     model = served_model(runtime, body.model)
+    caller = caller_of(request, tenant)
     await limits.admit(runtime, principal, model.name)  # the key's models, budgets and rate limits
     gen_request = generation_request(body)
     response_id = new_id("resp")
@@ -54,17 +55,21 @@ async def create_chat_completion(request: Request,
     emitter = ResponseEmitter(response_skeleton(CreateResponseBody(model=model.name), response_id, model.name),
                               hold_tool_arguments=runtime.settings.hold_tool_arguments)
     streaming = bool(body.stream)
-    # Chat has no place for `router:` events: recovery events stay off.
+    # Chat has no place for `router:` events (recovery events stay off) nor for a `router` field: an explanation
+    # shows in the log line and, streamed, in `X-Unbroken-Deployment`.
     options = GenerationOptions(header_hold_seconds=HEADER_HOLD_SECONDS if streaming else math.inf)
-    generation = runtime.generation(gen_request, model.name, emitter, options,
-                                    RunControl(caller_of(request, tenant).deadline), account=principal.account)
+    generation = runtime.generation(gen_request, model.name, emitter, options, RunControl(caller.deadline),
+                                    policy=caller.policy, account=principal.account)
     log.info("chat completion created", extra={"response_id": response_id, "tenant": tenant, "model": model.name,
                                                 "stream": streaming})
     chunker = ChatChunker(completion_id, created, model.name, include_usage=streaming and body.include_usage,
                           answering_model=lambda: emitter.upstream_model)
     if not streaming:
         return await _complete(generation, chunker)
-    return await _stream(runtime, generation, chunker, response_id)
+    stream = await _stream(runtime, generation, chunker, response_id)
+    if caller.explain:
+        stream.headers.update(streaming_headers(generation))
+    return stream
 
 
 async def _complete(generation: Generation, chunker: ChatChunker) -> Response:

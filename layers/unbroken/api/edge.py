@@ -23,7 +23,8 @@ from unbroken.errors import Failure, invalid
 
 # Request headers a browser client of the router may send, whatever the config adds (`allow_headers`).
 ROUTER_REQUEST_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID",
-                          "X-Unbroken-Recovery-Events", "X-Unbroken-Policy", "X-Api-Key", "Api-Key")
+                          "X-Unbroken-Recovery-Events", "X-Unbroken-Policy", "X-Unbroken-Explain", "X-Api-Key",
+                          "Api-Key")
 # Response headers a browser script may read (beyond the safelisted ones such as Content-Type). The routing and spend
 # work sets the two X-Unbroken ones; list every new response header a client needs here.
 EXPOSED_HEADERS = ("X-Request-Id", "Retry-After", "X-Unbroken-Deployment", "X-Unbroken-Cost-USD")

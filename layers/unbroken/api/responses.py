@@ -32,10 +32,13 @@ from unbroken.protocol.body import parse_json
 from unbroken.protocol.request import ResponsesRequest
 from unbroken.protocol.responses import Event
 from unbroken.resilience.attempts import Generation, NoOutput
+from unbroken.routing.policy import POLICY_HEADER, parse_policy
 
 router = APIRouter()
 
 RECOVERY_HEADER = "x-unbroken-recovery-events"
+EXPLAIN_HEADER = "x-unbroken-explain"
+_TRUE = ("1", "true", "yes")
 _SEQUENCE_NUMBER = re.compile(r"-?[0-9]+", re.ASCII)
 
 
@@ -51,8 +54,9 @@ def caller_of(request: Request, tenant: str, key_id: str | None = None) -> Calle
     deadline = stream_deadline(request.headers, runtime.settings.stream_deadline_seconds, time.time(),
                                env=request.app.state.lambda_env)
     return Caller(tenant=tenant, deadline=deadline, idempotency_key=request.headers.get("idempotency-key"),
-                  recovery_events=request.headers.get(RECOVERY_HEADER, "").lower() in ("1", "true", "yes"),
-                  key_id=key_id)
+                  recovery_events=request.headers.get(RECOVERY_HEADER, "").lower() in _TRUE,
+                  policy=parse_policy(request.headers.get(POLICY_HEADER)),
+                  explain=request.headers.get(EXPLAIN_HEADER, "").lower() in _TRUE, key_id=key_id)
 
 
 @router.post("/v1/responses", response_model=None)
@@ -60,9 +64,9 @@ async def create_response(request: Request,
                           principal: Annotated[Principal, Depends(authenticate_principal)]) -> Response:
     runtime = runtime_of(request)
     parsed = ResponsesRequest.parse(parse_json(await request.body()))
-    # The key's models, budgets and rate limits, before any upstream call.
-    await limits.admit(runtime, principal, service.served_model(runtime, parsed.body.model).name)
     caller = caller_of(request, principal.tenant, principal.key_id)
+    # The key's models, budgets and rate limits, before any upstream call (and after every 400 of the request).
+    await limits.admit(runtime, principal, service.served_model(runtime, parsed.body.model).name)
     created = await service.create_response(runtime, parsed, caller)
     streaming = parsed.body.stream
     if isinstance(created, Direct):
@@ -71,12 +75,22 @@ async def create_response(request: Request,
                 return accounted_json(await service.run_direct(created.generation))
             except NoOutput as exc:
                 raise exc.failure from None
-        return await _direct_stream(runtime, created.generation, created.response_id)
+        return await _direct_stream(runtime, created.generation, created.response_id, explain=caller.explain)
     if not streaming:
         if created.queued is not None:
             return JSONResponse(created.queued)
         return accounted_json(await service.final_response(runtime, created.response_id, created.run))
-    return _journal_stream(runtime, created.response_id, -1, run=created.run, until=created.until)
+    stream = _journal_stream(runtime, created.response_id, -1, run=created.run, until=created.until)
+    if caller.explain and created.run is not None:
+        stream.headers.update(streaming_headers(created.run.generation))
+    return stream
+
+
+def streaming_headers(generation: Generation) -> dict[str, str]:
+    """`X-Unbroken-Deployment` of a stream (opt-in, `X-Unbroken-Explain`): the deployment streaming when the
+    response started; a later failover is in the terminal response's `router.served_by`."""
+    deployment = generation.current_deployment
+    return {"x-unbroken-deployment": deployment} if deployment else {}
 
 
 def accounting_headers(response: dict[str, Any]) -> dict[str, str]:
@@ -118,7 +132,8 @@ def _journal_stream(runtime: Runtime, response_id: str, after: int, *, run: Resp
                         on_failure=on_failure, on_close=on_close)
 
 
-async def _direct_stream(runtime: Runtime, generation: Generation, response_id: str) -> Response:
+async def _direct_stream(runtime: Runtime, generation: Generation, response_id: str, *,
+                         explain: bool = False) -> Response:
     """An unjournaled stream: events go to the client as the generation emits them."""
     queue, first, task = await start_generation(runtime, generation, f"generate {response_id}")
     emitter = generation.emitter
@@ -132,7 +147,10 @@ async def _direct_stream(runtime: Runtime, generation: Generation, response_id: 
                     sse.DONE], True
         return [sse.frame(item)], False
 
-    return queued_sse(queue, task, heartbeat=runtime.settings.heartbeat_seconds, render=render, first=first)
+    stream = queued_sse(queue, task, heartbeat=runtime.settings.heartbeat_seconds, render=render, first=first)
+    if explain:
+        stream.headers.update(streaming_headers(generation))
+    return stream
 
 
 # -- stored responses ---------------------------------------------------------------------------------------------

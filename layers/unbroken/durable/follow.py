@@ -1,6 +1,7 @@
 """Following a response's journal from any process: its committed events after a cursor, live until the terminal
 one. A follower that finds the producer's lease expired (it was killed, or its invocation ended) takes the response
-over, so a reader never waits on a response nobody is generating."""
+over (on AWS by launching the worker Lambda; `takeover.revive`), so a reader never waits on a response nobody is
+generating."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
-from unbroken.durable.takeover import nobody_produces, take_over
+from unbroken.durable.takeover import nobody_produces, revive
 from unbroken.journal.feed import follow
 from unbroken.journal.store import TERMINAL_EVENT_TYPES
 
@@ -39,6 +40,7 @@ async def journal_events(runtime: Runtime, response_id: str, after: int, run: Re
     store = runtime.store
     assert store is not None
     last = after
+    launched: int | None = None  # the epoch this follow asked the worker to take over from
     while True:
         try:
             wait = min(runtime.settings.lease_seconds, max(0.0, until - time.time()))
@@ -69,7 +71,11 @@ async def journal_events(runtime: Runtime, response_id: str, after: int, run: Re
         if header is None or header.terminal:
             continue  # follow ends at once for a finished response (or raises NotFound)
         if nobody_produces(header):
-            run = await take_over(runtime, response_id, header.owner_epoch) or run
+            # A worker launched a lease ago that has not claimed the epoch yet (throttled, queued): this process
+            # produces it rather than keep the reader waiting; a worker that starts later is fenced.
+            in_process = launched == header.owner_epoch
+            launched = header.owner_epoch
+            run = await revive(runtime, response_id, header.owner_epoch, in_process=in_process) or run
 
 
 def failure_events(last_seq: int, message: str) -> list[dict[str, Any]]:

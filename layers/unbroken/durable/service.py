@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from unbroken import logs
-from unbroken.config import PublicModel
+from unbroken.config import PolicyName, PublicModel
 from unbroken.durable.follow import journal_events
 from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
 from unbroken.durable.spend import KEY_ID_FIELD, Account
-from unbroken.durable.takeover import nobody_produces, stored_skeleton, take_over
+from unbroken.durable.takeover import nobody_produces, revive, stored_skeleton
 from unbroken.errors import Failure, invalid
+from unbroken.ir import GenerationRequest
 from unbroken.journal.store import TERMINAL_EVENT_TYPES, AlreadyExists, ResponseHeader
 from unbroken.protocol.compaction import expand_compaction_for
 from unbroken.protocol.request import (
@@ -34,6 +35,8 @@ from unbroken.protocol.request import (
 )
 from unbroken.protocol.responses import Event, ResponseEmitter, new_id, restore_emitter
 from unbroken.resilience.attempts import Generation, GenerationOptions, RunControl
+from unbroken.routing.affinity import Predecessor
+from unbroken.routing.tokens import prefix_tokens
 
 log = logging.getLogger("unbroken.api")
 
@@ -54,6 +57,8 @@ class Caller:
     deadline: float  # when a stream served to this caller must end (the Lambda invocation's end, or the setting)
     idempotency_key: str | None = None
     recovery_events: bool = False  # the caller opted in to `router:` events and the `router` field
+    policy: PolicyName | None = None  # X-Unbroken-Policy: this request's routing policy (None: the model's)
+    explain: bool = False  # X-Unbroken-Explain: `router.routing` says how the deployments were ranked
     key_id: str | None = None  # the API key's id, which spend is charged to (with the tenant)
 
 
@@ -117,10 +122,14 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
         if existing is not None:
             return _attach(existing, body_hash, caller)
     context: list[dict[str, Any]] = []
+    predecessor: Predecessor | None = None
+    previous: ResponseHeader | None = None
     if body.previous_response_id is not None:
-        context = await _previous_context(runtime, caller.tenant, body.previous_response_id)
+        context, previous = await _previous_context(runtime, caller.tenant, body.previous_response_id)
     request = parsed.to_ir(context=context,
                            expand_compaction=expand_compaction_for(caller.tenant, runtime.settings.compaction_key))
+    if previous is not None:
+        predecessor = _predecessor(previous, request)
     response_id = new_id("resp")
     logs.bind(correlation_id=response_id, tenant=caller.tenant, model=model.name)
     emitter = ResponseEmitter(response_skeleton(body, response_id, model.name),
@@ -135,6 +144,7 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
         header_hold_seconds=HEADER_HOLD_SECONDS if body.stream and not body.background else math.inf,
         recovery_events=caller.recovery_events,
         hand_off_at_deadline=to_worker,
+        explain=caller.explain,
     )
     if body.background:  # not bound to this call: it may run for the whole of the attempt loop's bounds
         run_deadline = time.time() + runtime.settings.max_total_seconds
@@ -143,8 +153,8 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
     else:
         run_deadline = caller.deadline
     control = RunControl(run_deadline)
-    generation = runtime.generation(request, model.name, emitter, options, control,
-                                    account=Account(caller.tenant, caller.key_id))
+    generation = runtime.generation(request, model.name, emitter, options, control, policy=caller.policy,
+                                    predecessor=predecessor, account=Account(caller.tenant, caller.key_id))
     log.info("response created", extra={"response_id": response_id, "tenant": caller.tenant, "model": model.name,
                                          "stream": body.stream, "journaled": journaled})
     if store is None or not journaled:
@@ -168,8 +178,13 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
         # Committed before anything else: `queued` is what a poll sees until a producer picks it up.
         queued = dict(emitter.response, status="queued")
         if runtime.launch_background is not None:
-            await runtime.launch_background(response_id, 0)
-            return Journaled(response_id, None, queued)
+            try:
+                await runtime.launch_background(response_id, 0)
+            except Exception:  # the client must still get its id: produce it here (a stale poll relaunches it)
+                log.exception("worker launch failed; producing the background response in this process",
+                              extra={"response_id": response_id})
+            else:
+                return Journaled(response_id, None, queued)
         return Journaled(response_id, ResponseRun(runtime, response_id, 0, generation, control).start(), queued)
     run = ResponseRun(runtime, response_id, 0, generation, control,
                       hand_on=runtime.launch_background if to_worker else None).start()
@@ -200,8 +215,20 @@ def _attach(existing: ResponseHeader, body_hash: str, caller: Caller) -> Journal
     return Journaled(existing.id, until=stream_until(existing, caller))
 
 
-async def _previous_context(runtime: Runtime, tenant: str, previous_id: str) -> list[dict[str, Any]]:
-    """`prev.input + prev.output`, as input items, for `previous_response_id` (the caller's own responses only)."""
+def _predecessor(previous: ResponseHeader, request: GenerationRequest) -> Predecessor | None:
+    """Cache affinity: the deployment that served the previous response (its `router.served_by`), sharing with this
+    request the prompt that was sent to it (instructions, tools and the previous input items)."""
+    router = (previous.response or {}).get("router")
+    served = router.get("served_by") if isinstance(router, dict) else None
+    if not isinstance(served, str):
+        return None
+    return Predecessor(served, prefix_tokens(request, len(previous.request.get("input", []))), "previous_response_id")
+
+
+async def _previous_context(runtime: Runtime, tenant: str, previous_id: str
+                            ) -> tuple[list[dict[str, Any]], ResponseHeader]:
+    """`prev.input + prev.output`, as input items, for `previous_response_id` (the caller's own responses only),
+    and the previous response's header."""
     assert runtime.store is not None
     prev = await runtime.store.get(previous_id)
     if prev is None or prev.tenant != tenant:
@@ -210,7 +237,7 @@ async def _previous_context(runtime: Runtime, tenant: str, previous_id: str) -> 
     if not prev.terminal or prev.response is None:
         raise Failure("conflict", f"Previous response '{previous_id}' is still in progress.",
                       param="previous_response_id", code="previous_response_in_progress")
-    return list(prev.request.get("input", [])) + output_as_input(prev.response.get("output", []))
+    return list(prev.request.get("input", [])) + output_as_input(prev.response.get("output", [])), prev
 
 
 async def final_response(runtime: Runtime, response_id: str, run: ResponseRun | None) -> dict[str, Any]:
@@ -267,13 +294,12 @@ async def snapshot(runtime: Runtime, header: ResponseHeader) -> dict[str, Any]:
 async def poll_response(runtime: Runtime, response_id: str, tenant: str) -> dict[str, Any]:
     """A non-streaming GET: the response as it stands. A response nobody produces any more (its producer died,
     its lease expired) gets a new producer first, as a streaming reader would give it: the next polls see it go
-    on. On AWS the worker takes it over (this invocation ends with its answer); elsewhere this process does."""
+    on. On AWS the worker takes it over (this invocation ends with its answer); elsewhere, or when the launch
+    fails, this process does (`takeover.revive`)."""
     header = await owned_response(runtime, response_id, tenant)
     if nobody_produces(header):
-        if runtime.launch_background is not None:
-            await runtime.launch_background(response_id, header.owner_epoch)  # a duplicate is fenced, harmless
-        else:
-            await take_over(runtime, response_id, header.owner_epoch)  # None: another reader got there first
+        # Each stale poll launches the worker again (a duplicate is fenced); a failed launch produces it here.
+        await revive(runtime, response_id, header.owner_epoch)
     return await snapshot(runtime, header)
 
 

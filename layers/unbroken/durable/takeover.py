@@ -1,5 +1,6 @@
 """Becoming the producer of a response another process started: a dead producer's response (its lease expired), a
-background response a worker starts, or a handoff from an invocation that ran out of time."""
+background response a worker starts, or a handoff from an invocation that ran out of time. `revive` decides where a
+reader's takeover runs: in the worker Lambda when the runtime launches one (AWS), else in the reader's process."""
 
 from __future__ import annotations
 
@@ -81,6 +82,25 @@ async def take_over(runtime: Runtime, response_id: str, expected_epoch: int, *,
     generation = runtime.generation(request, body.model or "", emitter, options, control, account=account)
     log.warning("taking over response", extra={"response_id": response_id, "epoch": epoch, "events": len(events)})
     return ResponseRun(runtime, response_id, epoch, generation, control).start()
+
+
+async def revive(runtime: Runtime, response_id: str, epoch: int, *, in_process: bool = False) -> ResponseRun | None:
+    """Give a response nobody produces (found by a reader at `epoch`) a new producer. With a worker launcher (AWS)
+    the worker Lambda takes it over (an asynchronous invoke: the generation is bound to no reader's invocation, the
+    reader follows the journal) and this returns None; a duplicate launch is fenced by the epoch, harmless. Without
+    one, with `in_process`, or when the launch fails (the response must not stay without a producer because Lambda
+    refused an invoke), this process takes it over: the run, or None if another reader got there first."""
+    launch = runtime.launch_background
+    if launch is not None and not in_process:
+        try:
+            await launch(response_id, epoch)
+        except Exception:  # any launch failure (throttled, denied, network): produce here instead
+            log.exception("worker launch failed; taking the response over in this process",
+                          extra={"response_id": response_id, "epoch": epoch})
+        else:
+            log.info("takeover handed to the worker", extra={"response_id": response_id, "epoch": epoch})
+            return None
+    return await take_over(runtime, response_id, epoch)
 
 
 def previous_attempts(header: ResponseHeader, events: list[Event], request: GenerationRequest,

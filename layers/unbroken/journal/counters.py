@@ -36,6 +36,8 @@ class CounterBatcher:
         self._pending: dict[str, dict[str, float]] = {}
         self._expires: dict[str, float] = {}
         self._lock = asyncio.Lock()
+        # Called with what each successful store call added (the reader folds it into its cache).
+        self._on_flushed: list[Callable[[Mapping[str, Mapping[str, float]]], None]] = []
         self.flushes = 0  # store calls made (one per flush with anything pending), for the benchmarks
 
     def add(self, key: str, deltas: Mapping[str, float], *, expires_at: float) -> None:
@@ -69,6 +71,8 @@ class CounterBatcher:
                 for expires_at, increments in groups.items():
                     await self.store.add_counters(increments, expires_at=expires_at)
                     self.flushes += 1
+                    for listener in self._on_flushed:
+                        listener(increments)
             except StoreError as exc:
                 for key, fields in batch.items():
                     self.add(key, fields, expires_at=expires[key])
@@ -92,6 +96,10 @@ class CounterReader:
         self._clock = clock
         self._cache: dict[str, tuple[float, dict[str, float] | None]] = {}
         self.reads = 0  # store calls made, for the benchmarks
+        if batcher is not None:
+            # What leaves `pending` at a flush is now in the store: add it to the cached value too, or the instance
+            # would lag behind itself until the cache entry expires.
+            batcher._on_flushed.append(self._absorb)
 
     async def read(self, keys: Sequence[str]) -> dict[str, dict[str, float]]:
         now = self._clock()
@@ -112,6 +120,16 @@ class CounterReader:
             if fields:
                 result[key] = fields
         return result
+
+    def _absorb(self, increments: Mapping[str, Mapping[str, float]]) -> None:
+        for key, deltas in increments.items():
+            cached = self._cache.get(key)
+            if cached is None:
+                continue
+            fields = dict(cached[1] or {})
+            for name, delta in deltas.items():
+                fields[name] = fields.get(name, 0.0) + delta
+            self._cache[key] = (cached[0], fields)
 
     def forget(self, key: str) -> None:
         """Drop a cached value (the next read asks the store)."""

@@ -23,6 +23,8 @@ _OPTION_KEYS = {
     "literal_continuation": "sim_literal_continuation",
     "reject_prefill": "sim_reject_prefill",
     "parallel_tools": "sim_parallel_tools",
+    "fail_rate": "sim_fail_rate",
+    "prompt_cache": "sim_prompt_cache",
 }
 
 

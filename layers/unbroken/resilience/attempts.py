@@ -27,17 +27,13 @@ from unbroken.config import Deployment, HedgeSettings, ServerSettings
 from unbroken.errors import Failure, invalid
 from unbroken.ir import (
     Delta,
-    FunctionCall,
-    FunctionCallOutput,
     GenerationRequest,
     ImagePart,
     Message,
-    Reasoning,
     ReasoningDelta,
     ReasoningSeal,
     RefusalDelta,
     TextDelta,
-    TextPart,
     ToolCallDelta,
     ToolCallStart,
     Usage,
@@ -46,13 +42,18 @@ from unbroken.protocol.responses import Event, ResponseEmitter
 from unbroken.providers.base import Provider, ProviderError
 from unbroken.resilience.continuation import OverlapFilter, attempt_request, continuation_base
 from unbroken.resilience.outcome import failure_for, judge
+from unbroken.routing.affinity import AffinityMemory
 from unbroken.routing.health import HealthBoard
+from unbroken.routing.policy import Ranking, WaitDecision
 from unbroken.routing.pool import ProviderPool
+from unbroken.routing.tokens import estimate_input_tokens, estimate_output_tokens
 
 log = logging.getLogger("unbroken.resilience")
 
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 8.0
+# Failures after which the policy may choose to wait for the same deployment (with a 429's Retry-After as well).
+TRANSIENT_5XX = frozenset({"server_error", "overloaded"})
 # An upstream whose data is already buffered never suspends the loop: without a turn now and then, the journal
 # would commit and the client be written to only at the end of a fast stream. After the first delta at once, then
 # at most this often.
@@ -78,6 +79,7 @@ class GenerationOptions:
     # A background response outlives one Lambda invocation: at the deadline it stops without a terminal event and
     # the next invocation takes it over (worker handoff) instead of ending it incomplete.
     hand_off_at_deadline: bool = False
+    explain: bool = False  # `router.routing`: how the deployments were ranked and why (X-Unbroken-Explain)
     # Spend (h-keys): called once per owner with this owner's attempts, settled (see `Generation._charge`).
     on_report: Callable[[Sequence[Attempt]], None] | None = None
 
@@ -102,49 +104,35 @@ class RunControl:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """Where a generation may go: the model's deployments in the policy's order and the adapters behind them."""
+    """Where a generation may go: the model's deployments in the policy's order and the adapters behind them.
+    `ranking` is how the policy ranked them (None: as given, moving on at once after a failure); `affinity`
+    remembers which deployment served a long prompt prefix."""
 
     model: str
     candidates: tuple[Deployment, ...]
     pool: ProviderPool
     health: HealthBoard
+    ranking: Ranking | None = None
+    affinity: AffinityMemory | None = None
 
     def provider(self, deployment: Deployment) -> Provider:
         return self.pool.get(self.model, deployment)
 
+    def served(self, deployment: Deployment, attempt: Attempt) -> None:
+        """The answer came from `deployment`: its next turn may find the prompt in that deployment's cache."""
+        ranking = self.ranking
+        if self.affinity is None or ranking is None or ranking.profile.prefix_key is None:
+            return
+        if ranking.routing.cache_affinity:
+            self.affinity.remember(ranking.profile.prefix_key, deployment.name,
+                                   attempt.usage.input_tokens or ranking.profile.input_tokens,
+                                   ranking.routing.affinity_ttl_s)
+
 
 # -- accounting -------------------------------------------------------------------------------------------------
 # An upstream reports usage at the end of its stream, so an attempt that was cut (or taken over) never hears it.
-# What it sent and streamed is then estimated (README "Usage and cost"): about 4 characters a token, the rule of
-# thumb OpenAI documents for English text, plus the chat framing (3 tokens a request, 4 a message). Images and
-# encrypted reasoning are not estimated. Such an attempt says `usage_estimated: true`.
-CHARS_PER_TOKEN = 4
-REQUEST_FRAMING_TOKENS = 3
-MESSAGE_FRAMING_TOKENS = 4
-
-
-def estimate_output_tokens(chars: int) -> int:
-    """Tokens of `chars` characters of streamed output (rounded up: any output is at least one token)."""
-    return -(-chars // CHARS_PER_TOKEN)
-
-
-def estimate_input_tokens(request: GenerationRequest) -> int:
-    """Tokens of what a request sends: its instructions, items, tool definitions and continuation."""
-    texts: list[int] = [len(request.instructions)] if request.instructions else []
-    for item in request.items:
-        if isinstance(item, Message):
-            texts.append(sum(len(p.text) for p in item.content if isinstance(p, TextPart)))
-        elif isinstance(item, FunctionCall):
-            texts.append(len(item.name) + len(item.arguments))
-        elif isinstance(item, FunctionCallOutput):
-            texts.append(len(item.output))
-        elif isinstance(item, Reasoning):
-            texts.append(len(item.text) + sum(len(s) for s in item.summary))
-    if request.continuation is not None:
-        texts.append(len(request.continuation.text))
-    tools = sum(len(t.name) + len(t.description or "") + len(repr(t.parameters or {})) for t in request.tools)
-    return (REQUEST_FRAMING_TOKENS + sum(MESSAGE_FRAMING_TOKENS + n // CHARS_PER_TOKEN for n in texts)
-            + tools // CHARS_PER_TOKEN)
+# What it sent and streamed is then estimated (`routing/tokens.py`, README "Usage and cost"). Such an attempt says
+# `usage_estimated: true`.
 
 
 def delta_chars(delta: Delta) -> int:
@@ -168,6 +156,7 @@ class Attempt:
     usage: Usage = field(default_factory=Usage)  # reported by the upstream, then completed by `settle`
     cost: float = 0.0
     ttft: float | None = None
+    first_token_at: float | None = None  # time.monotonic() of the first token (the live tokens/s start there)
     output_chars: int = 0  # characters of output streamed (before the seam strips a repeated overlap)
     usage_estimated: bool = False
 
@@ -226,6 +215,8 @@ class _Rounds:
     tries: dict[str, int] = field(default_factory=dict)
     retry_after_hint: float = 0.0
     rounds: int = 0
+    # The policy chose to wait for a failed deployment rather than move on: it is retried after this many seconds.
+    waiting: tuple[Deployment, float] | None = None
 
     def usable(self) -> list[Deployment]:
         return [d for d in self.candidates if d.name not in self.excluded]
@@ -247,9 +238,16 @@ class _Rounds:
         self.tried_this_round.add(deployment.name)
 
     def exclude_smaller_windows(self, deployment: Deployment) -> None:
-        # Never resend unchanged to a window that is not larger.
-        window = deployment.options.context_window
-        self.excluded.update(d.name for d in self.candidates if d.options.context_window <= window)
+        """After a context-length error: never resend unchanged to a window that is not larger. Deployments whose
+        window is unknown stay (they may be larger); the failed one leaves."""
+        self.excluded.add(deployment.name)
+        window = deployment.window
+        if window is not None:
+            self.excluded.update(d.name for d in self.candidates if d.window is not None and d.window <= window)
+
+    def next_after(self, deployment: Deployment) -> Deployment | None:
+        """The deployment the loop would move on to now (the next ranked one not yet tried this round)."""
+        return next((d for d in self.fresh() if d.name != deployment.name), None)
 
 
 class _Cancelled(Exception):
@@ -285,6 +283,7 @@ class Generation:
         self._ttft: float | None = None  # seconds from run() to this owner's first output
         self._done_at: float | None = None
         self._hedge_counted = False  # this request counts in its model's hedge budget
+        self.decisions: list[dict[str, Any]] = []  # wait-or-move decisions, for the explanation
         self._charged = False  # this owner's attempts went to `options.on_report`
 
     # -- public --------------------------------------------------------------------------------------------------
@@ -302,6 +301,9 @@ class Generation:
             self._report()
 
     async def _run(self) -> AsyncIterator[Event]:
+        ranking = self.route.ranking
+        if ranking is not None and ranking.refusal is not None:
+            raise NoOutput(ranking.refusal)  # the constraints left no deployment for this request
         if _has_image_urls(self.request):
             # Some providers need image bytes and the router never fetches URLs: only deployments that take URLs.
             self._candidates = tuple(d for d in self._candidates if self.route.provider(d).capabilities.image_urls)
@@ -381,6 +383,7 @@ class Generation:
                         rounds.excluded.add(deployment.name)  # its hint is not ours to wait for
                     else:
                         rounds.retry_after_hint = max(rounds.retry_after_hint, err.retry_after)
+                self._wait_or_move(rounds, deployment, err)
                 # A held call cut in half was never shown: forget it whatever else happened.
                 for ev in self.emitter.drop_open_tool_call():
                     yield ev
@@ -391,7 +394,12 @@ class Generation:
                     self._resumed_from = deployment.name
                 continue
             attempt.outcome = "ok"
-            self.route.health.record_success(self.route.model, deployment.name, attempt.ttft)
+            usage = attempt.usage
+            self.route.health.record_success(
+                self.route.model, deployment.name, attempt.ttft, output_tokens=usage.output_tokens,
+                output_seconds=None if attempt.first_token_at is None else time.monotonic() - attempt.first_token_at,
+                input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens)
+            self.route.served(deployment, attempt)
             break
         # The last attempt finished, or what was cut is complete as it stands (finished tool calls).
         async for ev in self._finish_ok():
@@ -400,8 +408,16 @@ class Generation:
     # -- choosing the next attempt -------------------------------------------------------------------------------
 
     async def _next(self, rounds: _Rounds) -> Deployment | None:
-        """The deployment to try next, after a round's backoff if every usable one has failed in this round; None
-        when nothing is left to try within the request's bounds."""
+        """The deployment to try next: the one the policy chose to wait for (after its wait), else the next fresh
+        one, after a round's backoff if every usable one has failed in this round; None when nothing is left to
+        try within the request's bounds."""
+        if rounds.waiting is not None:
+            deployment, delay = rounds.waiting
+            rounds.waiting = None
+            if (deployment.name not in rounds.excluded and len(self.attempts) < self.settings.max_attempts
+                    and delay < self._remaining()):
+                await asyncio.sleep(delay)
+                return deployment
         usable = rounds.usable()
         fresh = rounds.fresh()
         if usable and not fresh:
@@ -415,6 +431,39 @@ class Generation:
             return None
         return fresh[0]
 
+    def _wait_or_move(self, rounds: _Rounds, deployment: Deployment, err: ProviderError) -> None:
+        """A 429 with a Retry-After, or a transient 5xx, on a deployment that may be tried again: the policy says
+        whether to retry it after its hint (the Retry-After, else the first backoff) or move on to the next ranked
+        one at once. Without a ranking, or with nothing else to move to, the rounds decide as before."""
+        ranking = self.route.ranking
+        if ranking is None or deployment.name in rounds.excluded:
+            return
+        if err.kind == "rate_limited" and err.retry_after is not None:
+            hint = err.retry_after
+        elif err.kind in TRANSIENT_5XX:
+            hint = err.retry_after if err.retry_after is not None else BACKOFF_BASE
+        else:
+            return
+        alternative = rounds.next_after(deployment)
+        if alternative is None:
+            return
+        decision = ranking.wait_or_move(deployment, hint, alternative)
+        if decision.wait and hint >= self._remaining():
+            decision = WaitDecision(False, f"{decision.reason}, but the request has no time left for it")
+        self.decisions.append({"after": err.kind, "deployment": deployment.name, "wait_s": round(hint, 3),
+                               "action": "wait" if decision.wait else "move",
+                               "next": deployment.name if decision.wait else alternative.name,
+                               "reason": decision.reason})
+        log.info("wait or move", extra={"response_id": self.emitter.response["id"], "model": self.route.model,
+                                        **self.decisions[-1]})
+        if decision.wait:
+            rounds.waiting = (deployment, hint)
+
+    @property
+    def current_deployment(self) -> str | None:
+        """The deployment of the attempt running (or the last one): the `X-Unbroken-Deployment` of a stream."""
+        return self.attempts[-1].deployment if self.attempts else None
+
     def _remaining(self) -> float:
         return min(self.settings.max_total_seconds - (time.monotonic() - self._t0),
                    self.control.deadline - time.time())
@@ -425,7 +474,7 @@ class Generation:
     def _record_failure(self, deployment: Deployment, attempt: Attempt, err: ProviderError) -> None:
         attempt.outcome = err.kind
         self.error = err
-        self.route.health.record_failure(self.route.model, deployment.name)
+        self.route.health.record_failure(self.route.model, deployment.name, err.kind)
         log.warning("attempt failed", extra={"response_id": self.emitter.response["id"], "model": self.route.model,
                                              "deployment": deployment.name, "attempt": len(self.attempts),
                                              "kind": err.kind, "status": err.status, "mid_stream": err.mid_stream,
@@ -638,6 +687,7 @@ class Generation:
                     first = False
                     now = time.monotonic()
                     attempt.ttft = now - started_at
+                    attempt.first_token_at = now
                     if self._ttft is None:
                         self._ttft = now - self._t0
                     if self._resumed_from is not None:
@@ -737,13 +787,16 @@ class Generation:
         owner estimates only what was streamed after it."""
         attempts = [*self.emitter.previous_attempts, *(a.as_dict() for a in self.attempts)]
         served = next((a["deployment"] for a in reversed(attempts) if a["outcome"] == "ok"), None)
-        return {
+        out = {
             "served_by": served or (attempts[-1]["deployment"] if attempts else None),
             "cost_usd": round(sum(a["cost_usd"] for a in attempts), 8),
             "usage_estimated": any(a["usage_estimated"] for a in attempts),
             "attempts": attempts,
             "journaled_through": self.emitter.seq - 1,
         }
+        if self.options.explain and self.route.ranking is not None:
+            out["routing"] = {**self.route.ranking.explain(), "decisions": list(self.decisions)}
+        return out
 
     def total_usage(self) -> Usage:
         total = Usage()
@@ -798,7 +851,9 @@ class Generation:
             "input_tokens": sum(a.usage.input_tokens for a in attempts), "output_tokens": output_tokens,
             "output_tokens_per_s": tps, "cost_usd": round(cost, 8), "failovers": failovers,
             "continuations": continuations, "hedges": hedges, "taken_over": self._taken_over,
-            "usage_estimated": any(a.usage_estimated for a in attempts)})
+            "usage_estimated": any(a.usage_estimated for a in attempts),
+            "routing": None if self.route.ranking is None else {**self.route.ranking.summary(),
+                                                                "decisions": self.decisions}})
         logs.emit_metrics({"model": self.route.model, "deployment": served or "none"}, {
             "Requests": 0 if self._taken_over else 1, "TimeToFirstToken": ttft_ms, "OutputTokensPerSecond": tps,
             "InputTokens": sum(a.usage.input_tokens for a in attempts), "OutputTokens": output_tokens,

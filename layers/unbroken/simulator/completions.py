@@ -52,8 +52,10 @@ def validate_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-async def answer(ex: Exchange, body: dict[str, Any], controls: Controls, fault: Fault | None, hold: Hold) -> None:
-    """Answer a validated request body. `hold` waits until the server closes (stall and timeout faults)."""
+async def answer(ex: Exchange, body: dict[str, Any], controls: Controls, fault: Fault | None, hold: Hold,
+                 cached_tokens: int = 0) -> None:
+    """Answer a validated request body. `hold` waits until the server closes (stall and timeout faults);
+    `cached_tokens` is what the usage reports as read from the prompt cache."""
     model = body["model"]
     if fault is not None:
         if fault.kind == "http":
@@ -70,13 +72,13 @@ async def answer(ex: Exchange, body: dict[str, Any], controls: Controls, fault: 
             raise ConnectionAborted
     plan = plan_answer(body, controls)
     if body.get("stream") is True:
-        await _stream(ex, body, plan, controls, fault, hold)
+        await _stream(ex, body, plan, controls, fault, hold, cached_tokens)
     else:
-        await _complete(ex, body, plan, controls, fault, hold)
+        await _complete(ex, body, plan, controls, fault, hold, cached_tokens)
 
 
 async def _stream(ex: Exchange, body: dict[str, Any], plan: Plan, controls: Controls, fault: Fault | None,
-                  hold: Hold) -> None:
+                  hold: Hold, cached_tokens: int) -> None:
     loop = asyncio.get_running_loop()
     include_usage = isinstance(body.get("stream_options"), dict) and bool(
         body["stream_options"].get("include_usage"))
@@ -147,7 +149,7 @@ async def _stream(ex: Exchange, body: dict[str, Any], plan: Plan, controls: Cont
 
     await ex.data(frame("{}", finish))
     if include_usage:
-        usage = json.dumps(_usage(plan.prompt_tokens, sent), separators=(",", ":"))
+        usage = json.dumps(_usage(plan.prompt_tokens, sent, cached_tokens), separators=(",", ":"))
         envelope = head[: head.index(',"choices"')]
         await ex.data(f'data: {envelope},"choices":[],"usage":{usage}}}\n\n'.encode())
     if fault is None or fault.kind != "no_done":
@@ -155,7 +157,7 @@ async def _stream(ex: Exchange, body: dict[str, Any], plan: Plan, controls: Cont
     await ex.end()
 
 async def _complete(ex: Exchange, body: dict[str, Any], plan: Plan, controls: Controls, fault: Fault | None,
-                    hold: Hold) -> None:
+                    hold: Hold, cached_tokens: int) -> None:
     pieces = plan.pieces
     finish = plan.finish_reason
     if fault is not None:
@@ -198,7 +200,7 @@ async def _complete(ex: Exchange, body: dict[str, Any], plan: Plan, controls: Co
         "model": body["model"],
         "system_fingerprint": "fp_simulated",
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-        "usage": _usage(plan.prompt_tokens, completion_tokens),
+        "usage": _usage(plan.prompt_tokens, completion_tokens, cached_tokens),
     })
 
 
@@ -216,11 +218,11 @@ def _sse_chunk_encoder(
     return head, mid, tail
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens)},
         "completion_tokens_details": {"reasoning_tokens": 0},
     }

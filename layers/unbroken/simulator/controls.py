@@ -51,6 +51,10 @@ class Controls:
     request_key: str | None = None
     faults: tuple[Fault, ...] = ()
     fault_attempts: int = 1
+    # A share of requests (drawn from the upstream's seeded generator) refused with 503 before any content.
+    fail_rate: float = 0.0
+    # Report `cached_tokens` for the longest conversation prefix this upstream has seen before (a prompt cache).
+    prompt_cache: bool = False
 
     @classmethod
     def from_metadata(cls, metadata: Any) -> Controls:
@@ -70,4 +74,6 @@ class Controls:
             request_key=str(meta["sim_request"]) if meta.get("sim_request") else None,
             faults=faults,
             fault_attempts=int(_meta_number(meta, "sim_fault_attempts", 1, 0, 1_000_000)),
+            fail_rate=_meta_number(meta, "sim_fail_rate", 0.0, 0.0, 1.0),
+            prompt_cache=_meta_bool(meta, "sim_prompt_cache", False),
         )

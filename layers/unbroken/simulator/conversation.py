@@ -68,3 +68,15 @@ def count_prompt_tokens(body: dict[str, Any]) -> int:
     if body.get("tools"):
         total += len(json.dumps(body["tools"])) // 4
     return total
+
+
+def prefix_keys(messages: Sequence[Any]) -> list[tuple[str, int]]:
+    """(digest, prompt tokens) of every leading run of whole messages, shortest first: what a prompt cache keys on."""
+    keys: list[tuple[str, int]] = []
+    digest = hashlib.sha256()
+    tokens = 3
+    for m in messages:
+        digest.update(json.dumps([role_of(m), text_of(m)], ensure_ascii=False).encode())
+        tokens += 4 + len(text_of(m)) // 4
+        keys.append((digest.copy().hexdigest()[:32], tokens))
+    return keys

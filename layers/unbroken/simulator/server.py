@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 import socket
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +18,10 @@ import h11
 
 from unbroken.simulator.completions import answer, validate_body
 from unbroken.simulator.controls import HOLD_LIMIT_SECONDS, Controls
+from unbroken.simulator.conversation import prefix_keys
 from unbroken.simulator.errors import ApiError
 from unbroken.simulator.exchange import ConnectionAborted, Exchange
-from unbroken.simulator.faults import AttemptLog
+from unbroken.simulator.faults import AttemptLog, Fault
 from unbroken.simulator.thread import SimulatedUpstreamThread
 
 log = logging.getLogger("unbroken.simulated")
@@ -27,6 +29,7 @@ log = logging.getLogger("unbroken.simulated")
 # How long an idle keep-alive connection waits for its next request (httpx's own pool expiry is shorter).
 KEEPALIVE_IDLE_SECONDS = 120.0
 MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_CACHED_PREFIXES = 10_000
 
 
 class SimulatedUpstream:
@@ -40,6 +43,10 @@ class SimulatedUpstream:
         self.port = port
         self.models = tuple(models)
         self.received: deque[dict[str, Any]] = deque(maxlen=256)
+        # Controls applied over every request's `sim_*` metadata (a benchmark degrades a running upstream with it).
+        self.overrides: dict[str, str] = {}
+        self._rng = random.Random(0)  # draws for `sim_fail_rate`: the same sequence every run
+        self._prompt_cache: OrderedDict[str, None] = OrderedDict()  # prefix digests seen (`sim_prompt_cache`)
         self.connections_accepted = 0
         self._attempts = AttemptLog()
         self._server: asyncio.Server | None = None
@@ -264,6 +271,27 @@ class SimulatedUpstream:
     async def _chat(self, ex: Exchange, raw: bytes) -> None:
         body = validate_body(raw)
         self.received.append(body)
-        controls = Controls.from_metadata(body.get("metadata"))
+        metadata = body.get("metadata")
+        if self.overrides:
+            metadata = {**(metadata if isinstance(metadata, dict) else {}), **self.overrides}
+        controls = Controls.from_metadata(metadata)
         fault = self._attempts.fault_for(controls.faults, controls.fault_attempts, controls.request_key)
-        await answer(ex, body, controls, fault, self._hold)
+        if fault is None and controls.fail_rate and self._rng.random() < controls.fail_rate:
+            fault = Fault("http", status=503)
+        cached = self._cached_tokens(body["messages"]) if controls.prompt_cache else 0
+        await answer(ex, body, controls, fault, self._hold, cached)
+
+    def _cached_tokens(self, messages: list[Any]) -> int:
+        """Prompt tokens of the longest prefix seen before (the whole prompt minus its last message at most);
+        then remember every prefix of this prompt (bounded, least recently used first out)."""
+        keys = prefix_keys(messages)
+        cached = 0
+        for digest, tokens in keys[:-1]:
+            if digest in self._prompt_cache:
+                cached = tokens
+                self._prompt_cache.move_to_end(digest)
+        for digest, _ in keys:
+            self._prompt_cache[digest] = None
+        while len(self._prompt_cache) > MAX_CACHED_PREFIXES:
+            self._prompt_cache.popitem(last=False)
+        return cached
