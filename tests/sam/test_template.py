@@ -194,12 +194,10 @@ def test_worker_is_async_without_lambda_retries() -> None:
     assert 60 <= props["MaximumEventAgeInSeconds"] <= 21600
 
 
-def _admin_operation(cfn: dict[str, Any]) -> dict[str, Any]:
+def _admin_operations(cfn: dict[str, Any]) -> dict[str, dict[str, Any]]:
     (api,) = resources_of_type(cfn, "AWS::ApiGateway::RestApi").values()
-    paths = api["Properties"]["Body"]["paths"]
-    assert set(paths["/admin/{proxy+}"]) == {"x-amazon-apigateway-any-method"}
-    operation: dict[str, Any] = paths["/admin/{proxy+}"]["x-amazon-apigateway-any-method"]
-    return operation
+    operations: dict[str, dict[str, Any]] = api["Properties"]["Body"]["paths"]["/admin/{proxy+}"]
+    return operations
 
 
 def test_the_admin_api_is_a_buffered_function_behind_an_iam_authorised_route() -> None:
@@ -210,16 +208,20 @@ def test_the_admin_api_is_a_buffered_function_behind_an_iam_authorised_route() -
     assert fn["Handler"] == "handler.handler" and fn["Runtime"] == "python3.13"
     assert "AWS_LAMBDA_EXEC_WRAPPER" not in fn["Environment"]["Variables"]  # Mangum, not the Web Adapter
     assert fn["Environment"]["Variables"]["UNBROKEN_SECRETS"] == ""  # no provider keys loaded
-    operation = _admin_operation(cfn)
-    # IAM-authorised: API Gateway verifies the SigV4 signature (execute-api:Invoke) before the function runs.
-    assert operation["security"] == [{"AWS_IAM": []}]
+    operations = _admin_operations(cfn)
+    assert set(operations) == {"get", "post", "patch"}  # every method the admin API serves
     (api,) = resources_of_type(cfn, "AWS::ApiGateway::RestApi").values()
+    # The scheme the routes name is defined (SigV4), whatever the Cognito parameter makes of the rest.
     scheme = api["Properties"]["Body"]["components"]["securitySchemes"]["AWS_IAM"]
-    assert scheme["x-amazon-apigateway-authtype"] == "awsSigv4"
-    # Buffered, not a streaming route, and invoked under the function's resource policy (not caller credentials).
-    integ = operation["x-amazon-apigateway-integration"]
-    assert integ["type"] == "aws_proxy" and "responseTransferMode" not in integ and "credentials" not in integ
-    assert _uri(integ).endswith("/2015-03-31/functions/${AdminFunction.Arn}/invocations")
+    assert scheme == {"type": "apiKey", "name": "Authorization", "in": "header",
+                      "x-amazon-apigateway-authtype": "awsSigv4"}
+    for operation in operations.values():
+        # IAM-authorised: API Gateway verifies the SigV4 signature (execute-api:Invoke) before the function runs.
+        assert operation["security"] == [{"AWS_IAM": []}]
+        # Buffered, not a streaming route, invoked under the function's resource policy (not caller credentials).
+        integ = operation["x-amazon-apigateway-integration"]
+        assert integ["type"] == "aws_proxy" and "responseTransferMode" not in integ and "credentials" not in integ
+        assert _uri(integ).endswith("/2015-03-31/functions/${AdminFunction.Arn}/invocations")
     # No other route reaches the admin function, and the admin route reaches nothing else.
     for path, _, other in api_integrations(cfn):
         assert ("AdminFunction" in _uri(other)) == path.startswith("/admin/"), path
