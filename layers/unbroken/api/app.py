@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from unbroken.api import admin, chat, compact, demo, models, operator, responses
 from unbroken.api.edge import Edge
 from unbroken.api.errors import error_response
+from unbroken.api.flush import FlushBeforeLastByte
 from unbroken.api.guard import Guard
 from unbroken.config import Config
 from unbroken.durable.runtime import BackgroundLauncher, Runtime
@@ -81,6 +82,9 @@ def create_app(config: Config, store: Store | None = None, *, launch_background:
         return {"status": "ok"}
 
     app.add_middleware(Guard, max_body_bytes=config.server.max_body_bytes)
+    if lambda_env and runtime.counters is not None:
+        # Around the guard: whoever answered, the last byte waits for the counters to reach the store.
+        app.add_middleware(FlushBeforeLastByte, counters=runtime.counters)
     # Outside the guard, so that its 413 and 500 answers carry the request id and CORS headers too.
     app.add_middleware(Edge, cors=config.server.cors, lambda_env=app.state.lambda_env, access_log=access_log)
     return app
