@@ -8,10 +8,11 @@ multi-turn conversations over a long per-conversation system prompt (chained wit
 a function tool (the next turn sends its output), short and long answers. Reported per policy: cost per 1M tokens
 (from each response's `router.cost_usd` and `usage`), p50 / p95 time to first token as the client saw it, success
 rate, how many requests after the slow-down still went first to the degraded deployment before the policy moved off
-it, what cache affinity saved (the `cheapest` policy with and without it) and what hedging cost (`fastest` with
+it, what cache affinity saved (`balanced` with and without it; `cheapest` sends a conversation to one deployment
+anyway) and what hedging cost (`fastest` with
 hedging on: the losing attempts' cost as a share of the total).
 
-Run: `python -m benchmarks.routing [--conversations 36] [--concurrency 6] [--out docs/bench]` writes
+Run: `python -m benchmarks.routing [--conversations 60] [--concurrency 6] [--repeats 3] [--out docs/bench]` writes
 `routing.json`, `routing.md`, `routing.png` (with matplotlib) and the README block between
 `<!-- bench-routing:start -->` and `<!-- bench-routing:end -->`.
 """
@@ -71,11 +72,14 @@ RUNS = (
     ("always-primary", "ordered", "plain"),
     ("round-robin", "weighted", "plain"),
     ("cheapest", "cheapest", "plain"),
-    ("cheapest, no affinity", "cheapest", "no_affinity"),
     ("fastest", "fastest", "plain"),
     ("fastest + hedging", "fastest", "hedge"),
     ("balanced", "balanced", "plain"),
+    ("balanced, no affinity", "balanced", "no_affinity"),
 )
+# The replay compresses minutes of traffic into seconds, so the live stats' clock is compressed too: windows of 1 s
+# and a half-life of 3 s (defaults 10 s and 30 s) let recent traffic weigh as it would over a real half-minute.
+HEALTH = {"window_seconds": 1, "half_life_seconds": 3, "refresh_seconds": 0.25}
 
 
 def router_config(variant: str, upstreams: dict[str, str]) -> str:
@@ -84,6 +88,7 @@ def router_config(variant: str, upstreams: dict[str, str]) -> str:
         "api_keys:",
         f"  - {{key: {KEY}, tenant: bench}}",
         "server:",
+        "  health: {" + ", ".join(f"{k}: {v}" for k, v in HEALTH.items()) + "}",
         "  hedge:",
         f"    enabled: {'true' if variant == 'hedge' else 'false'}",
         "models:",
@@ -288,34 +293,59 @@ def summarize(run: Run) -> dict[str, Any]:
     }
 
 
-def run_all(conversations: int, concurrency: int) -> dict[str, Any]:
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over repeated runs (the served shares too); `runs` keeps every repeat's figures."""
+    out: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            out[key] = {k: round(statistics.median(r[key][k] for r in runs), 3) for k in value}
+        elif isinstance(value, int | float) and value is not None:
+            values = [r[key] for r in runs if r[key] is not None]
+            out[key] = round(statistics.median(values), 4) if values else None
+        else:
+            out[key] = value
+    out["repeats"] = [{k: r[k] for k in ("cost_per_1m_tokens_usd", "ttft_ms_p50", "ttft_ms_p95",
+                                         "degraded_first_after_slowdown", "cost_usd")} for r in runs]
+    return out
+
+
+def run_once(label: str, policy: str, variant: str, mix: list[Conversation], concurrency: int,
+             tmp: Path) -> dict[str, Any]:
+    threads = {d.name: SimulatedUpstreamThread(SimulatedUpstream()) for d in DEPLOYMENTS}
+    urls = {name: t.upstream.base_url for name, t in threads.items()}
+    config = tmp / f"{label.replace(' ', '_').replace(',', '').replace('+', 'and')}.yaml"
+    config.write_text(router_config(variant, urls))
+    server = Server(f"routing-{policy}", [sys.executable, "-m", "unbroken.cli", "serve", "--config", str(config),
+                                          "--port", "0", "--store", "memory://", "--log-level", "WARNING"], cwd=ROOT)
+    try:
+        ready = server.wait_line("unbroken ready on", 60)
+        base = ready.split()[3].removesuffix("/v1")
+        return summarize(asyncio.run(replay(base, policy, mix, concurrency, threads[DEGRADED].upstream)))
+    finally:
+        server.stop()
+        for t in threads.values():
+            t.stop()
+
+
+def run_all(conversations: int, concurrency: int, repeats: int) -> dict[str, Any]:
     mix = traffic(conversations)
-    results: dict[str, Any] = {"conversations": conversations, "concurrency": concurrency,
+    results: dict[str, Any] = {"conversations": conversations, "concurrency": concurrency, "repeats": repeats,
                                "requests": sum(len(c.turns) for c in mix),
                                "deployments": [d.__dict__ for d in DEPLOYMENTS],
-                               "degraded": DEGRADED, "degraded_ttft_ms": DEGRADED_TTFT_MS, "runs": {}}
+                               "degraded": DEGRADED, "degraded_ttft_ms": DEGRADED_TTFT_MS, "health": HEALTH,
+                               "runs": {}}
+    each: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in RUNS}
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp:
-        for label, policy, variant in RUNS:
-            threads = {d.name: SimulatedUpstreamThread(SimulatedUpstream()) for d in DEPLOYMENTS}
-            urls = {name: t.upstream.base_url for name, t in threads.items()}
-            config = Path(tmp) / f"{label.replace(' ', '_').replace(',', '')}.yaml"
-            config.write_text(router_config(variant, urls))
-            server = Server(f"routing-{policy}", [sys.executable, "-m", "unbroken.cli", "serve", "--config",
-                                                  str(config), "--port", "0", "--store", "memory://",
-                                                  "--log-level", "WARNING"], cwd=ROOT)
-            try:
-                ready = server.wait_line("unbroken ready on", 60)
-                base = ready.split()[3].removesuffix("/v1")
-                run = asyncio.run(replay(base, policy, mix, concurrency, threads[DEGRADED].upstream))
-                results["runs"][label] = summarize(run)
-                print(f"{label:24s} {json.dumps(results['runs'][label])}", file=sys.stderr, flush=True)
-            finally:
-                server.stop()
-                for t in threads.values():
-                    t.stop()
-    base = results["runs"]["cheapest, no affinity"]["cost_usd"]
-    with_affinity = results["runs"]["cheapest"]["cost_usd"]
-    results["cache_affinity_saving_share"] = round(1 - with_affinity / base, 4) if base else None
+        for _ in range(repeats):  # interleaved, so that a busy spell of the machine does not hit one policy only
+            for label, policy, variant in RUNS:
+                each[label].append(run_once(label, policy, variant, mix, concurrency, Path(tmp)))
+                print(f"{label:24s} {json.dumps(each[label][-1])}", file=sys.stderr, flush=True)
+    for label, runs in each.items():
+        results["runs"][label] = _median_of(runs)
+    base = [r["cost_usd"] for r in each["balanced, no affinity"]]
+    with_affinity = [r["cost_usd"] for r in each["balanced"]]
+    results["cache_affinity_saving_share"] = round(1 - statistics.median(with_affinity) / statistics.median(base),
+                                                   4) if base else None
     return results
 
 
@@ -337,10 +367,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['hedge_cost_share'] * 100:.1f}% |")
     saving = results.get("cache_affinity_saving_share")
     rows.append("")
-    rows.append(f"{results['requests']} requests ({results['conversations']} conversations, "
-                f"{results['concurrency']} at a time) per run; `{results['degraded']}` slows to "
-                f"{results['degraded_ttft_ms']} ms TTFT half-way. Cache affinity saved "
-                f"{cell(None if saving is None else saving * 100, '{:.1f}')}% of `cheapest`'s cost.")
+    pct = cell(None if saving is None else saving * 100, "{:.1f}")
+    rows.append(f"Medians of {results['repeats']} runs of {results['requests']} requests "
+                f"({results['conversations']} conversations, {results['concurrency']} at a time); "
+                f"`{results['degraded']}` slows to {results['degraded_ttft_ms']} ms TTFT half-way. "
+                f"Cache affinity saved {pct}% of `balanced`'s cost. Stats clock compressed: "
+                f"windows of {HEALTH['window_seconds']} s, half-life {HEALTH['half_life_seconds']} s.")
     return "\n".join(rows) + "\n"
 
 
@@ -381,11 +413,12 @@ def write_readme_block(table: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--conversations", type=int, default=36)
+    parser.add_argument("--conversations", type=int, default=60)
     parser.add_argument("--concurrency", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per policy; the figures are their medians")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench")
     args = parser.parse_args(argv)
-    results = run_all(args.conversations, args.concurrency)
+    results = run_all(args.conversations, args.concurrency, args.repeats)
     results["machine"] = f"{os.cpu_count()} cores"
     results["command"] = "make bench-routing"
     args.out.mkdir(parents=True, exist_ok=True)
