@@ -91,3 +91,31 @@ def test_errors_are_spec_error_objects(admin: types.ModuleType) -> None:
 def test_the_handler_is_thin() -> None:
     code = [ln for ln in HANDLER.read_text(encoding="utf-8").splitlines() if ln.strip()]
     assert len(code) <= 20
+
+
+def test_the_health_route_reads_the_figures_other_instances_shared(admin: types.ModuleType, tmp_path: Path) -> None:
+    """The admin function routes nothing and runs no refresh loop (Mangum, lifespan off): its health answer reads
+    what a gateway instance wrote to the shared store."""
+    import asyncio
+
+    from unbroken.journal.counters import CounterBatcher, CounterReader
+    from unbroken.journal.sqlite import SQLiteStore
+    from unbroken.routing.health import HealthBoard
+
+    async def gateway_traffic() -> None:
+        store = SQLiteStore(tmp_path / "admin.db")
+        counters = CounterBatcher(store)
+        board = HealthBoard()
+        board.share(store, counters, CounterReader(store, counters))
+        for _ in range(6):
+            board.record_success("demo", "sim", 0.2, output_tokens=20, output_seconds=0.1, input_tokens=50)
+        await counters.flush()
+        await store.close()
+
+    asyncio.run(gateway_traffic())
+    got = admin.handler(_event("GET", "/admin/v1/health"), _Context())
+    assert got["statusCode"] == 200, got
+    body = json.loads(got["body"])
+    sim = body["models"][0]["deployments"][0]
+    assert body["shared"] is True and body["updated_at"] is not None
+    assert sim["samples"] > 5 and sim["ttft_p50_ms"] is not None

@@ -283,6 +283,22 @@ class HealthBoard:
             return
         self.refreshed_at = now
 
+    async def observe(self, deployments: Iterable[tuple[str, str]]) -> None:
+        """For a process that routes nothing and runs no refresh loop (the admin function behind Mangum): read every
+        instance's windows and circuit records for these (model, deployment) pairs now, and write nothing: no
+        circuit change, no probe claim."""
+        if self._store is None or self._reader is None:
+            return
+        now = self._now()
+        entries = [self.of(model, deployment) for model, deployment in deployments]
+        try:
+            await self._read_windows(entries, now)
+            await self._read_circuits()
+        except StoreError as exc:
+            log.warning("health read failed", extra={"error": str(exc)})
+            return
+        self._read_at = self.refreshed_at = now
+
     async def _read_windows(self, entries: list[DeploymentHealth], now: float) -> None:
         assert self._reader is not None
         width = self.settings.window_seconds
