@@ -7,10 +7,9 @@ deployment, so each has its own prompt cache and can be degraded alone), and the
 multi-turn conversations over a long per-conversation system prompt (chained with `previous_response_id`), some with
 a function tool (the next turn sends its output), short and long answers. Reported per policy: cost per 1M tokens
 (from each response's `router.cost_usd` and `usage`), p50 / p95 time to first token as the client saw it, success
-rate, how many requests after the slow-down still went first to the degraded deployment before the policy moved off
-it, what cache affinity saved (`balanced` with and without it; `cheapest` sends a conversation to one deployment
-anyway) and what hedging cost (`fastest` with
-hedging on: the losing attempts' cost as a share of the total).
+rate, how many requests after the slow-down passed until the last one that went first to the degraded deployment,
+what cache affinity saved (`balanced` with and without it; `cheapest` sends a conversation to one deployment
+anyway) and what hedging cost (`fastest` with hedging on: the losing attempts' cost as a share of the total).
 
 Run: `python -m benchmarks.routing [--conversations 60] [--concurrency 6] [--repeats 3] [--out docs/bench]` writes
 `routing.json`, `routing.md`, `routing.png` (with matplotlib) and the README block between
@@ -270,11 +269,10 @@ def summarize(run: Run) -> dict[str, Any]:
     cost = sum(o.cost_usd for o in outs)
     tokens = sum(o.tokens for o in outs)
     after = [o for o in outs if o.index >= run.degrade_at]
-    stayed = 0
-    for o in after:  # requests after the slow-down that still went first to the degraded deployment, until one didn't
-        if o.first_deployment != DEGRADED:
-            break
-        stayed += 1
+    # Requests after the slow-down until the last one that still went first to the degraded deployment: how long
+    # the policy took to move off it for good.
+    firsts = [i for i, o in enumerate(after) if o.first_deployment == DEGRADED]
+    moved_off_after = firsts[-1] + 1 if firsts else 0
     share = {d.name: sum(1 for o in ok if o.served_by == d.name) / max(1, len(ok)) for d in DEPLOYMENTS}
     return {
         "requests": len(outs),
@@ -284,7 +282,7 @@ def summarize(run: Run) -> dict[str, Any]:
         "tokens": tokens,
         "ttft_ms_p50": None if not ttfts else round(statistics.median(ttfts), 1),
         "ttft_ms_p95": None if not ttfts else round(_quantile(ttfts, 0.95) or 0, 1),
-        "degraded_first_after_slowdown": stayed,
+        "moved_off_degraded_after": moved_off_after,
         "degraded_share_after_slowdown": round(
             sum(1 for o in after if o.first_deployment == DEGRADED) / max(1, len(after)), 3),
         "hedge_cost_share": round(sum(o.hedge_cost_usd for o in outs) / cost, 4) if cost else 0.0,
@@ -305,7 +303,7 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = value
     out["repeats"] = [{k: r[k] for k in ("cost_per_1m_tokens_usd", "ttft_ms_p50", "ttft_ms_p95",
-                                         "degraded_first_after_slowdown", "cost_usd")} for r in runs]
+                                         "moved_off_degraded_after", "cost_usd")} for r in runs]
     return out
 
 
@@ -355,15 +353,24 @@ def markdown(results: dict[str, Any]) -> str:
     def cell(value: Any, fmt: str = "{:,.2f}") -> str:
         return "\N{EN DASH}" if value is None else fmt.format(value)
 
+    after = results["requests"] - results["requests"] // 2
+
+    def moved(r: dict[str, Any]) -> str:
+        n = r["moved_off_degraded_after"]
+        share = r["degraded_share_after_slowdown"] * 100
+        if n == 0:
+            return "at once (none went there first)"
+        return f"last sent there first at request {n:.0f} of {after} ({share:.0f}% of them)"
+
     rows = [
-        "| run | cost / 1M tokens | TTFT p50 | TTFT p95 | success | first to degraded after slow-down | hedge cost |",
+        "| run | cost / 1M tokens | TTFT p50 | TTFT p95 | success | after the slow-down | hedge cost |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label, r in results["runs"].items():
         rows.append(
             f"| {label} | ${cell(r['cost_per_1m_tokens_usd'])} | {cell(r['ttft_ms_p50'], '{:,.0f}')} ms | "
             f"{cell(r['ttft_ms_p95'], '{:,.0f}')} ms | {r['success_rate'] * 100:.1f}% | "
-            f"{r['degraded_first_after_slowdown']} ({r['degraded_share_after_slowdown'] * 100:.0f}% of the rest) | "
+            f"{moved(r)} | "
             f"{r['hedge_cost_share'] * 100:.1f}% |")
     saving = results.get("cache_affinity_saving_share")
     rows.append("")
