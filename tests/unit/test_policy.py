@@ -17,8 +17,9 @@ from unbroken.routing.profile import RequestProfile, needs_of
 
 
 def view(*, circuit: str = "closed", p50: float | None = None, p95: float | None = None, tps: float | None = None,
-         cache: float | None = None, mean_out: float | None = None, samples: float = 0.0) -> LiveView:
-    return LiveView(circuit=circuit, ttft_p50=p50, ttft_p95=p95, tokens_per_s=tps, error_rate=None,
+         cache: float | None = None, mean_out: float | None = None, samples: float = 0.0,
+         errors: float | None = None) -> LiveView:
+    return LiveView(circuit=circuit, ttft_p50=p50, ttft_p95=p95, tokens_per_s=tps, error_rate=errors,
                     rate_limit_rate=None, cache_hit_rate=cache, mean_input_tokens=None, mean_output_tokens=mean_out,
                     samples=samples)
 
@@ -311,6 +312,19 @@ def test_affinity_gives_way_when_the_difference_is_larger_or_the_circuit_is_open
     assert ranked(r) == ["b", "a"] and "its circuit is open" in r.reason
     off = affinity_model(0.8, cache_affinity=False)
     assert ranked(rank(off, p=profile(10_000), predecessor=predecessor)) == ["b", "a"]
+
+
+def test_affinity_counts_the_cache_hit_only_as_likely_as_the_attempt_succeeding() -> None:
+    """A failed attempt fails over to a deployment without the cached prefix, so a deployment that fails half its
+    attempts is expected to hit its cache half as often: here 80% failing leaves 18% of 90% shared."""
+    predecessor = Predecessor("a", shared_tokens=9_000, via="previous_response_id")
+    m = affinity_model(0.8)
+    steady = rank(m, Board(a=view(errors=0.0)), profile(10_000), predecessor=predecessor)
+    assert ranked(steady) == ["a", "b"]
+    flaky = rank(m, Board(a=view(errors=0.8)), profile(10_000), predecessor=predecessor)
+    a = flaky.of("a")
+    assert a is not None and a.cache_hit == pytest.approx(0.18)
+    assert ranked(flaky) == ["b", "a"]
 
 
 def test_affinity_memory_recalls_a_prompt_prefix_within_its_ttl() -> None:

@@ -195,7 +195,9 @@ def plan(model: PublicModel, board: HealthBoard, profile: RequestProfile, *, pol
             if view.circuit == "open":
                 affinity_notes.append(f"affinity: {d.name} served the previous turn, but its circuit is open")
             elif profile.input_tokens > 0:
-                shared = min(1.0, predecessor.shared_tokens / profile.input_tokens)
+                # The hit is only as likely as the attempt succeeding there: a failure moves the request to a
+                # deployment that has none of the prefix cached.
+                shared = min(1.0, predecessor.shared_tokens / profile.input_tokens) * (1.0 - (view.error_rate or 0.0))
                 if shared > hit:
                     hit = shared
                     notes.append(f"previous turn here: ~{predecessor.shared_tokens} input tokens expected from "
