@@ -313,6 +313,62 @@ def test_with_a_slow_header_create_the_client_sees_only_durable_events_in_order(
     assert "response.output_text.delta" in first
 
 
+class OrderedStore(MemoryStore):
+    """Logs each commit of events (and can refuse the first), for ordering against what the server sends."""
+
+    def __init__(self, log: list[str], *, refuse_first: bool = False) -> None:
+        super().__init__()
+        self.log = log
+        self.refuse_first = refuse_first
+
+    async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
+        if events and self.refuse_first:
+            raise StoreUnavailable("throttled past the retry bound")
+        cancel = await super().append(response_id, epoch, events, **kw)
+        if events:
+            self.log.append(f"commit {events[0]['sequence_number']}..{events[-1]['sequence_number']}")
+        return cancel
+
+
+def _logging_sends(app: Any, log: list[str]) -> Any:
+    """The ASGI app, with every response start and body chunk of `POST /v1/responses` logged as it is sent."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/responses":
+            await app(scope, receive, send)
+            return
+
+        async def logged(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                log.append(f"status {message['status']}")
+            elif message.get("body"):
+                log.append("body")
+            await send(message)
+
+        await app(scope, receive, logged)
+
+    return wrapped
+
+
+def test_nothing_not_even_the_status_leaves_before_the_first_batch_is_durable(sim: Any) -> None:
+    log: list[str] = []
+    router = RouterThread(journal_config(sim.base_url), store=OrderedStore(log))
+    router.server.config.app = _logging_sends(router.app, log)
+    with router:
+        _, stream = post_stream(router.base_url, {"model": "slow", "input": "status after the commit"})
+    assert_well_formed(stream)
+    assert log[0].startswith("commit 0..") and log[1] == "status 200", log[:3]
+    assert log.index("body") > 1
+
+
+def test_a_first_batch_that_cannot_be_committed_is_an_error_status(sim: Any) -> None:
+    log: list[str] = []
+    with RouterThread(journal_config(sim.base_url), store=OrderedStore(log, refuse_first=True)) as router:
+        response, raw = _raw_post(router.base_url, {"model": "slow", "input": "no journal", "stream": True})
+    assert_error(response, raw, 503, "store_unavailable")  # nothing had been sent: the status can say it
+    assert log == []
+
+
 def _run(router: RouterThread, coro: Any) -> Any:
     """Run a coroutine on the router's own loop (the store belongs to it) and wait for its result."""
     import asyncio

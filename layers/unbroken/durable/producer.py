@@ -2,8 +2,9 @@
 
 `ResponseRun` owns a generation task: it feeds every event the attempt loop emits to a `JournalWriter` (group commit,
 fenced by the owner epoch), so clients — followers of the journal, in this process or another — only ever see
-committed events. The first outcome (output started, or nothing could be produced) is signalled separately, so the
-POST handler can still answer a request that failed before any output with an error of its own.
+committed events. The first outcome (the first batch of output is durable, or nothing could be produced) is
+signalled separately, so the POST handler can still answer a request that failed before any output with an error of
+its own, and sends nothing, not even its status, before the response's header and first batch are durable.
 
 Whatever happens, a response the run owns ends in a terminal state in the journal: completed, incomplete, or
 `failed` when nothing could be produced or the router itself failed. Only a store that cannot be written (or a
@@ -97,12 +98,11 @@ class ResponseRun:
         writer = JournalWriter(self.runtime.store, self.response_id, self.epoch,
                                batch_bytes=settings.journal_batch_bytes, batch_ms=settings.journal_batch_ms,
                                lease_seconds=settings.lease_seconds, next_seq=self.generation.emitter.seq,
-                               header=self.header)
+                               header=self.header, on_commit=self._committed)
         self.control.cancelled = lambda: writer.cancel_requested
         handed_off = False
         try:
             async for event in self.generation.run():
-                self._signal(RunOutcome())
                 if await self._write(writer, event):
                     return
             # A handoff: the next owner continues from what is committed, and adds to the attempts recorded here.
@@ -117,8 +117,11 @@ class ResponseRun:
         except Fenced:
             log.warning("producer fenced: another process owns the response", extra={"response_id": self.response_id})
         except StoreError as exc:
-            # Nothing that is not durable goes out: followers of this run end with an error event of their own.
+            # Nothing that is not durable goes out: followers of this run end with an error event of their own, and
+            # a POST still waiting for the first batch answers with an error.
             self.store_error = exc
+            self._signal(RunOutcome(Failure("unavailable", "The response store is unavailable; the response could "
+                                            "not be recorded. Try again.", code="store_unavailable")))
             if not self._header_failed():  # that one is answered (and logged) by whoever created the header
                 log.error("journal unavailable", extra={"response_id": self.response_id,
                                                         "error": type(exc).__name__})
@@ -136,6 +139,9 @@ class ResponseRun:
             await writer.aclose()
         if handed_off and self.hand_on is not None:
             await self._hand_on(self.hand_on)
+
+    def _committed(self, _events: list[Event]) -> None:
+        self._signal(RunOutcome())  # the first batch is durable: the POST may answer
 
     def _header_failed(self) -> bool:
         header = self.header

@@ -136,9 +136,9 @@ class SQLiteStore(Store):
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool, inline: bool = False) -> T:
         """`fn` in one transaction, in a worker thread; with `inline`, first tried on the event loop itself when
-        that cannot block: the connection is free and the file's write lock is free at once. A journal append is a
-        WAL commit of a few KB, tens of microseconds, while the thread hop costs more than that and, under load, the
-        worker waits for the GIL at each SQLite call (milliseconds on the first token's path)."""
+        that cannot block: the connection is free and the file's write lock is free at once. A journal append or a
+        header is a WAL commit of a few KB, tens of microseconds, while the thread hop costs more than that and,
+        under load, the worker waits for the GIL at each SQLite call (milliseconds on the first token's path)."""
         if inline:
             done, result = self._try_inline(fn)
             if done:
@@ -245,7 +245,7 @@ class SQLiteStore(Store):
                 ),
             )
 
-        await self._run(run, write=True)
+        await self._run(run, write=True, inline=not purge)  # a header is as small as a batch; a purge is not
         self._count(len(request) + len(response or b""))
 
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
