@@ -433,7 +433,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ddb = None
     targets = [_Target("direct", upstream_url)]
     routers: list[_Router] = []
-    results: dict[str, Any] = {"command": "python -m benchmarks.first_token " + " ".join(args.argv),
+    shown = [a for i, a in enumerate(args.argv) if a != "--save" and (i == 0 or args.argv[i - 1] != "--save")]
+    results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.first_token", *shown]),
                                "root": args.root.name, "tokens": args.tokens, "tps": args.tps, "n": args.n,
                                "upstream_ttft_ms": args.upstream_ttft_ms,
                                "repeat": args.repeat, "batch_ms": batch_ms, "date": time.strftime("%Y-%m-%d"),
@@ -493,7 +494,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write(results: dict[str, Any]) -> None:
-    """Into docs/bench/results.json (key `first_token`, the rest untouched), then results.md and the README blocks."""
+    """Into docs/bench/results.json (key `first_token`), and its table into docs/bench/results.md and the README's
+    first-token block; the rest of those files, from other runs of the bench, is left as it is."""
     from benchmarks import report
     from benchmarks.run import OUT, scrub
 
@@ -501,7 +503,18 @@ def write(results: dict[str, Any]) -> None:
     full = json.loads(path.read_text())
     full["first_token"] = results
     path.write_text(scrub(json.dumps(full, indent=2)) + "\n")
-    report.write(full)
+    block = "\n".join(report.first_token_block(full)).strip()
+    md = OUT / "results.md"
+    text = md.read_text()
+    if "<!-- first-token:start -->" in text:
+        text = report.replace_block(text, "first-token", block.split("\n", 1)[1].rsplit("\n", 1)[0])
+    else:  # a results.md from before: the table goes before the plots, or at the end
+        at = text.find("\n![")
+        text = text[:at + 1] + block + "\n\n" + text[at + 1:] if at >= 0 else text.rstrip() + "\n\n" + block + "\n"
+    md.write_text(text)
+    readme = report.README.read_text()
+    if "<!-- first-token:start -->" in readme:
+        report.README.write_text(report.replace_block(readme, "first-token", "\n".join(report.first_token_table(full))))
 
 
 def bench_step(report: dict[str, Any]) -> None:
@@ -524,6 +537,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, default=ROOT, help="checkout whose layers/ the routers run from")
     parser.add_argument("--check", action="store_true", help="print whether the goals hold; exit 1 if not")
     parser.add_argument("--write", action="store_true", help="into docs/bench/results.json, results.md, README")
+    parser.add_argument("--save", type=Path, default=None, help="the whole result (every block) as JSON, here")
     args = parser.parse_args(argv)
     args.argv = argv
     return args
@@ -536,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     results = run(args)
     print(json.dumps(results["summary"], indent=2))
+    if args.save is not None:
+        args.save.write_text(json.dumps(results, indent=2) + "\n")
     if args.write:
         write(results)
     if args.check:

@@ -246,6 +246,12 @@ def first_token_table(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def first_token_block(r: dict[str, Any]) -> list[str]:
+    """The first-token table between markers, so that `benchmarks.first_token --write` can replace it alone."""
+    table = first_token_table(r)
+    return ["<!-- first-token:start -->", *table, "<!-- first-token:end -->", ""] if table else []
+
+
 def results_md(r: dict[str, Any], img_prefix: str, *, first_token: bool = True) -> str:
     modes = r["modes"]
     lines = [
@@ -285,7 +291,7 @@ def results_md(r: dict[str, Any], img_prefix: str, *, first_token: bool = True) 
         *long_table(r),
         "",
         *journal_table(r),
-        *(first_token_table(r) if first_token else []),
+        *(first_token_block(r) if first_token else []),
     ]
     plots = [p for p in PLOTS if (OUT / p).exists()]
     if plots:
