@@ -201,7 +201,58 @@ def journal_table(r: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def results_md(r: dict[str, Any], img_prefix: str) -> str:
+def first_token_table(r: dict[str, Any]) -> list[str]:
+    """`benchmarks/first_token.py`'s figures (what durability costs the first token), if the run has them."""
+    ft = r.get("first_token")
+    if not isinstance(ft, dict) or not isinstance(ft.get("summary"), dict):
+        return []
+    from benchmarks.first_token import goals
+
+    s = ft["summary"]
+    up = s.get("upstream", {})
+    lines = [
+        f"**What durability costs the first token** (`{ft['command']}`, {ft['date']}: {ft['tokens']} tokens at "
+        f"{ft['tps']:g} tokens/s, upstream's own first token after {ft.get('upstream_ttft_ms', 0):g} ms; "
+        f"{ft['repeat']} blocks of {ft['n']} rounds, each round one stream straight to the upstream and one through "
+        f"each router, rotating; every figure the median of the blocks' figures; `journal_batch_ms` "
+        f"{ft['batch_ms']:g}; load average {ft['loadavg_1min_start']} → {ft['loadavg_1min_end']} on this "
+        "machine):",
+        "",
+        "| store | added to first text p50 / p95 | of which the journal (paired with journal off) p50 / p95 "
+        "| one commit p50 / p95 | journal's share in commits | max gap between tokens p50 / p95 (worst) "
+        "| writes per stream |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    names = {"none": "`--store none`", "sqlite": "SQLite", "sqlite_off": "SQLite router, `store: false`",
+             "dynamodb": "DynamoDB Local", "dynamodb_off": "DynamoDB Local router, `store: false`"}
+    for key in names:
+        row = s.get(key)
+        if not isinstance(row, dict):
+            continue
+        journal = (f"{_f(row['journal_added_ttft_ms_p50'], 2, True)} / {_f(row['journal_added_ttft_ms_p95'], 2, True)}"
+                   f" ms" if "journal_added_ttft_ms_p50" in row else NA)
+        commit = (f"{_f(row['commit_ms_p50'], 2)} / {_f(row['commit_ms_p95'], 2)} ms" if "commit_ms_p50" in row
+                  else NA)
+        share = _f(row.get("journal_added_ttft_in_commits"), 2) if "journal_added_ttft_in_commits" in row else NA
+        writes = _f(row["writes_per_stream"], 1) if "writes_per_stream" in row else NA
+        lines.append(
+            f"| {names[key]} | {_f(row['added_ttft_ms_p50'], 2, True)} / {_f(row['added_ttft_ms_p95'], 2, True)} ms "
+            f"| {journal} | {commit} | {share} | {_f(row['max_gap_ms_p50'])} / {_f(row['max_gap_ms_p95'])} "
+            f"({_f(row['max_gap_ms_worst'])}) ms | {writes} |")
+    lines += ["", f"Upstream straight: first content after {_f(up.get('ttft_ms_p50'), 2)} ms, its own longest gap "
+                  f"{_f(up.get('max_gap_ms_p50'))} ms (p50). Goals (`--check`):", ""]
+    for store, goal, holds, figures in goals(ft):
+        lines.append(f"- {names[store]}: {goal}: **{'holds' if holds else 'does not hold'}** ({figures})")
+    return [*lines, ""]
+
+
+def first_token_block(r: dict[str, Any]) -> list[str]:
+    """The first-token table between markers, so that `benchmarks.first_token --write` can replace it alone."""
+    table = first_token_table(r)
+    return ["<!-- first-token:start -->", *table, "<!-- first-token:end -->", ""] if table else []
+
+
+def results_md(r: dict[str, Any], img_prefix: str, *, first_token: bool = True) -> str:
     modes = r["modes"]
     lines = [
         f"Measured by `make bench` on {machine_line(r)}.",
@@ -240,6 +291,7 @@ def results_md(r: dict[str, Any], img_prefix: str) -> str:
         *long_table(r),
         "",
         *journal_table(r),
+        *(first_token_block(r) if first_token else []),
     ]
     plots = [p for p in PLOTS if (OUT / p).exists()]
     if plots:
@@ -352,7 +404,13 @@ def write(r: dict[str, Any]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     plots(r)
     (OUT / "results.md").write_text(results_md(r, "") + "\n")
-    README.write_text(replace_block(README.read_text(), "bench", results_md(r, "docs/bench/")))
+    readme = README.read_text()
+    # The first-token figures have a block of their own in the README (its durability-cost section), if it has one.
+    own_block = "<!-- first-token:start -->" in readme
+    readme = replace_block(readme, "bench", results_md(r, "docs/bench/", first_token=not own_block))
+    if own_block and first_token_table(r):
+        readme = replace_block(readme, "first-token", "\n".join(first_token_table(r)))
+    README.write_text(readme)
 
 
 def main() -> int:

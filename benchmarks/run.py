@@ -5,12 +5,14 @@ every figure a ratio or a difference against a baseline measured in the same run
    gateway CPU per stream, streams/s at 50 concurrent, start to first answer, import time, memory after 100
    requests), for the router without a journal, with SQLite and with DynamoDB Local, paced and unpaced;
 2. `benchmarks.journal_bench`: the journal alone (writes, WRU, bytes and CPU per event, journal on vs off);
+   then `benchmarks.first_token`: what durability costs the first token (added TTFT vs one commit, gaps, writes);
 3. `benchmarks.profile`: py-spy on a journaled (SQLite) router → docs/bench/profile.txt;
 4. `docs/bench/results.json`, then `benchmarks.report` (results.md, PNG plots, the README block) and
    `benchmarks.cost` (cost.md, the README cost block).
 
 A background sampler records how much CPU other processes took during the run; the output says when the machine
-was shared. Set UNBROKEN_BENCH_JOURNAL=0 / UNBROKEN_BENCH_PROFILE=0 to skip steps 2 / 3, UNBROKEN_BENCH_SCALE=0.2 for
+was shared. Set UNBROKEN_BENCH_JOURNAL=0 / UNBROKEN_BENCH_FIRST_TOKEN=0 / UNBROKEN_BENCH_PROFILE=0 to skip the
+journal, first-token and profile steps, UNBROKEN_BENCH_SCALE=0.2 for
 a quick run of the harness itself (fewer samples: not for publishing).
 """
 
@@ -80,6 +82,12 @@ def main() -> int:
 
             with compare.Phase(report, "journal_bench"):
                 journal_bench.run(report, memory=False)
+        if os.environ.get("UNBROKEN_BENCH_FIRST_TOKEN", "1") != "0":
+            print("bench: what durability costs the first token (benchmarks.first_token)", flush=True)
+            from benchmarks import first_token
+
+            with compare.Phase(report, "first_token"):
+                first_token.bench_step(report)
         if os.environ.get("UNBROKEN_BENCH_PROFILE", "1") != "0":
             print("bench: profiling a journaled stream (py-spy)", flush=True)
             from benchmarks import profile

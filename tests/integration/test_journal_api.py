@@ -18,7 +18,7 @@ from tests.support.server import RouterProcess, RouterThread, base_config, sim_m
 from tests.support.sse import assert_well_formed, parse_sse
 from unbroken.journal.backends import open_store
 from unbroken.journal.memory import MemoryStore
-from unbroken.journal.store import StoreUnavailable
+from unbroken.journal.store import AlreadyExists, ResponseHeader, StoreError, StoreUnavailable
 from unbroken.simulator import SimulatedUpstream
 
 
@@ -224,6 +224,149 @@ def test_store_failure_ends_the_stream_with_an_error_not_uncommitted_events(sim:
     # What the client saw is exactly what is durable (DESIGN: an event leaves only after its batch committed).
     assert stream.events[:-1] == durable
     assert 0 < len(durable) < 40
+
+
+class RefusingCreate(MemoryStore):
+    """The header's create fails (the store refuses or is unavailable); everything else works."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__()
+        self.failure = failure
+        self.creates = 0
+
+    async def create(self, header: ResponseHeader) -> None:
+        self.creates += 1
+        if self.creates == 1:
+            raise self.failure
+        await super().create(header)
+
+
+@pytest.mark.parametrize(("failure", "status", "code"), [
+    (StoreUnavailable("throttled past the retry bound"), 503, "store_unavailable"),
+    (StoreError("conditional check failed oddly"), 503, "store_unavailable"),
+    (AlreadyExists("response id taken"), 409, "conflict"),
+])
+def test_a_header_that_cannot_be_created_is_an_error_and_the_upstream_call_is_stopped(
+        sim: Any, failure: Exception, status: int, code: str | None) -> None:
+    """The upstream call starts while the header is created: a create that fails still answers the POST with the
+    spec's error object (nothing was sent, so the status can be honest), and the run is gone, its upstream call
+    cancelled, nothing written. The next request works."""
+    store = RefusingCreate(failure)
+    body = {"model": "slow", "input": "no header", "stream": True, "metadata": {"sim_ttft_ms": "3000"}}
+    with RouterThread(journal_config(sim.base_url), store=store) as router:
+        response, raw = _raw_post(router.base_url, body)
+        producers = _run(router, _producers(router))
+        stored = _run(router, _stored_ids(store))
+        _, after = post_stream(router.base_url, {"model": "demo", "input": "and now"})
+    assert_error(response, raw, status, code)
+    assert producers == []
+    assert stored == []  # nothing of the refused response is in the store: no header, no event
+    assert after.terminal["type"] == "response.completed"
+
+
+def assert_error(response: httpx.Response, raw: bytes, status: int, code: str | None) -> None:
+    assert response.status_code == status, raw
+    assert response.headers["content-type"].startswith("application/json")
+    error = json.loads(raw)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == code
+
+
+async def _producers(router: RouterThread) -> list[str]:
+    return [t.get_name() for t in router.runtime.tasks if t.get_name().startswith("produce ") and not t.done()]
+
+
+async def _stored_ids(store: MemoryStore) -> list[str]:
+    return list(store._entries)  # what the memory store holds, headers and events
+
+
+class SlowCreate(MemoryStore):
+    """A create that takes a while (the upstream has answered by the time it is done); appends are recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.appends: list[list[dict[str, Any]]] = []
+
+    async def create(self, header: ResponseHeader) -> None:
+        import asyncio
+
+        await asyncio.sleep(0.05)  # a slow store, not a synchronisation: nothing below depends on its length
+        await super().create(header)
+
+    async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
+        if events:
+            self.appends.append(list(events))
+        return await super().append(response_id, epoch, events, **kw)
+
+
+def test_with_a_slow_header_create_the_client_sees_only_durable_events_in_order(sim: Any) -> None:
+    store = SlowCreate()
+    with RouterThread(journal_config(sim.base_url), store=store) as router:
+        _, stream = post_stream(router.base_url, {"model": "slow", "input": "durable first"})
+        durable = _run(router, store.read_events(stream.response["id"]))
+    assert_well_formed(stream)
+    assert stream.events == durable  # exactly what is durable, dense from 0
+    assert [e["sequence_number"] for e in durable] == list(range(len(durable)))
+    # The start events waited for the first content and went out in its batch.
+    first = [e["type"] for e in store.appends[0]]
+    assert first[:2] == ["response.created", "response.in_progress"]
+    assert "response.output_text.delta" in first
+
+
+class OrderedStore(MemoryStore):
+    """Logs each commit of events (and can refuse the first), for ordering against what the server sends."""
+
+    def __init__(self, log: list[str], *, refuse_first: bool = False) -> None:
+        super().__init__()
+        self.log = log
+        self.refuse_first = refuse_first
+
+    async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
+        if events and self.refuse_first:
+            raise StoreUnavailable("throttled past the retry bound")
+        cancel = await super().append(response_id, epoch, events, **kw)
+        if events:
+            self.log.append(f"commit {events[0]['sequence_number']}..{events[-1]['sequence_number']}")
+        return cancel
+
+
+def _logging_sends(app: Any, log: list[str]) -> Any:
+    """The ASGI app, with every response start and body chunk of `POST /v1/responses` logged as it is sent."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/responses":
+            await app(scope, receive, send)
+            return
+
+        async def logged(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                log.append(f"status {message['status']}")
+            elif message.get("body"):
+                log.append("body")
+            await send(message)
+
+        await app(scope, receive, logged)
+
+    return wrapped
+
+
+def test_nothing_not_even_the_status_leaves_before_the_first_batch_is_durable(sim: Any) -> None:
+    log: list[str] = []
+    router = RouterThread(journal_config(sim.base_url), store=OrderedStore(log))
+    router.server.config.app = _logging_sends(router.app, log)
+    with router:
+        _, stream = post_stream(router.base_url, {"model": "slow", "input": "status after the commit"})
+    assert_well_formed(stream)
+    assert log[0].startswith("commit 0..") and log[1] == "status 200", log[:3]
+    assert log.index("body") > 1
+
+
+def test_a_first_batch_that_cannot_be_committed_is_an_error_status(sim: Any) -> None:
+    log: list[str] = []
+    with RouterThread(journal_config(sim.base_url), store=OrderedStore(log, refuse_first=True)) as router:
+        response, raw = _raw_post(router.base_url, {"model": "slow", "input": "no journal", "stream": True})
+    assert_error(response, raw, 503, "store_unavailable")  # nothing had been sent: the status can say it
+    assert log == []
 
 
 def _run(router: RouterThread, coro: Any) -> Any:

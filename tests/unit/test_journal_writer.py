@@ -17,7 +17,16 @@ import pytest
 from unbroken.journal.feed import LocalFeeds, follow, is_terminal_event
 from unbroken.journal.memory import MemoryStore
 from unbroken.journal.sqlite import SQLiteStore
-from unbroken.journal.store import Fenced, NotFound, Record, ResponseHeader, Store, StoreUnavailable
+from unbroken.journal.store import (
+    AlreadyExists,
+    Fenced,
+    NotFound,
+    Record,
+    ResponseHeader,
+    Store,
+    StoreError,
+    StoreUnavailable,
+)
 from unbroken.journal.writer import JournalWriter, WriterClosed
 
 BOUND = 10.0  # seconds: an upper bound on waits that normally take milliseconds; never a performance assertion
@@ -423,6 +432,120 @@ async def test_first_content_of_an_item_commits_at_once(
     await clock.advance(WINDOW)
     assert seqs(await store.next_commit()) == [8]
     await writer.aclose()
+
+
+# -- a writer started while its header is being created ---------------------------------------------------------
+
+
+async def test_nothing_is_appended_before_the_header_create_succeeded(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    header: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, header=header, next_seq=0)
+    seen: list[int] = []
+    follower = asyncio.create_task(_collect_seqs(store, rid, feeds, seen))
+    await settle()
+    for event in start_events():
+        await writer.emit(event)
+    await clock.advance(2 * WINDOW)  # the first content is due, every window is over: still nothing goes out
+    assert store.attempted.empty() and store.commits == [] and seen == []
+    header.set_result(None)
+    # The header is there: the first content and the start events that waited for it go out in one append.
+    assert seqs(await store.next_commit()) == [0, 1, 2, 3, 4]
+    await writer.finish(completed(5), status="completed", response={"id": rid})
+    await asyncio.wait_for(follower, BOUND)
+    assert seen == [0, 1, 2, 3, 4, 5]
+
+
+async def _collect_seqs(store: Store, rid: str, feeds: LocalFeeds, seen: list[int], after: int = -1) -> None:
+    async for event in follow(store, rid, after, feeds=feeds, poll_interval=BOUND, max_wait=BOUND):
+        seen.append(event["sequence_number"])
+
+
+async def test_the_start_events_wait_for_the_first_content_after_the_header_create(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    """The create is the response's first commit: the start events (which the upstream's role chunk brings) do not
+    take a commit of their own before the first token; the first content takes them along, at once."""
+    header: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    header.set_result(None)
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, header=header)
+    first, in_progress, *content = start_events()
+    await writer.emit(first)
+    await writer.emit(in_progress)
+    await settle()
+    assert store.attempted.empty()
+    for event in content:
+        await writer.emit(event)
+    assert seqs(await store.next_commit()) == [0, 1, 2, 3, 4]  # the clock has not moved: at once
+    assert len(store.commits) == 1
+    await writer.aclose()
+
+
+async def test_start_events_with_no_content_go_out_at_the_end_of_the_window(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    header: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    header.set_result(None)
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, header=header)
+    for event in start_events()[:2]:
+        await writer.emit(event)
+    await clock.advance(WINDOW / 2)
+    assert store.attempted.empty()
+    await clock.advance(WINDOW / 2)
+    assert seqs(await store.next_commit()) == [0, 1]
+    await writer.aclose()
+
+
+@pytest.mark.parametrize("failure", [StoreUnavailable("create refused"), AlreadyExists("resp_w exists")])
+async def test_a_failed_header_create_stops_the_writer_and_nothing_is_written(
+    store: ControlledStore, feeds: LocalFeeds, failure: Exception
+) -> None:
+    header: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds, header=header, next_seq=0)
+    seen: list[int] = []
+    follower = asyncio.create_task(_collect_seqs(store, rid, feeds, seen))
+    for event in start_events():
+        await writer.emit(event)
+    pending = asyncio.create_task(writer.flush())
+    await settle()
+    header.set_exception(failure)
+    with pytest.raises(type(failure)):
+        await asyncio.wait_for(pending, BOUND)
+    with pytest.raises(type(failure)):
+        await writer.emit(delta(5))
+    with pytest.raises(type(failure)):
+        await asyncio.wait_for(follower, BOUND)  # a local follower ends with the error, having seen nothing
+    assert store.attempted.empty() and seen == []
+    await writer.aclose()
+
+
+async def test_a_cancelled_header_create_stops_the_writer(store: ControlledStore, feeds: LocalFeeds) -> None:
+    header: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds, header=header)
+    await writer.emit(start_events()[0])
+    header.cancel()
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(writer.flush(), BOUND)
+    assert store.attempted.empty()
+    await writer.aclose()
+
+
+async def test_closing_the_writer_does_not_cancel_the_header_create(
+    store: ControlledStore, feeds: LocalFeeds
+) -> None:
+    header: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds, header=header)
+    await settle()
+    await writer.aclose()
+    assert not header.done()  # whoever started the create still owns (and awaits) it
+    header.set_result(None)
 
 
 async def test_an_event_during_a_commit_waits_for_it_then_goes_in_the_next_batch(
@@ -960,3 +1083,47 @@ async def test_a_follower_from_before_a_taken_over_writer_still_reads_the_store(
         await task
     assert [e["sequence_number"] for e in got] == [0, 1, 2]
     assert store.reads >= 1  # events 0 and 1 were committed by the first owner: only the store has them
+
+
+async def test_a_follower_that_subscribes_after_the_first_commits_gets_them_from_memory(feeds: LocalFeeds) -> None:
+    """The POST's own follower starts once the first output is there; a fast store may have committed the first
+    batch by then. It is pushed from the writer's recent batches, not read from the store."""
+    store = CountingReads()
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds, next_seq=0)
+    for event in start_events():
+        await writer.emit(event)
+    await writer.flush()  # committed before anyone follows
+    await writer.emit(delta(5))
+    await writer.flush()
+    from_start: list[int] = []
+    from_3: list[int] = []
+    tasks = [asyncio.create_task(_collect_seqs(store, rid, feeds, from_start)),
+             asyncio.create_task(_collect_seqs(store, rid, feeds, from_3, 3))]
+    await settle()
+    await writer.finish(completed(6), status="completed", response={"id": rid})
+    await asyncio.wait_for(asyncio.gather(*tasks), BOUND)
+    assert from_start == [0, 1, 2, 3, 4, 5, 6]
+    assert from_3 == [4, 5, 6]
+    assert store.reads == 0
+
+
+async def test_a_follower_from_before_the_recent_batches_reads_the_store(
+    feeds: LocalFeeds, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from unbroken.journal import feed
+
+    monkeypatch.setattr(feed, "RECENT_BATCHES", 2)
+    store = CountingReads()
+    rid = await new_response(store)
+    writer = JournalWriter(store, rid, 0, batch_ms=NEVER, feeds=feeds, next_seq=0)
+    for seq in range(4):  # four batches: the first two are no longer in memory
+        await writer.emit(delta(seq))
+        await writer.flush()
+    got: list[int] = []
+    task = asyncio.create_task(_collect_seqs(store, rid, feeds, got))
+    await settle()
+    await writer.finish(completed(4), status="completed", response={"id": rid})
+    await asyncio.wait_for(task, BOUND)
+    assert got == [0, 1, 2, 3, 4]
+    assert store.reads >= 1

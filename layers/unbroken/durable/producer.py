@@ -2,8 +2,9 @@
 
 `ResponseRun` owns a generation task: it feeds every event the attempt loop emits to a `JournalWriter` (group commit,
 fenced by the owner epoch), so clients — followers of the journal, in this process or another — only ever see
-committed events. The first outcome (output started, or nothing could be produced) is signalled separately, so the
-POST handler can still answer a request that failed before any output with an error of its own.
+committed events. The first outcome (the first batch of output is durable, or nothing could be produced) is
+signalled separately, so the POST handler can still answer a request that failed before any output with an error of
+its own, and sends nothing, not even its status, before the response's header and first batch are durable.
 
 Whatever happens, a response the run owns ends in a terminal state in the journal: completed, incomplete, or
 `failed` when nothing could be produced or the router itself failed. Only a store that cannot be written (or a
@@ -16,7 +17,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from unbroken.durable.runtime import BackgroundLauncher, Runtime
 from unbroken.errors import Failure
@@ -66,9 +69,17 @@ class ResponseRun:
         self.store_error: BaseException | None = None
         # Who continues a generation that hands off at its deadline (the worker Lambda, from this run's epoch).
         self.hand_on = hand_on
+        # The header's create when it is still in flight as the run starts (`start(header=...)`).
+        self.header: asyncio.Future[None] | None = None
 
-    def start(self) -> ResponseRun:
+    def start(self, *, header: Coroutine[Any, Any, None] | None = None) -> ResponseRun:
+        """Start the run's task. `header` is the response header's create, when the upstream call is not to wait
+        for it: it starts right after the run's task (so the upstream request goes out before the create's signing
+        and I/O), the run's writer appends nothing before it has succeeded, and whoever started the run awaits
+        `self.header` and answers its failure (`abort`)."""
         self.task = self.runtime.spawn(self._run(), name=_task_name(self.response_id))
+        if header is not None:
+            self.header = asyncio.ensure_future(header)
         return self
 
     def detach(self) -> None:
@@ -86,12 +97,12 @@ class ResponseRun:
         assert self.runtime.store is not None
         writer = JournalWriter(self.runtime.store, self.response_id, self.epoch,
                                batch_bytes=settings.journal_batch_bytes, batch_ms=settings.journal_batch_ms,
-                               lease_seconds=settings.lease_seconds, next_seq=self.generation.emitter.seq)
+                               lease_seconds=settings.lease_seconds, next_seq=self.generation.emitter.seq,
+                               header=self.header, on_commit=self._committed)
         self.control.cancelled = lambda: writer.cancel_requested
         handed_off = False
         try:
             async for event in self.generation.run():
-                self._signal(RunOutcome())
                 if await self._write(writer, event):
                     return
             # A handoff: the next owner continues from what is committed, and adds to the attempts recorded here.
@@ -106,9 +117,14 @@ class ResponseRun:
         except Fenced:
             log.warning("producer fenced: another process owns the response", extra={"response_id": self.response_id})
         except StoreError as exc:
-            # Nothing that is not durable goes out: followers of this run end with an error event of their own.
+            # Nothing that is not durable goes out: followers of this run end with an error event of their own, and
+            # a POST still waiting for the first batch answers with an error.
             self.store_error = exc
-            log.error("journal unavailable", extra={"response_id": self.response_id, "error": type(exc).__name__})
+            self._signal(RunOutcome(Failure("unavailable", "The response store is unavailable; the response could "
+                                            "not be recorded. Try again.", code="store_unavailable")))
+            if not self._header_failed():  # that one is answered (and logged) by whoever created the header
+                log.error("journal unavailable", extra={"response_id": self.response_id,
+                                                        "error": type(exc).__name__})
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -123,6 +139,21 @@ class ResponseRun:
             await writer.aclose()
         if handed_off and self.hand_on is not None:
             await self._hand_on(self.hand_on)
+
+    def _committed(self, _events: list[Event]) -> None:
+        self._signal(RunOutcome())  # the first batch is durable: the POST may answer
+
+    def _header_failed(self) -> bool:
+        header = self.header
+        return header is not None and header.done() and (header.cancelled() or header.exception() is not None)
+
+    async def abort(self) -> None:
+        """Stop the run before anything of it was committed (its header could not be created): the upstream call
+        is cancelled, nothing is written."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
 
     async def _hand_on(self, launch: BackgroundLauncher) -> None:
         """Start the next owner once everything is committed and this writer has stopped. It takes over from this

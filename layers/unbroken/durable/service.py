@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from unbroken.durable.spend import KEY_ID_FIELD, Account
 from unbroken.durable.takeover import nobody_produces, revive, stored_skeleton
 from unbroken.errors import Failure, invalid
 from unbroken.ir import GenerationRequest
-from unbroken.journal.store import TERMINAL_EVENT_TYPES, AlreadyExists, ResponseHeader
+from unbroken.journal.store import TERMINAL_EVENT_TYPES, AlreadyExists, ResponseHeader, Store, StoreError
 from unbroken.protocol.compaction import expand_compaction_for
 from unbroken.protocol.request import (
     ResponsesRequest,
@@ -167,15 +167,11 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
         request={**parsed.stored(context), "_recovery_events": caller.recovery_events, KEY_ID_FIELD: caller.key_id},
         idempotency_key=caller.idempotency_key, body_hash=body_hash, background=body.background,
     )
-    try:
-        await store.create(header)
-    except AlreadyExists:
-        existing = await store.find_by_idempotency_key(caller.tenant, caller.idempotency_key or "")
-        if existing is None:
-            raise Failure("conflict", "A request with this Idempotency-Key is being created.") from None
-        return _attach(existing, body_hash, caller)
     if body.background:
         # Committed before anything else: `queued` is what a poll sees until a producer picks it up.
+        attached = await _create_header(store, header, body_hash, caller)
+        if attached is not None:
+            return attached
         queued = dict(emitter.response, status="queued")
         if runtime.launch_background is not None:
             try:
@@ -186,12 +182,41 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
             else:
                 return Journaled(response_id, None, queued)
         return Journaled(response_id, ResponseRun(runtime, response_id, 0, generation, control).start(), queued)
+    # A foreground response's upstream call starts while its header is being created, so the first token does not
+    # wait for that write: the run's writer commits nothing before the header exists, and the header's outcome is
+    # answered here, before the run's. A header that cannot be created cancels the run (and its upstream call).
     run = ResponseRun(runtime, response_id, 0, generation, control,
-                      hand_on=runtime.launch_background if to_worker else None).start()
+                      hand_on=runtime.launch_background if to_worker else None).start(header=store.create(header))
+    try:
+        attached = await _create_header(store, header, body_hash, caller, run.header)
+    except BaseException:
+        await run.abort()
+        raise
+    if attached is not None:
+        await run.abort()
+        return attached
     outcome = await run.first
     if outcome.failure is not None:
         raise outcome.failure
     return Journaled(response_id, run, until=caller.deadline if hands_on else math.inf)
+
+
+async def _create_header(store: Store, header: ResponseHeader, body_hash: str, caller: Caller,
+                         created: Awaitable[None] | None = None) -> Journaled | None:
+    """Create the response's header (or await `created`, its create already in flight). None once it exists; an
+    Idempotency-Key retry that lost the race to another request with the same key is attached to that response."""
+    try:
+        await (store.create(header) if created is None else created)
+    except AlreadyExists:
+        existing = await store.find_by_idempotency_key(caller.tenant, caller.idempotency_key or "")
+        if existing is None:
+            raise Failure("conflict", "A request with this Idempotency-Key is being created.") from None
+        return _attach(existing, body_hash, caller)
+    except StoreError as exc:
+        log.error("response header not created", extra={"response_id": header.id, "error": type(exc).__name__})
+        raise Failure("unavailable", "The response store is unavailable; nothing was generated. Try again.",
+                      code="store_unavailable") from None
+    return None
 
 
 def _run_deadline(runtime: Runtime, stream_deadline: float) -> float:

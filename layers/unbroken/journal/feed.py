@@ -20,6 +20,10 @@ from unbroken.journal.store import TERMINAL_EVENT_TYPES, Fenced, NotFound, Store
 # With a writer in this process, commits arrive by push; the store is still polled now and then, in case the writer
 # is fenced by another process and stops.
 LOCAL_WRITER_POLL = 1.0
+# The last batches a live writer published, kept for followers that subscribe just after them (the POST's own
+# follower starts after the first output, and a fast store may have committed the first batch by then): they get
+# them from memory, not from a store read on the first token's path. A follower from further back reads the store.
+RECENT_BATCHES = 64
 
 
 def is_terminal_event(event: dict[str, Any]) -> bool:
@@ -53,8 +57,10 @@ class LocalFeeds:
     def __init__(self) -> None:
         self._subs: dict[str, set[Subscription]] = {}
         self._writers: dict[str, int] = {}
-        # Per response with a live writer that said where it starts: the last sequence number in the store.
+        # Per response with a live writer that said where it starts: the last sequence number in the store, and
+        # the batches it published last (all of them since it started while there are at most RECENT_BATCHES).
         self._published: dict[str, int] = {}
+        self._recent: dict[str, deque[list[dict[str, Any]]]] = {}
 
     @contextmanager
     def subscribe(self, response_id: str, *, limit: int = 1024) -> Iterator[Subscription]:
@@ -73,6 +79,7 @@ class LocalFeeds:
         """Called by a writer with each batch after the store committed it. Followers must not mutate the events."""
         if events and response_id in self._published:
             self._published[response_id] = events[-1]["sequence_number"]
+            self._recent.setdefault(response_id, deque(maxlen=RECENT_BATCHES)).append(events)
         for sub in self._subs.get(response_id, ()):
             sub.push(events)
 
@@ -91,6 +98,7 @@ class LocalFeeds:
         else:
             self._writers.pop(response_id, None)
             self._published.pop(response_id, None)
+            self._recent.pop(response_id, None)
         # Wake followers so that they go back to polling at the normal interval.
         for sub in self._subs.get(response_id, ()):
             if error is not None and not isinstance(error, Fenced):
@@ -100,11 +108,21 @@ class LocalFeeds:
     def has_writer(self, response_id: str) -> bool:
         return response_id in self._writers
 
-    def nothing_committed_after(self, response_id: str, seq: int) -> bool:
-        """True when this process's writer of the response has committed nothing after `seq`: a follower from
-        `seq` gets everything by push, with no store read first (a first token not delayed by a round trip)."""
+    def committed_after(self, response_id: str, seq: int) -> list[list[dict[str, Any]]] | None:
+        """What this process's writer of the response committed after `seq`, when it is all in memory: [] when
+        it committed nothing after `seq`, else its recent batches (from before `seq` on; a follower skips what it
+        has). A follower from `seq` then gets everything by push, with no store read first (a first token not
+        delayed by a round trip). None when the store must be read: no such writer here, or it did not say where
+        it started, or what follows `seq` is older than its recent batches."""
         published = self._published.get(response_id)
-        return response_id in self._writers and published is not None and published <= seq
+        if response_id not in self._writers or published is None:
+            return None
+        if published <= seq:
+            return []
+        recent = self._recent.get(response_id)
+        if not recent or recent[0][0]["sequence_number"] > seq + 1:
+            return None
+        return list(recent)
 
 
 LOCAL_FEEDS = LocalFeeds()
@@ -132,8 +150,11 @@ async def follow(
     last = after_seq
     with feeds.subscribe(response_id) as sub:
         # Subscribed before reading, so nothing committed from here on is missed; the first read is needed only for
-        # what was committed before, or by another process.
-        read_store = not feeds.nothing_committed_after(response_id, after_seq)
+        # what was committed before, or by another process, and not in memory.
+        committed = feeds.committed_after(response_id, after_seq)
+        read_store = committed is None
+        if committed:
+            sub.batches.extendleft(reversed(committed))  # before anything pushed since (nothing: no await between)
         checked = not read_store  # a local writer: the response exists and is not finished
         while True:
             if read_store:

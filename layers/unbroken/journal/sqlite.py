@@ -134,8 +134,45 @@ class SQLiteStore(Store):
                 # "database is locked" after the busy timeout, disk I/O errors: the store is not usable now.
                 raise StoreUnavailable(f"sqlite: {exc}") from exc
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool, inline: bool = False) -> T:
+        """`fn` in one transaction, in a worker thread; with `inline`, first tried on the event loop itself when
+        that cannot block: the connection is free and the file's write lock is free at once. A journal append or a
+        header is a WAL commit of a few KB, tens of microseconds, while the thread hop costs more than that and,
+        under load, the worker waits for the GIL at each SQLite call (milliseconds on the first token's path)."""
+        if inline:
+            done, result = self._try_inline(fn)
+            if done:
+                return result  # type: ignore[return-value]
         return await asyncio.to_thread(self._call, fn, write=write)
+
+    def _try_inline(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
+        """(True, result) if `fn` ran in a write transaction without waiting; (False, None) if the connection or
+        the file's write lock was busy (the caller then waits for them in a thread)."""
+        if not self._lock.acquire(blocking=False):
+            return False, None
+        try:
+            conn = self._connection()
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    return False, None  # another process holds the write lock: wait for it in a thread
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            try:
+                result = fn(conn)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return True, result
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"sqlite: {exc}") from exc
+        finally:
+            self._lock.release()
 
     @staticmethod
     def _header(row: tuple[Any, ...], request: dict[str, Any], response: dict[str, Any] | None) -> ResponseHeader:
@@ -208,7 +245,7 @@ class SQLiteStore(Store):
                 ),
             )
 
-        await self._run(run, write=True)
+        await self._run(run, write=True, inline=not purge)  # a header is as small as a batch; a purge is not
         self._count(len(request) + len(response or b""))
 
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
@@ -292,7 +329,7 @@ class SQLiteStore(Store):
                 conn.execute(f"UPDATE responses SET {', '.join(sets)} WHERE id = ?", (*params, response_id))
             return bool(row[2])
 
-        cancel = await self._run(run, write=True)
+        cancel = await self._run(run, write=True, inline=True)
         self._count(len(blob or b"") + len(snap or b""))
         return cancel
 

@@ -14,6 +14,11 @@ When the open batch goes out decides what a client waits for:
   plus a few per output item, and a delivered token waits at most `batch_ms` plus one commit.
 "At once" is the committer's next loop turn, not inside `emit`: everything one upstream chunk produces in the same
 turn (response.created, in_progress, the item, its part and first delta) goes out in one append.
+A writer may start while the response's header is still being created (`header=`, the store's `create` in flight,
+so that the upstream call does not wait for it): its first append waits for that create, whose failure stops the
+writer as a store failure does, and the create counts as the response's first commit. So the start events
+(response.created, in_progress), which come from the upstream's first chunk, wait in the open batch for the first
+content to join them (the next chunk, usually) instead of taking a commit of their own before the first token.
 A batch also closes at `batch_bytes`, `boundary()`, `flush()`, `set_status()` and the terminal event; closed batches
 go out as soon as the committer is free, and closed batches that queue up behind a slow store go out together in one
 append (group commit). The same task renews the lease when no commit did so for `lease_seconds / 3`.
@@ -37,7 +42,7 @@ from typing import Any
 
 from unbroken.journal.codec import TEXT_DELTA
 from unbroken.journal.feed import LOCAL_FEEDS, LocalFeeds
-from unbroken.journal.store import Store
+from unbroken.journal.store import Store, StoreError
 
 log = logging.getLogger("unbroken.journal")
 
@@ -49,6 +54,9 @@ _DELTA_OVERHEAD = 130
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _ITEM_ADDED = "response.output_item.added"
 _DELTA_SUFFIX = ".delta"  # output_text, refusal, reasoning, reasoning_summary_text, function_call_arguments...
+# Window timers are armed this much early and a window counts as over this much early: the event loop wakes up to
+# a millisecond late (epoll rounds its timeout up), which would otherwise add to every gap between batches.
+_TIMER_SLACK = 0.001
 
 
 class WriterClosed(RuntimeError):
@@ -108,9 +116,11 @@ class JournalWriter:
         max_pending_bytes: int | None = None,
         max_append_bytes: int | None = None,
         next_seq: int | None = None,
+        header: Awaitable[None] | None = None,
     ) -> None:
         """`next_seq` is the sequence number of the first event this writer will write, when the caller knows it:
-        in-process followers then need no store read to start following (`LocalFeeds.nothing_committed_after`)."""
+        in-process followers then need no store read to start following (`LocalFeeds.committed_after`).
+        `header` is the response header's create, still in flight: nothing is appended before it has succeeded."""
         self._store = store
         self.response_id = response_id
         self.epoch = epoch
@@ -147,8 +157,9 @@ class JournalWriter:
         self._item_fresh = False
         # Loop time from which a batch that is not urgent may go out: `batch_ms` after the last append carrying
         # events started (lease renewals carry none and do not count). In the past at first: the first batch goes
-        # at once.
-        self._window_end = float("-inf")
+        # at once, unless the header's create is starting now (it is the first commit).
+        self._header = None if header is None else asyncio.ensure_future(header)
+        self._window_end = float("-inf") if header is None else self._loop.time() + self._batch_s
         # Timers are loop callbacks, not timeouts in the committer: at most one window timer per batch, armed when
         # its first event finds the window still running; no task, no timer per token.
         self._batch_timer: asyncio.TimerHandle | None = None
@@ -287,12 +298,12 @@ class JournalWriter:
 
     def _schedule_open(self) -> None:
         # The first event of a batch that is not urgent: one clock read per batch, not per token.
-        if self._loop.time() >= self._window_end:
+        if self._loop.time() >= self._window_end - _TIMER_SLACK:
             # Window over: the committer takes the batch on its next turn, or right after the commit in flight
             # (it looks at the open batch before it waits again).
             self._wake.set()
         elif self._batch_timer is None:
-            self._batch_timer = self._loop.call_at(self._window_end, self._window_over)
+            self._batch_timer = self._loop.call_at(self._window_end - _TIMER_SLACK, self._window_over)
 
     def _window_over(self) -> None:
         # Only wakes the committer, which decides: a commit that started since the timer was armed moved the window
@@ -305,9 +316,8 @@ class JournalWriter:
             return False
         if self._open_urgent:
             return True
-        # Closed batches go first; the open batch is newer and waits for the window their commit starts. 1 ms of
-        # slack: a timer may run a hair before loop.time() reaches its due time.
-        return not self._ready and self._loop.time() >= self._window_end - 0.001
+        # Closed batches go first; the open batch is newer and waits for the window their commit starts.
+        return not self._ready and self._loop.time() >= self._window_end - _TIMER_SLACK
 
     def _lease_tick(self) -> None:
         self._lease_timer = None
@@ -358,6 +368,8 @@ class JournalWriter:
     async def _run(self) -> None:
         loop = self._loop
         try:
+            if self._header is not None:
+                await self._header_created(self._header)
             while True:  # ends at the final batch, on an error, or when cancelled by aclose
                 if self._open_due():
                     self._close_open()
@@ -385,14 +397,29 @@ class JournalWriter:
                 if self._lease_timer is None:  # at most one pending; it re-arms here if commits moved the due time
                     self._lease_timer = loop.call_at(self._lease_due, self._lease_tick)
                 if self._open and self._batch_timer is None:  # not due yet: wake at the end of the window
-                    self._batch_timer = loop.call_at(self._window_end, self._window_over)
+                    self._batch_timer = loop.call_at(self._window_end - _TIMER_SLACK, self._window_over)
                 self._wake.clear()
                 await self._wake.wait()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("journal writer of %s stopped: %r", self.response_id, exc)
+            if not self._header_failed():  # that one is logged and answered by whoever created the header
+                log.warning("journal writer of %s stopped: %r", self.response_id, exc)
             self._fail(exc)
+
+    def _header_failed(self) -> bool:
+        header = self._header
+        return header is not None and header.done() and (header.cancelled() or header.exception() is not None)
+
+    async def _header_created(self, header: asyncio.Future[None]) -> None:
+        try:
+            # Shielded: closing this writer must not cancel the create, which its caller awaits too.
+            await asyncio.shield(header)
+        except asyncio.CancelledError:
+            if not header.cancelled():
+                raise  # this writer was closed
+            raise StoreError(f"the header of {self.response_id} was not created (cancelled)") from None
+        self._lease_due = self._loop.time() + self._renew_every  # the create set the lease
 
     def _take(self) -> _Batch:
         """The next append: the oldest closed batch, merged with the ones behind it while they fit. A batch carrying

@@ -1,0 +1,169 @@
+"""A foreground response's upstream call starts while its header is being created (`durable/service.py`,
+`durable/producer.py`, `journal/writer.py`): nothing is committed, and so nothing reaches a client, before the
+header exists; the first batch holds the start events with the first content; a header that cannot be created
+cancels the upstream call and is answered with a `Failure` (or, for an Idempotency-Key race, the other response).
+
+MemoryStore with a create the test holds and fails; Runtimes whose pools hand out fake providers; no sockets, no
+sleeps: every wait is on an event, bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.support.fake_provider import HANG, Do, FakePool, FakeProvider, Step, Wait
+from unbroken.config import Config, Deployment, PublicModel, ServerSettings
+from unbroken.durable.follow import journal_events
+from unbroken.durable.runtime import Runtime
+from unbroken.durable.service import Caller, Journaled, create_response
+from unbroken.errors import Failure
+from unbroken.ir import Finish, TextDelta, UpstreamModel
+from unbroken.journal.memory import MemoryStore
+from unbroken.journal.store import AlreadyExists, ResponseHeader, StoreError, StoreUnavailable
+from unbroken.protocol.request import ResponsesRequest
+
+BOUND = 5.0
+DEP = Deployment(name="a", provider="anthropic", model="claude-x")
+
+
+class HeldCreate(MemoryStore):
+    """`create` waits for `release`, then fails with `fail_with` (or creates); appends are recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.create_started = asyncio.Event()
+        self.fail_with: BaseException | None = None
+        self.appends: list[list[dict[str, Any]]] = []
+
+    async def create(self, header: ResponseHeader) -> None:
+        self.create_started.set()
+        await asyncio.wait_for(self.release.wait(), BOUND)
+        if self.fail_with is not None:
+            raise self.fail_with
+        await super().create(header)
+
+    async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
+        self.appends.append(list(events))
+        return await super().append(response_id, epoch, events, **kw)
+
+
+def runtime(store: MemoryStore, script: list[list[Step]]) -> tuple[Runtime, FakeProvider]:
+    config = Config(models=[PublicModel(name="m", deployments=[DEP])], allow_anonymous=True,
+                    server=ServerSettings(journal_batch_ms=1000, lease_seconds=5))
+    provider = FakeProvider(DEP, script)
+    return Runtime(config, store=store, pool=FakePool(provider)), provider
+
+
+def request(**extra: Any) -> ResponsesRequest:
+    return ResponsesRequest.parse({"model": "m", "input": "hi", "store": True, "stream": True, **extra})
+
+
+def caller(key: str | None = None) -> Caller:
+    return Caller(tenant="t", deadline=time.time() + 600, idempotency_key=key)
+
+
+async def test_the_upstream_call_starts_before_the_header_exists_and_nothing_is_committed_before_it() -> None:
+    store = HeldCreate()
+    called, content = asyncio.Event(), asyncio.Event()
+    rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hello"),
+                                    TextDelta(" there"), Finish("stop")]])
+    post = asyncio.create_task(create_response(rt, request(), caller()))
+    async with asyncio.timeout(BOUND):
+        await called.wait()  # the upstream is called while the create is still held
+    assert store.create_started.is_set() and not post.done()
+    content.set()  # the first content arrives before the header is there: it waits for it
+    await asyncio.sleep(0)
+    assert store.appends == []
+    store.release.set()
+    async with asyncio.timeout(BOUND):
+        created = await post
+        assert isinstance(created, Journaled)
+        events = [e async for e in journal_events(rt, created.response_id, -1)]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))  # dense, from 0
+    assert events[-1]["type"] == "response.completed"
+    # One batch holds the start events and the first content: they did not take a commit of their own.
+    first = [e["type"] for e in store.appends[0]]
+    assert first[:2] == ["response.created", "response.in_progress"]
+    assert "response.output_text.delta" in first
+    assert len(provider.requests) == 1
+    await rt.aclose()
+
+
+@pytest.mark.parametrize(("failure", "code"), [
+    (StoreUnavailable("throttled past the retry bound"), "store_unavailable"),
+    (StoreError("something else"), "store_unavailable"),
+    (AlreadyExists("response id taken"), None),  # no Idempotency-Key: a conflict of its own
+])
+async def test_a_header_that_cannot_be_created_cancels_the_upstream_call(failure: Exception,
+                                                                       code: str | None) -> None:
+    store = HeldCreate()
+    store.fail_with = failure
+    called = asyncio.Event()
+    rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), TextDelta("never shown"), HANG]])
+    post = asyncio.create_task(create_response(rt, request(), caller()))
+    async with asyncio.timeout(BOUND):
+        await called.wait()
+    store.release.set()
+    with pytest.raises(Failure) as raised:
+        await asyncio.wait_for(post, BOUND)
+    assert raised.value.kind == ("conflict" if isinstance(failure, AlreadyExists) else "unavailable")
+    assert raised.value.code == code
+    assert provider.closed_streams == 1  # the upstream call was cancelled
+    assert store.appends == []  # nothing was written, so nothing could have been sent
+    assert not [t for t in rt.tasks if t.get_name().startswith("produce ")]
+    await rt.aclose()
+
+
+async def test_an_idempotency_key_race_lost_at_create_attaches_to_the_other_response() -> None:
+    store = HeldCreate()
+    store.release.set()
+    rt, _ = runtime(store, [[UpstreamModel("claude-x"), TextDelta("first"), Finish("stop")]])
+    async with asyncio.timeout(BOUND):
+        winner = await create_response(rt, request(), caller("key-1"))
+        assert isinstance(winner, Journaled)
+        _ = [e async for e in journal_events(rt, winner.response_id, -1)]
+    # Another request with the same key passed the lookup before the winner's header existed, then lost the create.
+    store.release.clear()
+    real_find = store.find_by_idempotency_key
+    lookups = 0
+
+    async def find(tenant: str, key: str) -> ResponseHeader | None:
+        nonlocal lookups
+        lookups += 1
+        return None if lookups == 1 else await real_find(tenant, key)
+
+    store.find_by_idempotency_key = find  # type: ignore[method-assign]
+    store.fail_with = AlreadyExists("idempotency key already used")
+    called = asyncio.Event()
+    provider = rt.pool.get("m", DEP)
+    assert isinstance(provider, FakeProvider)
+    provider.script.append([Do(called.set), UpstreamModel("claude-x"), TextDelta("second"), HANG])
+    post = asyncio.create_task(create_response(rt, request(), caller("key-1")))
+    async with asyncio.timeout(BOUND):
+        await called.wait()
+    store.release.set()
+    loser = await asyncio.wait_for(post, BOUND)
+    assert isinstance(loser, Journaled) and loser.response_id == winner.response_id and loser.run is None
+    assert provider.closed_streams == 2  # the loser's upstream call was cancelled
+    assert all(e["response"]["id"] == winner.response_id for batch in store.appends for e in batch
+               if "response" in e)
+    await rt.aclose()
+
+
+async def test_a_post_cancelled_while_its_header_is_created_stops_the_upstream_call() -> None:
+    store = HeldCreate()
+    called = asyncio.Event()
+    rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), HANG]])
+    post = asyncio.create_task(create_response(rt, request(), caller()))
+    async with asyncio.timeout(BOUND):
+        await called.wait()
+    post.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await post
+    assert provider.closed_streams == 1
+    assert store.appends == []
+    await rt.aclose()
