@@ -12,6 +12,7 @@ Nothing else changes; the counting is a dict update per store call, next to a ne
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections import Counter
 from typing import Any
@@ -34,23 +35,24 @@ def _patch_dynamodb() -> None:
     original = dynamodb.DynamoDBStore._call
 
     async def counted(self: Any, op: str, **kwargs: Any) -> dict[str, Any]:
-        if op != "describe_table" and op != "create_table" and op != "update_time_to_live":
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", op).lower()  # the store calls "TransactWriteItems": count it snake_case
+        if name not in ("describe_table", "create_table", "update_time_to_live", "delete_table"):
             kwargs.setdefault("ReturnConsumedCapacity", "TOTAL")
         result = await original(self, op, **kwargs)
-        _calls[op] += 1
-        _units[op] += _capacity(result)
+        _calls[name] += 1
+        _units[name] += _capacity(result)
         return result
 
     dynamodb.DynamoDBStore._call = counted  # type: ignore[method-assign]
 
 
 def _patch_app() -> None:
-    import unbroken.app
+    import unbroken.api.app  # where `unbroken serve` takes create_app from (at call time)
 
-    original = unbroken.app.create_app
+    original = unbroken.api.app.create_app
 
-    def create_app(config: Any, store: Any = None) -> Any:
-        app = original(config, store)
+    def create_app(config: Any, store: Any = None, **kwargs: Any) -> Any:
+        app = original(config, store, **kwargs)
 
         @app.get("/_bench/stats", include_in_schema=False)
         async def stats() -> dict[str, Any]:
@@ -67,7 +69,7 @@ def _patch_app() -> None:
 
         return app
 
-    unbroken.app.create_app = create_app
+    unbroken.api.app.create_app = create_app
 
 
 def main() -> int:
