@@ -75,32 +75,12 @@ _.converter
 # The Python client's public functions: called by users of `unbroken.client` (and its tests), not by the router.
 _.stream_events
 _.async_stream_events
-
-# LiveView is the one shape routing policies and the operator health endpoint read; the per-process board fills
-# only part of it until the shared live stats land, and record_success takes what those stats will keep.
-_.tokens_per_s
-_.error_rate
-_.rate_limit_rate
-_.cache_hit_rate
-_.mean_input_tokens
-_.mean_output_tokens
-_.output_seconds
-_.ttft_p50
 # The store's counters and records: the Store interface (every backend implements it, the contract suite calls it).
 _.add_counters
 _.get_counters
 _.put_record
 _.list_records
 _.delete_record
-
-# Operator routes depend on it (api/admin.py, api/operator.py).
-from unbroken.api import admin_auth
-admin_auth.require_admin
-# The flush loop and the reader are used by spend/limits and the routing stats.
-_.counter_reader
-_.forget
-_.reads
-_.flushes
 # Routing config and the price catalog: validators pydantic calls; capabilities read by name (`ModelCapabilities.lacks`
 # uses getattr with the request's needs; catalog capabilities reach deployments through model_dump()); `as_of` and
 # `verified` are the catalog's provenance, for people reading it and checked by tests/unit/test_catalog.py.
@@ -127,3 +107,7 @@ app.admin_app_from_env
 # The tenant alone of a YAML key (auth uses `key_for`, which gives the key's id too); kept for callers and tests.
 from unbroken.config import Config
 Config.tenant_for_key
+
+# Call counts the benchmarks and tests read (CounterBatcher.flushes, CounterReader.reads, the key cache's reads).
+_.flushes
+_.reads
