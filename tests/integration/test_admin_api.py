@@ -361,3 +361,26 @@ def test_spend_of_a_past_range_is_empty(router: RouterThread) -> None:
     assert r.status_code == 200
     assert r.json() == {"object": "spend", "by": "tenant", "from": "2020-01-01", "to": "2020-01-31", "data": [],
                         "totals": []}
+
+
+def test_a_store_key_sees_only_its_own_tenants_responses(router: RouterThread) -> None:
+    """Tenancy holds for keys from the store: a response is bound to the creating key's tenant, so another key of
+    that tenant reads it and a key of another tenant gets the 404 of a response that does not exist."""
+    owner, colleague = _create(router, tenant="acme"), _create(router, tenant="acme")
+    stranger = _create(router, tenant="globex")
+    created = _respond(router, owner["secret"])
+    assert created.status_code == 200, created.text
+    response_id = created.json()["id"]
+    with httpx.Client(timeout=TIMEOUT) as client:
+        def get(secret: str) -> httpx.Response:
+            return client.get(f"{router.base_url}/responses/{response_id}",
+                              headers={"authorization": f"Bearer {secret}"})
+
+        assert get(colleague["secret"]).status_code == 200
+        _assert_error(get(stranger["secret"]), 404, "not_found")
+        continued = _respond(router, stranger["secret"], previous_response_id=response_id)
+        assert continued.status_code == 404, continued.text
+        deleted = client.delete(f"{router.base_url}/responses/{response_id}",
+                                headers={"authorization": f"Bearer {stranger['secret']}"})
+        assert deleted.status_code == 404, deleted.text
+        assert get(owner["secret"]).status_code == 200  # the stranger's delete did nothing
