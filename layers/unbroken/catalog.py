@@ -101,3 +101,9 @@ def parse_catalog(text: str) -> Catalog:
 def catalog() -> Catalog:
     """The shipped catalog (read and validated once per process)."""
     return parse_catalog(CATALOG_PATH.read_text(encoding="utf-8"))
+
+
+def lookup(provider: str, model: str) -> CatalogEntry | None:
+    """`catalog().lookup`, without reading the catalog for a provider that has no section (a config of only
+    `openai_compatible` or `simulated` deployments never parses it: a cold start saves that)."""
+    return catalog().lookup(provider, model) if provider in PROVIDER_SECTIONS else None

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from unbroken.catalog import catalog
+from unbroken.catalog import lookup as catalog_entry
 
 # The `provider` values a deployment may name; `unbroken.providers.PROVIDERS` maps each to its adapter (a test keeps
 # the two in step). Listed here so that reading a config never imports an adapter.
@@ -282,7 +282,7 @@ class Deployment(_Strict):
         if not isinstance(data, dict):
             return data
         provider, model = data.get("provider"), data.get("catalog_model") or data.get("model")
-        entry = catalog().lookup(provider, model) if isinstance(provider, str) and isinstance(model, str) else None
+        entry = catalog_entry(provider, model) if isinstance(provider, str) and isinstance(model, str) else None
         if entry is None:
             return data
         out = dict(data)

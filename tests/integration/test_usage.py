@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.client import TIMEOUT, headers, post_stream
 from tests.support.server import RouterThread, base_config, sim_model
-from unbroken.resilience.attempts import estimate_output_tokens
+from unbroken.routing.tokens import estimate_output_tokens
 from unbroken.simulator import input_key_of, simulated_tokens
 
 PROMPT = "Tell me about accounting"

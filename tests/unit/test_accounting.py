@@ -16,7 +16,7 @@ from unbroken.durable.runtime import Runtime
 from unbroken.durable.takeover import take_over
 from unbroken.ir import Finish, TextDelta, Usage
 from unbroken.journal.memory import MemoryStore
-from unbroken.resilience.attempts import estimate_input_tokens, estimate_output_tokens
+from unbroken.routing.tokens import estimate_input_tokens, estimate_output_tokens
 
 PRICE = Price(input=2.0, output=10.0)  # USD per 1M tokens
 

@@ -79,8 +79,8 @@ class Runtime:
         model = self.config.model(model_name)
         if model is None:
             return Route(model_name, (), self.pool, self.health)
-        profile = RequestProfile.of(request)
-        if predecessor is None and profile.prefix_key is not None and model.routing.cache_affinity:
+        profile = RequestProfile.of(request, cache_affinity=model.routing.cache_affinity)
+        if predecessor is None and profile.prefix_key is not None:
             predecessor = self.affinity.recall(profile.prefix_key, profile.input_tokens)
         ranking = plan(model, self.health, profile, policy=policy, response_id=response_id, predecessor=predecessor)
         if ranking.candidates:

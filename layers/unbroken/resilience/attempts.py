@@ -121,12 +121,12 @@ class Route:
     def served(self, deployment: Deployment, attempt: Attempt) -> None:
         """The answer came from `deployment`: its next turn may find the prompt in that deployment's cache."""
         ranking = self.ranking
+        # No prefix key: a short prompt, or the model's cache_affinity is off (`RequestProfile.of`).
         if self.affinity is None or ranking is None or ranking.profile.prefix_key is None:
             return
-        if ranking.routing.cache_affinity:
-            self.affinity.remember(ranking.profile.prefix_key, deployment.name,
-                                   attempt.usage.input_tokens or ranking.profile.input_tokens,
-                                   ranking.routing.affinity_ttl_s)
+        self.affinity.remember(ranking.profile.prefix_key, deployment.name,
+                               attempt.usage.input_tokens or ranking.profile.input_tokens,
+                               ranking.routing.affinity_ttl_s)
 
 
 # -- accounting -------------------------------------------------------------------------------------------------

@@ -299,12 +299,16 @@ def _ttft_objective(ranked: list[Scored], routing: RoutingSettings) -> tuple[lis
     if objective is None:
         return ranked, ""
     limit = objective / 1000.0
-    missing = [s for s in ranked if s.view.ttft_p95 is not None and s.view.ttft_p95 > limit]
-    if not missing:
+    meet: list[Scored] = []
+    late: list[Scored] = []
+    for s in ranked:
+        p95 = s.view.ttft_p95
+        if p95 is not None and p95 > limit:
+            late.append(s.noted(f"ttft p95 {p95 * 1000:.0f} ms over the objective {objective:g} ms"))
+        else:
+            meet.append(s)
+    if not late:
         return ranked, ""
-    meet = [s for s in ranked if s not in missing]
-    late = [s.noted(f"ttft p95 {s.view.ttft_p95 * 1000:.0f} ms over the objective {objective:g} ms")
-            for s in missing if s.view.ttft_p95 is not None]
     return meet + late, f"; after those meeting ttft_objective_ms {objective:g}: {', '.join(s.name for s in late)}"
 
 

@@ -22,9 +22,10 @@ class RequestProfile:
     prefix_key: str | None
 
     @classmethod
-    def of(cls, request: GenerationRequest) -> RequestProfile:
+    def of(cls, request: GenerationRequest, *, cache_affinity: bool) -> RequestProfile:
+        """`cache_affinity` off (the model's routing): no prefix key, the prompt is not hashed."""
         return cls(input_tokens=estimate_input_tokens(request), max_output_tokens=request.max_output_tokens,
-                   needs=needs_of(request), prefix_key=prefix_key(request))
+                   needs=needs_of(request), prefix_key=prefix_key(request) if cache_affinity else None)
 
 
 def needs_of(request: GenerationRequest) -> tuple[CapabilityName, ...]:

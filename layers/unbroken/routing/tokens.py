@@ -7,6 +7,7 @@ request, 4 a message). Images and encrypted reasoning are not estimated (README 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 
 from unbroken.ir import FunctionCall, FunctionCallOutput, GenerationRequest, Item, Message, Reasoning, TextPart
 
@@ -68,14 +69,15 @@ def prefix_key(request: GenerationRequest) -> str | None:
     return None
 
 
-def _prompt_texts(request: GenerationRequest) -> list[str]:
-    texts = [request.instructions or ""]
-    texts.extend(f"{t.name}\x1f{t.description or ''}\x1f{t.parameters!r}" for t in request.tools)
+def _prompt_texts(request: GenerationRequest) -> Iterator[str]:
+    # A generator: `prefix_key` stops at PREFIX_CHARS, so a long conversation's later items are never copied.
+    yield request.instructions or ""
+    for t in request.tools:
+        yield f"{t.name}\x1f{t.description or ''}\x1f{t.parameters!r}"
     for item in request.items:
         if isinstance(item, Message):
-            texts.append(item.role + "\x1f" + "".join(p.text for p in item.content if isinstance(p, TextPart)))
+            yield item.role + "\x1f" + "".join(p.text for p in item.content if isinstance(p, TextPart))
         elif isinstance(item, FunctionCall):
-            texts.append(f"call\x1f{item.name}\x1f{item.arguments}")
+            yield f"call\x1f{item.name}\x1f{item.arguments}"
         elif isinstance(item, FunctionCallOutput):
-            texts.append(f"output\x1f{item.output}")
-    return texts
+            yield f"output\x1f{item.output}"
