@@ -27,6 +27,7 @@ from unbroken.journal.store import (
     Store,
     StoreStats,
     StoreUnavailable,
+    next_record_version,
 )
 
 T = TypeVar("T")
@@ -470,16 +471,12 @@ class SQLiteStore(Store):
                 "SELECT version FROM records WHERE kind = ? AND name = ? AND (expires_at IS NULL OR expires_at > ?)",
                 (kind, name, self._clock()),
             ).fetchone()
-            current = int(row[0]) if row else 0
-            if expected_version == 0 and row:
-                raise AlreadyExists(f"record {kind}/{name} exists")
-            if expected_version is not None and expected_version > 0 and current != expected_version:
-                raise Fenced(f"record {kind}/{name} is at version {current}, not {expected_version}")
+            version = next_record_version(kind, name, int(row[0]) if row else None, expected_version)
             conn.execute(
                 "INSERT OR REPLACE INTO records (kind, name, data, version, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (kind, name, blob, current + 1, expires_at),
+                (kind, name, blob, version, expires_at),
             )
-            return current + 1
+            return version
 
         version = await self._run(run, write=True)
         self._count(len(blob))
