@@ -122,7 +122,7 @@ class ResponseRun:
             self.store_error = exc
             self._signal(RunOutcome(Failure("unavailable", "The response store is unavailable; the response could "
                                             "not be recorded. Try again.", code="store_unavailable")))
-            if not self._header_failed():  # that one is answered (and logged) by whoever created the header
+            if not writer.header_failed():  # that one is answered (and logged) by whoever created the header
                 log.error("journal unavailable", extra={"response_id": self.response_id,
                                                         "error": type(exc).__name__})
         except asyncio.CancelledError:
@@ -142,10 +142,6 @@ class ResponseRun:
 
     def _committed(self, _events: list[Event]) -> None:
         self._signal(RunOutcome())  # the first batch is durable: the POST may answer
-
-    def _header_failed(self) -> bool:
-        header = self.header
-        return header is not None and header.done() and (header.cancelled() or header.exception() is not None)
 
     async def abort(self) -> None:
         """Stop the run before anything of it was committed (its header could not be created): the upstream call

@@ -1129,8 +1129,11 @@ class DynamoDBStore(Store):
         blob = encode_json(data)
         names = {"#d": "d", "#n": "name", "#v": "v", "#x": "expires_at"}
         values: dict[str, Any] = {":d": {"B": blob}, ":n": {"S": name}, ":one": _n(1)}
-        update = "SET #d = :d, #n = :n, #v = if_not_exists(#v, :zero) + :one"
-        values[":zero"] = _n(0)
+        # A create starts at 1 even over an expired item that TTL has not removed yet.
+        version = ":one" if expected_version == 0 else "if_not_exists(#v, :zero) + :one"
+        if expected_version != 0:
+            values[":zero"] = _n(0)
+        update = f"SET #d = :d, #n = :n, #v = {version}"
         update += ", #x = :x" if expires_at is not None else " REMOVE #x"
         if expires_at is not None:
             values[":x"] = _n(math.ceil(expires_at))
@@ -1138,8 +1141,6 @@ class DynamoDBStore(Store):
         condition: str | None = None
         if expected_version == 0:
             condition = f"attribute_not_exists(pk) OR NOT {live}"
-            update = update.replace("if_not_exists(#v, :zero) + :one", ":one")
-            values.pop(":zero")
         elif expected_version is not None:
             condition = f"#v = :expected AND {live}"
             values[":expected"] = _n(expected_version)

@@ -20,6 +20,7 @@ from unbroken.journal.store import (
     ResponseHeader,
     Store,
     StoreStats,
+    next_record_version,
 )
 
 
@@ -202,15 +203,11 @@ class MemoryStore(Store):
         expires_at: float | None = None,
     ) -> int:
         held = self._live_record(kind, name)
-        current = held[1] if held is not None else 0
-        if expected_version == 0 and held is not None:
-            raise AlreadyExists(f"record {kind}/{name} exists")
-        if expected_version is not None and expected_version > 0 and current != expected_version:
-            raise Fenced(f"record {kind}/{name} is at version {current}, not {expected_version}")
+        version = next_record_version(kind, name, held[1] if held is not None else None, expected_version)
         blob = encode_json(data)
-        self._records[(kind, name)] = (blob, current + 1, expires_at)
+        self._records[(kind, name)] = (blob, version, expires_at)
         self._count(len(blob))
-        return current + 1
+        return version
 
     async def list_records(self, kind: str) -> list[Record]:
         names = sorted(name for (k, name) in self._records if k == kind)

@@ -27,6 +27,7 @@ from unbroken.journal.store import (
     Store,
     StoreStats,
     StoreUnavailable,
+    next_record_version,
 )
 
 T = TypeVar("T")
@@ -117,19 +118,24 @@ class SQLiteStore(Store):
             self._conn = conn
         return self._conn
 
+    @staticmethod
+    def _commit(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` inside the transaction just begun on `conn`: committed if it returns, rolled back if it raises."""
+        try:
+            result = fn(conn)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
     def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> T:
         with self._lock:
             try:
                 conn = self._connection()
                 conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    result = fn(conn)
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return result
+                return self._commit(conn, fn)
             except sqlite3.OperationalError as exc:
                 # "database is locked" after the busy timeout, disk I/O errors: the store is not usable now.
                 raise StoreUnavailable(f"sqlite: {exc}") from exc
@@ -158,17 +164,10 @@ class SQLiteStore(Store):
             except sqlite3.OperationalError as exc:
                 if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     return False, None  # another process holds the write lock: wait for it in a thread
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
+                raise  # made StoreUnavailable below, as _call does
             finally:
                 conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            try:
-                result = fn(conn)
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return True, result
+            return True, self._commit(conn, fn)
         except sqlite3.OperationalError as exc:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
         finally:
@@ -470,16 +469,12 @@ class SQLiteStore(Store):
                 "SELECT version FROM records WHERE kind = ? AND name = ? AND (expires_at IS NULL OR expires_at > ?)",
                 (kind, name, self._clock()),
             ).fetchone()
-            current = int(row[0]) if row else 0
-            if expected_version == 0 and row:
-                raise AlreadyExists(f"record {kind}/{name} exists")
-            if expected_version is not None and expected_version > 0 and current != expected_version:
-                raise Fenced(f"record {kind}/{name} is at version {current}, not {expected_version}")
+            version = next_record_version(kind, name, int(row[0]) if row else None, expected_version)
             conn.execute(
                 "INSERT OR REPLACE INTO records (kind, name, data, version, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (kind, name, blob, current + 1, expires_at),
+                (kind, name, blob, version, expires_at),
             )
-            return current + 1
+            return version
 
         version = await self._run(run, write=True)
         self._count(len(blob))

@@ -105,6 +105,17 @@ class Record:
     version: int
 
 
+def next_record_version(kind: str, name: str, live: int | None, expected_version: int | None) -> int:
+    """The version `put_record` writes over a live record at version `live` (None: none), or the `AlreadyExists` /
+    `Fenced` it raises for `expected_version` (the stores that read before writing share this rule)."""
+    if expected_version == 0 and live is not None:
+        raise AlreadyExists(f"record {kind}/{name} exists")
+    current = live or 0
+    if expected_version is not None and expected_version > 0 and current != expected_version:
+        raise Fenced(f"record {kind}/{name} is at version {current}, not {expected_version}")
+    return current + 1
+
+
 class Store(ABC):
     """All methods are async; implementations on blocking clients run them in a thread."""
 

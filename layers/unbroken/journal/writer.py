@@ -403,11 +403,12 @@ class JournalWriter:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if not self._header_failed():  # that one is logged and answered by whoever created the header
+            if not self.header_failed():  # that one is logged and answered by whoever created the header
                 log.warning("journal writer of %s stopped: %r", self.response_id, exc)
             self._fail(exc)
 
-    def _header_failed(self) -> bool:
+    def header_failed(self) -> bool:
+        """True when the header's create given to this writer failed (or was cancelled): the writer stopped on it."""
         header = self._header
         return header is not None and header.done() and (header.cancelled() or header.exception() is not None)
 
