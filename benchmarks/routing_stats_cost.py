@@ -84,7 +84,7 @@ async def run_case(endpoint: str, *, instances: int, deployments: int, rate: flo
     fleet: list[Instance] = []
     for _ in range(instances):
         store = DynamoDBStore(table, region="us-east-1", endpoint_url=endpoint, clock=clock)
-        counters = CounterBatcher(store, clock=clock)
+        counters = CounterBatcher(store)
         reader = CounterReader(store, counters, clock=clock)
         board = HealthBoard(clock, settings)
         board.configure(settings, [(model.name, d.name) for d in model.deployments])

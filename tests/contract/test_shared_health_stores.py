@@ -17,7 +17,7 @@ SETTINGS = HealthSettings()
 
 
 def board_on(store: Store, clock: Clock) -> tuple[HealthBoard, CounterBatcher]:
-    counters = CounterBatcher(store, clock=clock)
+    counters = CounterBatcher(store)
     board = HealthBoard(clock, SETTINGS)
     board.configure(SETTINGS, [("m", "a"), ("m", "b")])
     board.share(store, counters, CounterReader(store, counters, max_age=0.0, clock=clock))

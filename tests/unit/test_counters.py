@@ -83,3 +83,27 @@ async def test_an_own_flush_does_not_drop_out_of_the_cached_value() -> None:
     await batcher.flush()  # no longer pending, and the cached store value predates it
     assert await reader.read(["c"]) == {"c": {"n": 13}}
     assert reader.reads == 1
+
+
+async def test_a_flush_that_fails_part_way_puts_back_only_what_was_not_written() -> None:
+    """Increments of two expiry groups: the first written, the second refused. Only the second stays pending, so
+    the next flush does not count the first twice."""
+
+    class FailsSecondCall(MemoryStore):
+        calls = 0
+
+        async def add_counters(self, increments, *, expires_at):  # type: ignore[no-untyped-def]
+            self.calls += 1
+            if self.calls == 2:
+                raise StoreUnavailable("down")
+            await super().add_counters(increments, expires_at=expires_at)
+
+    store = FailsSecondCall()
+    batcher = CounterBatcher(store)
+    now = time.time()
+    batcher.add("day", {"n": 1}, expires_at=now + 3600)
+    batcher.add("minute", {"n": 1}, expires_at=now + 60)
+    await batcher.flush()
+    await batcher.flush()
+    got = await store.get_counters(["day", "minute"])
+    assert got == {"day": {"n": 1}, "minute": {"n": 1}}

@@ -126,7 +126,7 @@ def test_a_failure_share_opens_without_consecutive_failures() -> None:
 class Instance:
     def __init__(self, store: Store, clock: Clock) -> None:
         self.store = store
-        self.counters = CounterBatcher(store, clock=clock)
+        self.counters = CounterBatcher(store)
         self.reader = CounterReader(store, self.counters, max_age=0.0, clock=clock)  # every refresh reads
         self.board = HealthBoard(clock, SETTINGS)
         self.board.configure(SETTINGS, [("m", "a"), ("m", "b")])

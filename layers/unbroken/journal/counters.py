@@ -28,11 +28,9 @@ MAX_PENDING_KEYS = 10_000
 class CounterBatcher:
     """Local sums of increments per counter key, written by `flush()` (called by `run()` every `flush_seconds`)."""
 
-    def __init__(self, store: Store, *, flush_seconds: float = FLUSH_SECONDS,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, *, flush_seconds: float = FLUSH_SECONDS) -> None:
         self.store = store
         self.flush_seconds = flush_seconds
-        self._clock = clock
         self._pending: dict[str, dict[str, float]] = {}
         self._expires: dict[str, float] = {}
         self._lock = asyncio.Lock()
@@ -67,15 +65,20 @@ class CounterBatcher:
             groups: dict[float, dict[str, dict[str, float]]] = {}
             for key, fields in batch.items():
                 groups.setdefault(expires[key], {})[key] = fields
+            written = 0
             try:
                 for expires_at, increments in groups.items():
                     await self.store.add_counters(increments, expires_at=expires_at)
+                    written += 1
                     self.flushes += 1
                     for listener in self._on_flushed:
                         listener(increments)
             except StoreError as exc:
-                for key, fields in batch.items():
-                    self.add(key, fields, expires_at=expires[key])
+                # Only the groups not written go back: those written would be counted twice. (Within the failed
+                # call some keys may have been applied, on DynamoDB one UpdateItem per key: those may count twice.)
+                for increments in list(groups.values())[written:]:
+                    for key, fields in increments.items():
+                        self.add(key, fields, expires_at=expires[key])
                 log.warning("counter flush failed", extra={"error": str(exc), "keys": len(batch)})
 
     async def run(self) -> None:
