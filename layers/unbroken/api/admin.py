@@ -10,7 +10,7 @@ from __future__ import annotations
 import calendar
 import time
 from dataclasses import replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
@@ -28,6 +28,8 @@ router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin)])
 # A spend read covers at most this many days, and at most this many (name, day) counters.
 MAX_SPEND_DAYS = 92
 MAX_SPEND_CELLS = 20_000
+
+_Settings = TypeVar("_Settings", Budgets, Limits)
 
 
 class _Body(BaseModel):
@@ -88,29 +90,31 @@ def _check_models(runtime: Runtime, models: list[str] | None) -> None:
                           code="model_not_found")
 
 
-def _budgets(current: Budgets, body: BudgetsBody | None) -> Budgets:
+def _merged(current: _Settings, body: BudgetsBody | LimitsBody | None) -> _Settings:
+    """`current` with the fields the body gave (None: unchanged)."""
     if body is None:
         return current
     return replace(current, **{f: getattr(body, f) for f in body.model_fields_set})
 
 
-def _limits(current: Limits, body: LimitsBody | None) -> Limits:
-    if body is None:
-        return current
-    return replace(current, **{f: getattr(body, f) for f in body.model_fields_set})
+def _budgets_and_limits(body: KeySettingsBody | TenantBody, budgets: Budgets, limits: Limits) -> dict[str, Any]:
+    """The budgets and limits a PATCH body changes: a field left out stays, null clears it."""
+    given = body.model_fields_set
+    changes: dict[str, Any] = {}
+    if "budgets" in given:
+        changes["budgets"] = _merged(budgets, body.budgets) if body.budgets is not None else Budgets()
+    if "limits" in given:
+        changes["limits"] = _merged(limits, body.limits) if body.limits is not None else Limits()
+    return changes
 
 
 def _apply(key: ApiKeyRecord, body: KeySettingsBody) -> ApiKeyRecord:
     given = body.model_fields_set
-    changes: dict[str, Any] = {}
+    changes = _budgets_and_limits(body, key.budgets, key.limits)
     if "name" in given:
         changes["name"] = body.name
     if "models" in given:
         changes["models"] = None if body.models is None else tuple(body.models)
-    if "budgets" in given:
-        changes["budgets"] = _budgets(key.budgets, body.budgets) if body.budgets is not None else Budgets()
-    if "limits" in given:
-        changes["limits"] = _limits(key.limits, body.limits) if body.limits is not None else Limits()
     if "expires_at" in given:
         changes["expires_at"] = body.expires_at
     return replace(key, **changes)
@@ -126,8 +130,8 @@ async def create_key(request: Request) -> JSONResponse:
     body = validate(CreateKeyBody, parse_json(await request.body()))
     _check_models(runtime, body.models)
     key, secret = await accounts.create_key(body.tenant, name=body.name, models=body.models,
-                                            budgets=_budgets(Budgets(), body.budgets),
-                                            limits=_limits(Limits(), body.limits), expires_at=body.expires_at)
+                                            budgets=_merged(Budgets(), body.budgets),
+                                            limits=_merged(Limits(), body.limits), expires_at=body.expires_at)
     return JSONResponse({**_key_view(key), "secret": secret}, status_code=201)
 
 
@@ -183,16 +187,8 @@ async def update_tenant(request: Request, tenant: str) -> dict[str, Any]:
     _, accounts = _accounts(request)
     body = validate(TenantBody, parse_json(await request.body()))
 
-    def change(current: TenantRecord) -> TenantRecord:
-        given = body.model_fields_set
-        budgets, limits = current.budgets, current.limits
-        if "budgets" in given:
-            budgets = _budgets(budgets, body.budgets) if body.budgets is not None else Budgets()
-        if "limits" in given:
-            limits = _limits(limits, body.limits) if body.limits is not None else Limits()
-        return replace(current, budgets=budgets, limits=limits)
-
-    return _tenant_view(await accounts.update_tenant(tenant, change))
+    return _tenant_view(await accounts.update_tenant(
+        tenant, lambda current: replace(current, **_budgets_and_limits(body, current.budgets, current.limits))))
 
 
 # -- spend --------------------------------------------------------------------------------------------------------
