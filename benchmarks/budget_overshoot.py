@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
-from tests.support.server import RouterProcess
+from tests.support.server import RouterProcess, admin_config, sim_model
 from unbroken.journal.counters import FLUSH_SECONDS, READ_CACHE_SECONDS
 
 ADMIN_KEY = "sk-admin-bench"
@@ -33,19 +34,8 @@ ADMIN_KEY = "sk-admin-bench"
 LAG_SLACK_SECONDS = 1.0
 LAG_SECONDS = FLUSH_SECONDS + READ_CACHE_SECONDS
 
-CONFIG = f"""
-api_keys: []
-auth:
-  admin_keys: [{{key: {ADMIN_KEY}, tenant: ops}}]
-models:
-  - name: demo
-    deployments:
-      - name: sim
-        provider: simulated
-        model: sim-1
-        price: {{input: 1.0, output: 2.0}}
-        options: {{seed: 7, ttft_ms: 20, tps: 400, length: 40}}
-"""
+CONFIG = yaml.safe_dump(admin_config(ADMIN_KEY, sim_model("demo", deployments=1, ttft_ms=20, tps=400),
+                                     api_keys=[]))
 
 
 @dataclass(frozen=True, slots=True)
