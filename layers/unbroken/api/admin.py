@@ -123,7 +123,7 @@ def _apply(key: ApiKeyRecord, body: KeySettingsBody) -> ApiKeyRecord:
 # -- keys ---------------------------------------------------------------------------------------------------------
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, response_model=None)
 async def create_key(request: Request) -> JSONResponse:
     """A new key; the answer holds its secret, which is never shown again."""
     runtime, accounts = _accounts(request)
@@ -135,19 +135,19 @@ async def create_key(request: Request) -> JSONResponse:
     return JSONResponse({**_key_view(key), "secret": secret}, status_code=201)
 
 
-@router.get("/keys")
+@router.get("/keys", response_model=None)
 async def list_keys(request: Request, tenant: str | None = None) -> dict[str, Any]:
     _, accounts = _accounts(request)
     return {"object": "list", "data": [_key_view(k) for k in await accounts.list_keys(tenant)]}
 
 
-@router.get("/keys/{key_id}")
+@router.get("/keys/{key_id}", response_model=None)
 async def get_key(request: Request, key_id: str) -> dict[str, Any]:
     _, accounts = _accounts(request)
     return _key_view(await accounts.key_by_id(key_id))
 
 
-@router.patch("/keys/{key_id}")
+@router.patch("/keys/{key_id}", response_model=None)
 async def update_key(request: Request, key_id: str) -> dict[str, Any]:
     """Change a key's name, models, budgets, limits or expiry (only the fields given)."""
     runtime, accounts = _accounts(request)
@@ -156,7 +156,7 @@ async def update_key(request: Request, key_id: str) -> dict[str, Any]:
     return _key_view(await accounts.update_key(key_id, lambda key: _apply(key, body)))
 
 
-@router.post("/keys/{key_id}/revoke")
+@router.post("/keys/{key_id}/revoke", response_model=None)
 async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     """Refused by this instance at once, by every other within `auth.key_cache_seconds`. Revoking twice is the
     same as once."""
@@ -169,19 +169,19 @@ async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
 # -- tenants ------------------------------------------------------------------------------------------------------
 
 
-@router.get("/tenants")
+@router.get("/tenants", response_model=None)
 async def list_tenants(request: Request) -> dict[str, Any]:
     _, accounts = _accounts(request)
     return {"object": "list", "data": [_tenant_view(t) for t in await accounts.list_tenants()]}
 
 
-@router.get("/tenants/{tenant}")
+@router.get("/tenants/{tenant}", response_model=None)
 async def get_tenant(request: Request, tenant: str) -> dict[str, Any]:
     _, accounts = _accounts(request)
     return _tenant_view(await accounts.tenant(tenant))
 
 
-@router.patch("/tenants/{tenant}")
+@router.patch("/tenants/{tenant}", response_model=None)
 async def update_tenant(request: Request, tenant: str) -> dict[str, Any]:
     """A tenant's budgets and limits: they apply to every caller of the tenant (YAML keys, store keys, tokens)."""
     _, accounts = _accounts(request)
@@ -218,7 +218,7 @@ async def _names(runtime: Runtime, accounts: Accounts, by: spend.Dimension) -> l
     return list(dict.fromkeys(tenants))
 
 
-@router.get("/spend")
+@router.get("/spend", response_model=None)
 async def read_spend(request: Request, by: Literal["key", "tenant", "model", "deployment"] = "key",
                      id: Annotated[str | None, Query(min_length=1)] = None,
                      from_: Annotated[str | None, Query(alias="from")] = None,
