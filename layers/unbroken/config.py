@@ -685,8 +685,11 @@ class Config(_Strict):
         i = _matching_key(self.api_keys, presented)
         if i is None:
             return None
-        k = self.api_keys[i]
-        return k.name or f"yaml-{i}", k
+        return self.yaml_key_id(i), self.api_keys[i]
+
+    def yaml_key_id(self, position: int) -> str:
+        """The id of the YAML key at this position of `api_keys` (see `key_for`)."""
+        return self.api_keys[position].name or f"yaml-{position}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,7 +212,7 @@ async def _names(runtime: Runtime, accounts: Accounts, by: spend.Dimension) -> l
         return [f"{m.name}/{d.name}" for m in config.models for d in m.deployments]
     keys = await accounts.list_keys()
     if by == "key":
-        return [k.name or f"yaml-{i}" for i, k in enumerate(config.api_keys)] + [k.id for k in keys]
+        return [config.yaml_key_id(i) for i in range(len(config.api_keys))] + [k.id for k in keys]
     tenants = [k.tenant for k in config.api_keys] + [k.tenant for k in keys] + \
         [t.tenant for t in await accounts.list_tenants()]
     return list(dict.fromkeys(tenants))
