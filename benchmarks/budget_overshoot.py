@@ -13,9 +13,9 @@ small one and asserts that bound.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
+from tests.support.server import RouterProcess, admin_config, sim_model
 from unbroken.journal.counters import FLUSH_SECONDS, READ_CACHE_SECONDS
 
 ADMIN_KEY = "sk-admin-bench"
@@ -32,19 +34,8 @@ ADMIN_KEY = "sk-admin-bench"
 LAG_SLACK_SECONDS = 1.0
 LAG_SECONDS = FLUSH_SECONDS + READ_CACHE_SECONDS
 
-CONFIG = f"""
-api_keys: []
-auth:
-  admin_keys: [{{key: {ADMIN_KEY}, tenant: ops}}]
-models:
-  - name: demo
-    deployments:
-      - name: sim
-        provider: simulated
-        model: sim-1
-        price: {{input: 1.0, output: 2.0}}
-        options: {{seed: 7, ttft_ms: 20, tps: 400, length: 40}}
-"""
+CONFIG = yaml.safe_dump(admin_config(ADMIN_KEY, sim_model("demo", deployments=1, ttft_ms=20, tps=400),
+                                     api_keys=[]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,31 +65,6 @@ class Report:
     late_admissions: int  # admitted although sent after T* + lag bound: 0 if the bound holds
     reached_monotonic: float = 0.0  # T* on the clients' monotonic clock (what `Outcome.sent_at` is on)
     outcomes: list[Outcome] = field(default_factory=list, repr=False)
-
-
-class Serve:
-    """`unbroken serve --port 0` in a subprocess; its base URL from the ready line."""
-
-    def __init__(self, config: Path, store_url: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "unbroken.cli", "serve", "--config", str(config), "--port", "0", "--store",
-             store_url, "--log-level", "WARNING"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line.startswith("unbroken ready on "):
-            self.proc.kill()
-            raise RuntimeError(f"unbroken serve did not start: {line!r}")
-        self.url = line.split()[3].removesuffix("/v1")
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout or ()], daemon=True).start()
-
-    def stop(self) -> None:
-        """SIGTERM: a graceful stop flushes the counters."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
 
 
 def _worker(index: int, url: str, process: int, secret: str, stop: threading.Event,
@@ -135,21 +101,22 @@ def measure(*, workers: int = 16, budget_requests: float = 20.0, after_lag_s: fl
     config = tmp / "router.yaml"
     config.write_text(CONFIG, encoding="utf-8")
     store_url = f"sqlite:///{tmp / 'shared.db'}"
-    servers = [Serve(config, store_url), Serve(config, store_url)]
-    try:
+    with contextlib.ExitStack() as stack:  # leaving it stops both gracefully (SIGTERM flushes the counters)
+        servers = [stack.enter_context(RouterProcess(config, store_url)) for _ in range(2)]
+        urls = [s.base_url.removesuffix("/v1") for s in servers]
         admin = {"authorization": f"Bearer {ADMIN_KEY}"}
         with httpx.Client(timeout=60) as client:
-            probe = client.post(f"{servers[0].url}/admin/v1/keys", json={"tenant": "probe"}, headers=admin).json()
-            one = client.post(f"{servers[0].url}/v1/responses", headers={"authorization": f"Bearer {probe['secret']}"},
+            probe = client.post(f"{urls[0]}/admin/v1/keys", json={"tenant": "probe"}, headers=admin).json()
+            one = client.post(f"{urls[0]}/v1/responses", headers={"authorization": f"Bearer {probe['secret']}"},
                               json={"model": "demo", "input": "How far can a budget go?", "store": False})
             cost = float(one.headers["x-unbroken-cost-usd"])
             budget = cost * budget_requests
-            key = client.post(f"{servers[0].url}/admin/v1/keys", headers=admin,
+            key = client.post(f"{urls[0]}/admin/v1/keys", headers=admin,
                               json={"tenant": "bench", "budgets": {"daily_usd": budget}}).json()
         outcomes: list[Outcome] = []
         lock = threading.Lock()
         stop = threading.Event()
-        threads = [threading.Thread(target=_worker, args=(i, servers[i % 2].url, i % 2, key["secret"], stop,
+        threads = [threading.Thread(target=_worker, args=(i, urls[i % 2], i % 2, key["secret"], stop,
                                                           outcomes, lock), daemon=True) for i in range(workers)]
         started = time.monotonic()
         for t in threads:
@@ -164,9 +131,6 @@ def measure(*, workers: int = 16, budget_requests: float = 20.0, after_lag_s: fl
         stop.set()
         for t in threads:
             t.join(timeout=60)
-    finally:
-        for s in servers:
-            s.stop()
     reached = _reached(outcomes, budget)
     if reached is None:
         raise RuntimeError("the budget was never reached")

@@ -531,6 +531,17 @@ class JwtSettings(_Strict):
         return self
 
 
+def _matching_key(keys: list[ApiKey], presented: str) -> int | None:
+    """The position of the (last) key whose digest is the presented key's. Every key is compared, so the time taken
+    does not say which, or whether one, matched."""
+    digest = hashlib.sha256(presented.encode()).digest()
+    found: int | None = None
+    for i, k in enumerate(keys):
+        if hmac.compare_digest(digest, k.digest):
+            found = i
+    return found
+
+
 class AuthSettings(_Strict):
     jwt: JwtSettings | None = None
     # Behind an API Gateway authorizer (Cognito user pool): the claim of `requestContext.authorizer.claims` that
@@ -549,12 +560,7 @@ class AuthSettings(_Strict):
     key_cache_entries: int = Field(default=10_000, ge=1, le=1_000_000)
 
     def is_admin_key(self, presented: str) -> bool:
-        """Constant time over all admin keys, like `Config.tenant_for_key`."""
-        digest = hashlib.sha256(presented.encode()).digest()
-        found = False
-        for k in self.admin_keys:
-            found |= hmac.compare_digest(digest, k.digest)
-        return found
+        return _matching_key(self.admin_keys, presented) is not None
 
 
 class HedgeSettings(_Strict):
@@ -676,12 +682,14 @@ class Config(_Strict):
     def key_for(self, presented: str) -> tuple[str, ApiKey] | None:
         """(key id, key) of a presented YAML key, in constant time over all keys. The id names the key in spend and
         logs: its `name`, else `yaml-<position in api_keys>` (never derived from the secret)."""
-        digest = hashlib.sha256(presented.encode()).digest()
-        found: tuple[str, ApiKey] | None = None
-        for i, k in enumerate(self.api_keys):
-            if hmac.compare_digest(digest, k.digest):
-                found = (k.name or f"yaml-{i}", k)
-        return found
+        i = _matching_key(self.api_keys, presented)
+        if i is None:
+            return None
+        return self.yaml_key_id(i), self.api_keys[i]
+
+    def yaml_key_id(self, position: int) -> str:
+        """The id of the YAML key at this position of `api_keys` (see `key_for`)."""
+        return self.api_keys[position].name or f"yaml-{position}"
 
 
 @dataclass(frozen=True, slots=True)

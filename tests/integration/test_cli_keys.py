@@ -11,20 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
-from tests.support.server import RouterProcess
+from tests.support.server import RouterProcess, admin_config, sim_model
 
 ADMIN_KEY = "sk-admin-cli"
-CONFIG = f"""
-api_keys: []
-auth:
-  admin_keys: [{{key: {ADMIN_KEY}, tenant: ops}}]
-models:
-  - name: demo
-    deployments:
-      - {{name: sim, provider: simulated, model: sim-1, price: {{input: 1.0, output: 2.0}},
-         options: {{seed: 7, ttft_ms: 0, tps: 0, length: 40}}}}
-"""
+CONFIG = yaml.safe_dump(admin_config(ADMIN_KEY, sim_model("demo", deployments=1), api_keys=[]))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from benchmarks import budget_overshoot
-from tests.support.server import RouterProcess, RouterThread, base_config, sim_model
+from tests.support.server import RouterProcess, RouterThread, admin_config, base_config, sim_model
 from unbroken.journal.backends import open_store
 from unbroken.journal.counters import FLUSH_SECONDS, READ_CACHE_SECONDS
 from unbroken.simulator import SimulatedUpstream
@@ -29,16 +29,8 @@ from unbroken.simulator import SimulatedUpstream
 ADMIN_KEY = "sk-admin-procs"
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
 REVOCATION_BOUND_S = 10.0
-CONFIG = f"""
-api_keys: [{{key: sk-test, tenant: t1}}]
-auth:
-  admin_keys: [{{key: {ADMIN_KEY}, tenant: ops}}]
-models:
-  - name: demo
-    deployments:
-      - {{name: sim, provider: simulated, model: sim-1, price: {{input: 1.0, output: 2.0}},
-         options: {{seed: 7, ttft_ms: 0, tps: 0, length: 40}}}}
-"""
+CONFIG = yaml.safe_dump(admin_config(ADMIN_KEY, sim_model("demo", deployments=1),
+                                     api_keys=[{"key": "sk-test", "tenant": "t1"}]))
 
 
 @pytest.fixture

@@ -42,6 +42,16 @@ def base_config(*models: dict[str, Any], **server: Any) -> dict[str, Any]:
             "models": list(models) or [sim_model()], "server": server}
 
 
+def admin_config(admin_key: str, *models: dict[str, Any], api_keys: list[dict[str, str]] | None = None,
+                 **server: Any) -> dict[str, Any]:
+    """`base_config` with an admin key (tenant `ops`); `api_keys` replaces the default YAML keys."""
+    cfg = base_config(*models, **server)
+    if api_keys is not None:
+        cfg["api_keys"] = api_keys
+    cfg["auth"] = {"admin_keys": [{"key": admin_key, "tenant": "ops"}]}
+    return cfg
+
+
 class RouterThread:
     def __init__(self, config: Config | dict[str, Any], store: Any = None,
                  lambda_env: dict[str, str] | None = None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import calendar
 import time
 from dataclasses import replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
@@ -28,6 +28,8 @@ router = APIRouter(prefix="/admin/v1", dependencies=[Depends(require_admin)])
 # A spend read covers at most this many days, and at most this many (name, day) counters.
 MAX_SPEND_DAYS = 92
 MAX_SPEND_CELLS = 20_000
+
+_Settings = TypeVar("_Settings", Budgets, Limits)
 
 
 class _Body(BaseModel):
@@ -88,29 +90,31 @@ def _check_models(runtime: Runtime, models: list[str] | None) -> None:
                           code="model_not_found")
 
 
-def _budgets(current: Budgets, body: BudgetsBody | None) -> Budgets:
+def _merged(current: _Settings, body: BudgetsBody | LimitsBody | None) -> _Settings:
+    """`current` with the fields the body gave (None: unchanged)."""
     if body is None:
         return current
     return replace(current, **{f: getattr(body, f) for f in body.model_fields_set})
 
 
-def _limits(current: Limits, body: LimitsBody | None) -> Limits:
-    if body is None:
-        return current
-    return replace(current, **{f: getattr(body, f) for f in body.model_fields_set})
+def _budgets_and_limits(body: KeySettingsBody | TenantBody, budgets: Budgets, limits: Limits) -> dict[str, Any]:
+    """The budgets and limits a PATCH body changes: a field left out stays, null clears it."""
+    given = body.model_fields_set
+    changes: dict[str, Any] = {}
+    if "budgets" in given:
+        changes["budgets"] = _merged(budgets, body.budgets) if body.budgets is not None else Budgets()
+    if "limits" in given:
+        changes["limits"] = _merged(limits, body.limits) if body.limits is not None else Limits()
+    return changes
 
 
 def _apply(key: ApiKeyRecord, body: KeySettingsBody) -> ApiKeyRecord:
     given = body.model_fields_set
-    changes: dict[str, Any] = {}
+    changes = _budgets_and_limits(body, key.budgets, key.limits)
     if "name" in given:
         changes["name"] = body.name
     if "models" in given:
         changes["models"] = None if body.models is None else tuple(body.models)
-    if "budgets" in given:
-        changes["budgets"] = _budgets(key.budgets, body.budgets) if body.budgets is not None else Budgets()
-    if "limits" in given:
-        changes["limits"] = _limits(key.limits, body.limits) if body.limits is not None else Limits()
     if "expires_at" in given:
         changes["expires_at"] = body.expires_at
     return replace(key, **changes)
@@ -119,31 +123,31 @@ def _apply(key: ApiKeyRecord, body: KeySettingsBody) -> ApiKeyRecord:
 # -- keys ---------------------------------------------------------------------------------------------------------
 
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, response_model=None)
 async def create_key(request: Request) -> JSONResponse:
     """A new key; the answer holds its secret, which is never shown again."""
     runtime, accounts = _accounts(request)
     body = validate(CreateKeyBody, parse_json(await request.body()))
     _check_models(runtime, body.models)
     key, secret = await accounts.create_key(body.tenant, name=body.name, models=body.models,
-                                            budgets=_budgets(Budgets(), body.budgets),
-                                            limits=_limits(Limits(), body.limits), expires_at=body.expires_at)
+                                            budgets=_merged(Budgets(), body.budgets),
+                                            limits=_merged(Limits(), body.limits), expires_at=body.expires_at)
     return JSONResponse({**_key_view(key), "secret": secret}, status_code=201)
 
 
-@router.get("/keys")
+@router.get("/keys", response_model=None)
 async def list_keys(request: Request, tenant: str | None = None) -> dict[str, Any]:
     _, accounts = _accounts(request)
     return {"object": "list", "data": [_key_view(k) for k in await accounts.list_keys(tenant)]}
 
 
-@router.get("/keys/{key_id}")
+@router.get("/keys/{key_id}", response_model=None)
 async def get_key(request: Request, key_id: str) -> dict[str, Any]:
     _, accounts = _accounts(request)
     return _key_view(await accounts.key_by_id(key_id))
 
 
-@router.patch("/keys/{key_id}")
+@router.patch("/keys/{key_id}", response_model=None)
 async def update_key(request: Request, key_id: str) -> dict[str, Any]:
     """Change a key's name, models, budgets, limits or expiry (only the fields given)."""
     runtime, accounts = _accounts(request)
@@ -152,7 +156,7 @@ async def update_key(request: Request, key_id: str) -> dict[str, Any]:
     return _key_view(await accounts.update_key(key_id, lambda key: _apply(key, body)))
 
 
-@router.post("/keys/{key_id}/revoke")
+@router.post("/keys/{key_id}/revoke", response_model=None)
 async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
     """Refused by this instance at once, by every other within `auth.key_cache_seconds`. Revoking twice is the
     same as once."""
@@ -165,34 +169,26 @@ async def revoke_key(request: Request, key_id: str) -> dict[str, Any]:
 # -- tenants ------------------------------------------------------------------------------------------------------
 
 
-@router.get("/tenants")
+@router.get("/tenants", response_model=None)
 async def list_tenants(request: Request) -> dict[str, Any]:
     _, accounts = _accounts(request)
     return {"object": "list", "data": [_tenant_view(t) for t in await accounts.list_tenants()]}
 
 
-@router.get("/tenants/{tenant}")
+@router.get("/tenants/{tenant}", response_model=None)
 async def get_tenant(request: Request, tenant: str) -> dict[str, Any]:
     _, accounts = _accounts(request)
     return _tenant_view(await accounts.tenant(tenant))
 
 
-@router.patch("/tenants/{tenant}")
+@router.patch("/tenants/{tenant}", response_model=None)
 async def update_tenant(request: Request, tenant: str) -> dict[str, Any]:
     """A tenant's budgets and limits: they apply to every caller of the tenant (YAML keys, store keys, tokens)."""
     _, accounts = _accounts(request)
     body = validate(TenantBody, parse_json(await request.body()))
 
-    def change(current: TenantRecord) -> TenantRecord:
-        given = body.model_fields_set
-        budgets, limits = current.budgets, current.limits
-        if "budgets" in given:
-            budgets = _budgets(budgets, body.budgets) if body.budgets is not None else Budgets()
-        if "limits" in given:
-            limits = _limits(limits, body.limits) if body.limits is not None else Limits()
-        return replace(current, budgets=budgets, limits=limits)
-
-    return _tenant_view(await accounts.update_tenant(tenant, change))
+    return _tenant_view(await accounts.update_tenant(
+        tenant, lambda current: replace(current, **_budgets_and_limits(body, current.budgets, current.limits))))
 
 
 # -- spend --------------------------------------------------------------------------------------------------------
@@ -216,13 +212,13 @@ async def _names(runtime: Runtime, accounts: Accounts, by: spend.Dimension) -> l
         return [f"{m.name}/{d.name}" for m in config.models for d in m.deployments]
     keys = await accounts.list_keys()
     if by == "key":
-        return [k.name or f"yaml-{i}" for i, k in enumerate(config.api_keys)] + [k.id for k in keys]
+        return [config.yaml_key_id(i) for i in range(len(config.api_keys))] + [k.id for k in keys]
     tenants = [k.tenant for k in config.api_keys] + [k.tenant for k in keys] + \
         [t.tenant for t in await accounts.list_tenants()]
     return list(dict.fromkeys(tenants))
 
 
-@router.get("/spend")
+@router.get("/spend", response_model=None)
 async def read_spend(request: Request, by: Literal["key", "tenant", "model", "deployment"] = "key",
                      id: Annotated[str | None, Query(min_length=1)] = None,
                      from_: Annotated[str | None, Query(alias="from")] = None,

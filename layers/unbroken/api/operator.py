@@ -41,7 +41,7 @@ def _live(view: LiveView) -> dict[str, Any]:
     }
 
 
-@router.get("/admin/v1/health")
+@router.get("/admin/v1/health", response_model=None)
 async def deployment_health(request: Request) -> dict[str, Any]:
     runtime = request.app.state.runtime
     board: HealthBoard = runtime.health

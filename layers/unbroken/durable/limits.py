@@ -64,18 +64,16 @@ async def admit(runtime: Runtime, principal: Principal, model: str) -> None:
 def _check(subject: Subject, seen: dict[str, dict[str, float]], now: float) -> None:
     dimension, name, budgets, limits = subject
     who = "API key" if dimension == "key" else "tenant"
-    if budgets.daily_usd is not None:
-        spent = seen.get(spend.spend_key(dimension, name, spend.day_of(now)), {}).get("usd", 0.0)
-        if spent >= budgets.daily_usd:
-            raise Failure("rate_limited", f"This {who} has used its daily budget of ${budgets.daily_usd:g} "
-                          f"(spent ${spent:.6f} today, UTC).", code="budget_exceeded",
-                          retry_after=spend.seconds_to_next_day(now))
-    if budgets.monthly_usd is not None:
-        spent = seen.get(spend.spend_key(dimension, name, spend.month_of(now)), {}).get("usd", 0.0)
-        if spent >= budgets.monthly_usd:
-            raise Failure("rate_limited", f"This {who} has used its monthly budget of ${budgets.monthly_usd:g} "
-                          f"(spent ${spent:.6f} this month, UTC).", code="budget_exceeded",
-                          retry_after=spend.seconds_to_next_month(now))
+    for budget, period, when, until_next, label in (
+            (budgets.daily_usd, spend.day_of, "today", spend.seconds_to_next_day, "daily"),
+            (budgets.monthly_usd, spend.month_of, "this month", spend.seconds_to_next_month, "monthly")):
+        if budget is None:
+            continue
+        spent = seen.get(spend.spend_key(dimension, name, period(now)), {}).get("usd", 0.0)
+        if spent >= budget:
+            raise Failure("rate_limited", f"This {who} has used its {label} budget of ${budget:g} "
+                          f"(spent ${spent:.6f} {when}, UTC).", code="budget_exceeded",
+                          retry_after=until_next(now))
     window = seen.get(spend.window_key(dimension, name, spend.minute_of(now)), {})
     if limits.rpm is not None and window.get("requests", 0.0) >= limits.rpm:
         raise Failure("rate_limited", f"This {who} is limited to {limits.rpm} requests per minute.",
