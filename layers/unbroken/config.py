@@ -8,6 +8,7 @@ file location.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import hmac
 import os
@@ -461,8 +462,9 @@ class ApiKey(_Strict):
             raise ValueError("give exactly one of `key` or `sha256`")
         return self
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
+        """Computed once per key (every request compares against every key's digest)."""
         if self.sha256 is not None:
             return bytes.fromhex(self.sha256)
         assert self.key is not None
