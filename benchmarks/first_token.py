@@ -8,9 +8,11 @@ there), each started through this module (`serve`: `unbroken serve` plus a count
 script streams `POST /v1/responses` in rounds: every round sends the same request straight to the upstream, once
 through every router, and once more through every journaled router with `store: false` (the same process with the
 journal off for that request: the baseline the journal's share is paired with), in an order that rotates, so every
-target sees the same machine state; between rounds it times one header `create` and one `append` of a small batch
-on a store like each router's, from this process ("one commit"). `--repeat` blocks of `--n` rounds each show
-whether the figures are stable; the summary is the median over the blocks.
+target sees the same machine state; between rounds it times, on a store like each router's and from this process,
+one header `create`, one `append` of a small batch, and one header created with a first batch shaped like a
+router's ("one commit": the write a first token waits for, since the header goes in with the first output).
+`--repeat` blocks of `--n` rounds each show whether the figures are stable; the summary is the median over the
+blocks.
 
 Per target it reports:
 - added TTFT p50 / p95: the router's first `response.output_text.delta` minus the upstream's first content chunk
@@ -228,6 +230,7 @@ class _StoreProbe:
         self.store = open_store(url)
         self.create_s: list[float] = []
         self.commit_s: list[float] = []
+        self.first_commit_s: list[float] = []
 
     def sample(self) -> None:
         self.loop.run_until_complete(self._sample())
@@ -246,6 +249,26 @@ class _StoreProbe:
         t2 = time.perf_counter()
         self.create_s.append(t1 - t0)
         self.commit_s.append(t2 - t1)
+        # The write a first token waits for: a header created with the first batch, shaped like a router's (the
+        # start events carry the response object, then the item, its part and the first delta).
+        rid = f"resp_probe_{uuid.uuid4().hex}"
+        response = {"id": rid, "object": "response", "created_at": int(now), "status": "in_progress",
+                    "model": "bench", "output": [], "metadata": {"sim_length": "50", "sim_tps": "50"}}
+        first = [{"type": "response.created", "response": response},
+                 {"type": "response.in_progress", "response": response},
+                 {"type": "response.output_item.added", "output_index": 0,
+                  "item": {"id": "msg_probe", "type": "message", "status": "in_progress", "role": "assistant",
+                           "content": []}},
+                 {"type": "response.content_part.added", "item_id": "msg_probe", "output_index": 0,
+                  "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}},
+                 events[0]]
+        first = [{**e, "sequence_number": i} for i, e in enumerate(first)]
+        header = ResponseHeader(id=rid, tenant="probe", created_at=now, expires_at=now + 600,
+                                status="in_progress", lease_expires_at=now + 30,
+                                request={"model": "bench", "input": "hi", "stream": True})
+        t3 = time.perf_counter()
+        await self.store.create(header, first)
+        self.first_commit_s.append(time.perf_counter() - t3)
 
     def close(self) -> None:
         self.loop.run_until_complete(self.store.close())
@@ -336,13 +359,14 @@ def _block(client: httpx.Client, targets: list[_Target], n: int, bodies: dict[st
             row["commit_ms_p50"] = _ms(_pct(commit, 0.5))
             row["commit_ms_p95"] = _ms(_pct(commit, 0.95))
             row["create_ms_p50"] = _ms(_pct(r.probe.create_s[-n:], 0.5))
+            row["first_commit_ms_p50"] = _ms(_pct(r.probe.first_commit_s[-n:], 0.5))
             off = by_name.get(f"{t.name}_off")
             if off is not None:
                 journal = [x[0] - z[0] for x, z in zip(t.streams, off.streams, strict=True)]
                 row["journal_added_ttft_ms_p50"] = _ms(_pct(journal, 0.5))
                 row["journal_added_ttft_ms_p95"] = _ms(_pct(journal, 0.95))
                 row["journal_added_ttft_in_commits"] = round(
-                    row["journal_added_ttft_ms_p50"] / max(row["commit_ms_p50"], 0.01), 2)
+                    row["journal_added_ttft_ms_p50"] / max(row["first_commit_ms_p50"], 0.01), 2)
                 off_held = [h for h, name in zip(held_all, r.sent, strict=False) if name == off.name]
                 if held and off_held:
                     row["in_router_journal_added_ms_p50"] = round(_pct(held, 0.5) - _pct(off_held, 0.5), 2)
@@ -387,11 +411,13 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
         off = summary.get(f"{store}_off", summary.get("none"))
         none = off if isinstance(off, dict) else None
         if "journal_added_ttft_ms_p50" in s:
-            j, c = s["journal_added_ttft_ms_p50"], s["commit_ms_p50"]
+            # The commit a first token waits for: the header created with the first batch (one write); older
+            # results have only the append of a small batch.
+            j, c = s["journal_added_ttft_ms_p50"], s.get("first_commit_ms_p50", s["commit_ms_p50"])
             out.append((store, "first token within one commit of the journal off", j <= c,
                         f"journal adds {j:.2f} ms (p50 of rounds paired with the same router, store: false; p95 "
-                        f"{s['journal_added_ttft_ms_p95']:.2f}), "
-                        f"one commit {c:.2f} ms (p50)"))
+                        f"{s['journal_added_ttft_ms_p95']:.2f}), one commit {c:.2f} ms (p50 of the header "
+                        f"created with a first batch; an append of 5 deltas {s['commit_ms_p50']:.2f} ms)"))
         holds = True
         figures = []
         for q in ("p50", "p95"):

@@ -193,6 +193,55 @@ async def test_idempotency_key_per_tenant(store: Store, clock: Clock) -> None:
     assert await store.get(loser.id) is None
 
 
+async def test_create_with_first_batch(store: Store, clock: Clock) -> None:
+    """The header and the first events in one commit: readable at once, appended to like any response."""
+    first = mixed_events()[:6]
+    header = new_header(clock, request={"model": "gpt"}, lease_expires_at=clock() + 30)
+    await store.create(header, first)
+    got = await store.get(header.id)
+    assert got is not None and got.last_seq == 5 and got.request == {"model": "gpt"}
+    assert await store.read_events(header.id) == first
+    assert await store.read_events(header.id, 2) == first[3:]
+    more = deltas(6, 3)
+    assert await store.append(header.id, 0, more) is False
+    assert await store.read_events(header.id) == first + more
+    with pytest.raises(Fenced):
+        await store.append(header.id, 0, deltas(0, 1))  # the first batch counts: 0 is taken
+
+
+async def test_create_with_first_batch_is_atomic(store: Store, clock: Clock) -> None:
+    """A refused create (id or idempotency key taken) writes none of its events; a batch that is not dense from
+    the header's `last_seq + 1` is a ValueError before anything is written."""
+    taken = await create(store, clock, tenant="tenant-a", idempotency_key="k1")
+    with pytest.raises(AlreadyExists):
+        await store.create(new_header(clock, id=taken.id), deltas(0, 3))
+    assert await store.read_events(taken.id) == []
+    assert (await store.get(taken.id)).last_seq == -1  # type: ignore[union-attr]
+    loser = new_header(clock, tenant="tenant-a", idempotency_key="k1")
+    with pytest.raises(AlreadyExists):
+        await store.create(loser, deltas(0, 3))
+    assert await store.get(loser.id) is None and await store.read_events(loser.id) == []
+    for bad in (deltas(1, 2), [delta(0, "a"), delta(2, "b")]):
+        header = new_header(clock)
+        with pytest.raises(ValueError):
+            await store.create(header, bad)
+        assert await store.get(header.id) is None
+    # With an idempotency key the first batch lands with the key; the key finds the response.
+    keyed = new_header(clock, tenant="tenant-b", idempotency_key="k2")
+    await store.create(keyed, deltas(0, 2))
+    found = await store.find_by_idempotency_key("tenant-b", "k2")
+    assert found is not None and found.id == keyed.id and found.last_seq == 1
+
+
+async def test_create_with_a_large_first_batch(store: Store, clock: Clock) -> None:
+    """A first batch of a few hundred KB (one huge event among small ones) reads back exactly."""
+    first = mixed_events()
+    header = new_header(clock)
+    await store.create(header, first)
+    assert await store.read_events(header.id) == first
+    assert (await store.get(header.id)).last_seq == len(first) - 1  # type: ignore[union-attr]
+
+
 # -- appending and reading ---------------------------------------------------------------------------------------------
 
 

@@ -234,11 +234,11 @@ class RefusingCreate(MemoryStore):
         self.failure = failure
         self.creates = 0
 
-    async def create(self, header: ResponseHeader) -> None:
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         self.creates += 1
         if self.creates == 1:
             raise self.failure
-        await super().create(header)
+        await super().create(header, events)
 
 
 @pytest.mark.parametrize(("failure", "status", "code"), [
@@ -246,21 +246,43 @@ class RefusingCreate(MemoryStore):
     (StoreError("conditional check failed oddly"), 503, "store_unavailable"),
     (AlreadyExists("response id taken"), 409, "conflict"),
 ])
-def test_a_header_that_cannot_be_created_is_an_error_and_the_upstream_call_is_stopped(
+def test_a_keyed_header_that_cannot_be_created_is_an_error_and_the_upstream_call_is_stopped(
         sim: Any, failure: Exception, status: int, code: str | None) -> None:
-    """The upstream call starts while the header is created: a create that fails still answers the POST with the
-    spec's error object (nothing was sent, so the status can be honest), and the run is gone, its upstream call
-    cancelled, nothing written. The next request works."""
+    """With an Idempotency-Key the header (which claims the key) is created while the upstream call starts: a create
+    that fails still answers the POST with the spec's error object (nothing was sent, so the status can be honest),
+    and the run is gone, its upstream call cancelled long before the upstream's first token, nothing written. The
+    next request works."""
     store = RefusingCreate(failure)
     body = {"model": "slow", "input": "no header", "stream": True, "metadata": {"sim_ttft_ms": "3000"}}
     with RouterThread(journal_config(sim.base_url), store=store) as router:
-        response, raw = _raw_post(router.base_url, body)
+        response, raw = _raw_post(router.base_url, body, {"Idempotency-Key": "refused-1"})
         producers = _run(router, _producers(router))
         stored = _run(router, _stored_ids(store))
         _, after = post_stream(router.base_url, {"model": "demo", "input": "and now"})
     assert_error(response, raw, status, code)
     assert producers == []
     assert stored == []  # nothing of the refused response is in the store: no header, no event
+    assert after.terminal["type"] == "response.completed"
+
+
+@pytest.mark.parametrize("failure", [StoreUnavailable("throttled past the retry bound"),
+                                     StoreError("conditional check failed oddly"),
+                                     AlreadyExists("response id taken")])
+def test_an_unkeyed_header_written_with_the_first_batch_that_fails_is_a_503_and_the_run_is_gone(
+        sim: Any, failure: Exception) -> None:
+    """Without an Idempotency-Key the header goes in with the first batch, in one write: when that write fails the
+    POST is answered with 503 (nothing was sent), the run and its upstream call are stopped, nothing is stored. An
+    id collision is the router's fault, not the client's, so it is not a 409."""
+    store = RefusingCreate(failure)
+    with RouterThread(journal_config(sim.base_url), store=store) as router:
+        response, raw = _raw_post(router.base_url, {"model": "slow", "input": "no header", "stream": True})
+        producers = _run(router, _producers(router))
+        stored = _run(router, _stored_ids(store))
+        _, after = post_stream(router.base_url, {"model": "demo", "input": "and now"})
+    assert_error(response, raw, 503, "store_unavailable")
+    assert store.creates == 2  # the refused one and the next request's
+    assert producers == []
+    assert stored == []  # nothing of the refused response: no header, no event
     assert after.terminal["type"] == "response.completed"
 
 
@@ -281,21 +303,23 @@ async def _stored_ids(store: MemoryStore) -> list[str]:
 
 
 class SlowCreate(MemoryStore):
-    """A create that takes a while (the upstream has answered by the time it is done); appends are recorded."""
+    """A create that takes a while (the upstream has answered by the time it is done); commits are recorded."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.appends: list[list[dict[str, Any]]] = []
+        self.commits: list[list[dict[str, Any]]] = []
 
-    async def create(self, header: ResponseHeader) -> None:
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         import asyncio
 
         await asyncio.sleep(0.05)  # a slow store, not a synchronisation: nothing below depends on its length
-        await super().create(header)
+        if events:
+            self.commits.append(list(events))
+        await super().create(header, events)
 
     async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
         if events:
-            self.appends.append(list(events))
+            self.commits.append(list(events))
         return await super().append(response_id, epoch, events, **kw)
 
 
@@ -307,27 +331,37 @@ def test_with_a_slow_header_create_the_client_sees_only_durable_events_in_order(
     assert_well_formed(stream)
     assert stream.events == durable  # exactly what is durable, dense from 0
     assert [e["sequence_number"] for e in durable] == list(range(len(durable)))
-    # The start events waited for the first content and went out in its batch.
-    first = [e["type"] for e in store.appends[0]]
+    # The start events waited for the first content and went out in its batch, with the header.
+    first = [e["type"] for e in store.commits[0]]
     assert first[:2] == ["response.created", "response.in_progress"]
     assert "response.output_text.delta" in first
 
 
 class OrderedStore(MemoryStore):
-    """Logs each commit of events (and can refuse the first), for ordering against what the server sends."""
+    """Logs each commit of events (and can refuse the first), for ordering against what the server sends. The first
+    batch of an unkeyed response comes with its header's create."""
 
     def __init__(self, log: list[str], *, refuse_first: bool = False) -> None:
         super().__init__()
         self.log = log
         self.refuse_first = refuse_first
 
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
+        if events and self.refuse_first:
+            raise StoreUnavailable("throttled past the retry bound")
+        await super().create(header, events)
+        self._logged(events)
+
     async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
         if events and self.refuse_first:
             raise StoreUnavailable("throttled past the retry bound")
         cancel = await super().append(response_id, epoch, events, **kw)
+        self._logged(events)
+        return cancel
+
+    def _logged(self, events: list[dict[str, Any]] | None) -> None:
         if events:
             self.log.append(f"commit {events[0]['sequence_number']}..{events[-1]['sequence_number']}")
-        return cancel
 
 
 def _logging_sends(app: Any, log: list[str]) -> Any:
@@ -377,9 +411,10 @@ def _run(router: RouterThread, coro: Any) -> Any:
     return asyncio.run_coroutine_threadsafe(coro, router.loop).result(timeout=30)
 
 
-def _raw_post(base_url: str, body: dict[str, Any]) -> tuple[httpx.Response, bytes]:
+def _raw_post(base_url: str, body: dict[str, Any],
+              extra_headers: dict[str, str] | None = None) -> tuple[httpx.Response, bytes]:
     with httpx.Client(timeout=TIMEOUT) as client, client.stream("POST", f"{base_url}/responses", json=body,
-                                                                headers=headers()) as r:
+                                                                headers={**headers(), **(extra_headers or {})}) as r:
         return r, r.read()
 
 

@@ -1,7 +1,9 @@
-"""A foreground response's upstream call starts while its header is being created (`durable/service.py`,
-`durable/producer.py`, `journal/writer.py`): nothing is committed, and so nothing reaches a client, before the
-header exists; the first batch holds the start events with the first content; a header that cannot be created
-cancels the upstream call and is answered with a `Failure` (or, for an Idempotency-Key race, the other response).
+"""A foreground response's upstream call does not wait for its header (`durable/service.py`, `durable/producer.py`,
+`journal/writer.py`): without an Idempotency-Key the header is written together with the first batch (one commit
+before the first token, nothing in the store before it); with one, the header's create runs alongside the upstream
+call and nothing is committed before it exists. Either way the first batch holds the start events with the first
+content, and a header that cannot be written cancels the upstream call and is answered with a `Failure` (or, for
+an Idempotency-Key race, the other response).
 
 MemoryStore with a create the test holds and fails; Runtimes whose pools hand out fake providers; no sockets, no
 sleeps: every wait is on an event, bounded."""
@@ -38,13 +40,15 @@ class HeldCreate(MemoryStore):
         self.create_started = asyncio.Event()
         self.fail_with: BaseException | None = None
         self.appends: list[list[dict[str, Any]]] = []
+        self.creates: list[list[dict[str, Any]]] = []  # the first batch each create carried ([] for none)
 
-    async def create(self, header: ResponseHeader) -> None:
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         self.create_started.set()
         await asyncio.wait_for(self.release.wait(), BOUND)
         if self.fail_with is not None:
             raise self.fail_with
-        await super().create(header)
+        self.creates.append(list(events or []))
+        await super().create(header, events)
 
     async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
         self.appends.append(list(events))
@@ -66,12 +70,39 @@ def caller(key: str | None = None) -> Caller:
     return Caller(tenant="t", deadline=time.time() + 600, idempotency_key=key)
 
 
-async def test_the_upstream_call_starts_before_the_header_exists_and_nothing_is_committed_before_it() -> None:
+async def test_without_a_key_the_header_is_written_with_the_first_batch_in_one_commit() -> None:
     store = HeldCreate()
+    store.release.set()
     called, content = asyncio.Event(), asyncio.Event()
     rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hello"),
                                     TextDelta(" there"), Finish("stop")]])
     post = asyncio.create_task(create_response(rt, request(), caller()))
+    async with asyncio.timeout(BOUND):
+        await called.wait()  # the upstream is called with nothing written
+    await asyncio.sleep(0)
+    assert not store.create_started.is_set() and not post.done()
+    content.set()
+    async with asyncio.timeout(BOUND):
+        created = await post  # answered once the first write is done: the header and the first batch
+        assert isinstance(created, Journaled)
+        assert len(store.creates) == 1  # one create; whatever came after it is appended
+        first = [e["type"] for e in store.creates[0]]
+        assert first[:2] == ["response.created", "response.in_progress"]
+        assert "response.output_text.delta" in first
+        events = [e async for e in journal_events(rt, created.response_id, -1)]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))  # dense, from 0
+    assert events[-1]["type"] == "response.completed"
+    assert len(provider.requests) == 1
+    await rt.aclose()
+
+
+async def test_with_a_key_the_upstream_call_starts_before_the_header_exists_and_nothing_is_committed_before_it(
+) -> None:
+    store = HeldCreate()
+    called, content = asyncio.Event(), asyncio.Event()
+    rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hello"),
+                                    TextDelta(" there"), Finish("stop")]])
+    post = asyncio.create_task(create_response(rt, request(), caller("key-0")))
     async with asyncio.timeout(BOUND):
         await called.wait()  # the upstream is called while the create is still held
     assert store.create_started.is_set() and not post.done()
@@ -93,18 +124,20 @@ async def test_the_upstream_call_starts_before_the_header_exists_and_nothing_is_
     await rt.aclose()
 
 
-@pytest.mark.parametrize(("failure", "code"), [
-    (StoreUnavailable("throttled past the retry bound"), "store_unavailable"),
-    (StoreError("something else"), "store_unavailable"),
-    (AlreadyExists("response id taken"), None),  # no Idempotency-Key: a conflict of its own
+@pytest.mark.parametrize(("failure", "code", "key"), [
+    (StoreUnavailable("throttled past the retry bound"), "store_unavailable", None),
+    (StoreError("something else"), "store_unavailable", None),
+    (StoreUnavailable("throttled past the retry bound"), "store_unavailable", "key-2"),
+    (StoreError("something else"), "store_unavailable", "key-2"),
+    (AlreadyExists("response id taken"), None, "key-2"),  # found by no lookup: a conflict of its own
 ])
-async def test_a_header_that_cannot_be_created_cancels_the_upstream_call(failure: Exception,
-                                                                       code: str | None) -> None:
+async def test_a_header_that_cannot_be_created_cancels_the_upstream_call(failure: Exception, code: str | None,
+                                                                       key: str | None) -> None:
     store = HeldCreate()
     store.fail_with = failure
     called = asyncio.Event()
     rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), TextDelta("never shown"), HANG]])
-    post = asyncio.create_task(create_response(rt, request(), caller()))
+    post = asyncio.create_task(create_response(rt, request(), caller(key)))
     async with asyncio.timeout(BOUND):
         await called.wait()
     store.release.set()
@@ -112,9 +145,12 @@ async def test_a_header_that_cannot_be_created_cancels_the_upstream_call(failure
         await asyncio.wait_for(post, BOUND)
     assert raised.value.kind == ("conflict" if isinstance(failure, AlreadyExists) else "unavailable")
     assert raised.value.code == code
+    runs = {t for t in rt.tasks if t.get_name().startswith("produce ")}
+    if runs:  # without a key the run ends as the failure is answered: let it unwind
+        _, pending = await asyncio.wait(runs, timeout=BOUND)
+        assert not pending
     assert provider.closed_streams == 1  # the upstream call was cancelled
-    assert store.appends == []  # nothing was written, so nothing could have been sent
-    assert not [t for t in rt.tasks if t.get_name().startswith("produce ")]
+    assert store.appends == [] and store.creates == []  # nothing was written, so nothing could have been sent
     await rt.aclose()
 
 
@@ -154,11 +190,12 @@ async def test_an_idempotency_key_race_lost_at_create_attaches_to_the_other_resp
     await rt.aclose()
 
 
-async def test_a_post_cancelled_while_its_header_is_created_stops_the_upstream_call() -> None:
+@pytest.mark.parametrize("key", [None, "key-3"])
+async def test_a_post_cancelled_before_its_first_output_stops_the_upstream_call(key: str | None) -> None:
     store = HeldCreate()
     called = asyncio.Event()
     rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), HANG]])
-    post = asyncio.create_task(create_response(rt, request(), caller()))
+    post = asyncio.create_task(create_response(rt, request(), caller(key)))
     async with asyncio.timeout(BOUND):
         await called.wait()
     post.cancel()

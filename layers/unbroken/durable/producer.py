@@ -23,7 +23,7 @@ from typing import Any
 
 from unbroken.durable.runtime import BackgroundLauncher, Runtime
 from unbroken.errors import Failure
-from unbroken.journal.store import TERMINAL_EVENT_TYPES, Fenced, StoreError
+from unbroken.journal.store import TERMINAL_EVENT_TYPES, Fenced, ResponseHeader, StoreError
 from unbroken.journal.writer import JournalWriter
 from unbroken.protocol.responses import Event
 from unbroken.resilience.attempts import Generation, NoOutput, RunControl
@@ -38,6 +38,11 @@ class RunOutcome:
     """What the POST handler waits for: output started (failure None), or why nothing was produced."""
 
     failure: Failure | None = None
+
+
+def _store_unavailable() -> Failure:
+    return Failure("unavailable", "The response store is unavailable; the response could not be recorded. Try again.",
+                   code="store_unavailable")
 
 
 def _task_name(response_id: str) -> str:
@@ -71,12 +76,19 @@ class ResponseRun:
         self.hand_on = hand_on
         # The header's create when it is still in flight as the run starts (`start(header=...)`).
         self.header: asyncio.Future[None] | None = None
+        # The header not yet written (`start(create=...)`): the run's first commit writes it with the first batch.
+        self._create: ResponseHeader | None = None
+        self._journaled = False  # an event of the generation went to the writer
 
-    def start(self, *, header: Coroutine[Any, Any, None] | None = None) -> ResponseRun:
-        """Start the run's task. `header` is the response header's create, when the upstream call is not to wait
-        for it: it starts right after the run's task (so the upstream request goes out before the create's signing
-        and I/O), the run's writer appends nothing before it has succeeded, and whoever started the run awaits
-        `self.header` and answers its failure (`abort`)."""
+    def start(self, *, header: Coroutine[Any, Any, None] | None = None,
+              create: ResponseHeader | None = None) -> ResponseRun:
+        """Start the run's task. When the upstream call is not to wait for the response's header:
+        - `create` is the header, which the run's first commit writes together with the first batch of output (one
+          write before the first token, and none before the upstream call); its failure is the run's `first`;
+        - `header` is its create, already started: it runs right after the run's task (so the upstream request
+          goes out before the create's signing and I/O), the run's writer appends nothing before it has succeeded,
+          and whoever started the run awaits `self.header` and answers its failure (`abort`)."""
+        self._create = create
         self.task = self.runtime.spawn(self._run(), name=_task_name(self.response_id))
         if header is not None:
             self.header = asyncio.ensure_future(header)
@@ -98,7 +110,8 @@ class ResponseRun:
         writer = JournalWriter(self.runtime.store, self.response_id, self.epoch,
                                batch_bytes=settings.journal_batch_bytes, batch_ms=settings.journal_batch_ms,
                                lease_seconds=settings.lease_seconds, next_seq=self.generation.emitter.seq,
-                               header=self.header, on_commit=self._committed)
+                               header=self.header, create=self._create, on_commit=self._committed,
+                               on_failure=self._writer_failed)
         self.control.cancelled = lambda: writer.cancel_requested
         handed_off = False
         try:
@@ -120,8 +133,7 @@ class ResponseRun:
             # Nothing that is not durable goes out: followers of this run end with an error event of their own, and
             # a POST still waiting for the first batch answers with an error.
             self.store_error = exc
-            self._signal(RunOutcome(Failure("unavailable", "The response store is unavailable; the response could "
-                                            "not be recorded. Try again.", code="store_unavailable")))
+            self._signal(RunOutcome(_store_unavailable()))
             if not writer.header_failed():  # that one is answered (and logged) by whoever created the header
                 log.error("journal unavailable", extra={"response_id": self.response_id,
                                                         "error": type(exc).__name__})
@@ -140,6 +152,16 @@ class ResponseRun:
         if handed_off and self.hand_on is not None:
             await self._hand_on(self.hand_on)
 
+    def _writer_failed(self, error: BaseException) -> None:
+        """The journal cannot be written. Before the first output (the header written with the first batch could
+        not be), the POST is answered now and the upstream call stops, even if the upstream sends nothing more;
+        later, the run learns of it at its next write."""
+        if self.first.done() or self.task is None or isinstance(error, Fenced):
+            return
+        self.store_error = error
+        self._signal(RunOutcome(_store_unavailable()))
+        self.task.cancel()
+
     def _committed(self, _events: list[Event]) -> None:
         self._signal(RunOutcome())  # the first batch is durable: the POST may answer
 
@@ -150,6 +172,21 @@ class ResponseRun:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.task
+
+    async def stopped(self) -> None:
+        """Wait for a run whose first outcome was a failure to end: it records the failure in its header, or (a
+        store that cannot be written) it has been cancelled. A caller cancelled meanwhile stops the run too."""
+        if self.task is None or self.task.done():
+            return
+        try:
+            await asyncio.shield(self.task)
+        except asyncio.CancelledError:
+            if self.task.done():  # the run's own cancellation, not this caller's
+                return
+            self.task.cancel()
+            raise
+        except Exception:
+            return  # the run logged its own failure
 
     async def _hand_on(self, launch: BackgroundLauncher) -> None:
         """Start the next owner once everything is committed and this writer has stopped. It takes over from this
@@ -169,6 +206,7 @@ class ResponseRun:
             emitter = self.generation.emitter
             await writer.finish(event, status=emitter.response["status"], response=emitter.snapshot())
             return True
+        self._journaled = True
         if event["type"] == "response.in_progress":
             writer.mark_status("in_progress")  # the header leaves `queued` in the batch that holds this event
         await writer.emit(event)
@@ -181,7 +219,9 @@ class ResponseRun:
         answers with the failure itself, and a later reader finds the response failed)."""
         emitter = self.generation.emitter
         try:
-            if emitter.seq == 0:
+            # Nothing journaled (a crash may come after the emitter made start events it never yielded): the
+            # header alone says failed.
+            if emitter.seq == 0 or not self._journaled:
                 failed = dict(emitter.response, status="failed", error={"code": code, "message": message})
                 await writer.set_status("failed", failed)
                 return

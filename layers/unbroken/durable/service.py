@@ -182,21 +182,32 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
             else:
                 return Journaled(response_id, None, queued)
         return Journaled(response_id, ResponseRun(runtime, response_id, 0, generation, control).start(), queued)
-    # A foreground response's upstream call starts while its header is being created, so the first token does not
-    # wait for that write: the run's writer commits nothing before the header exists, and the header's outcome is
-    # answered here, before the run's. A header that cannot be created cancels the run (and its upstream call).
+    # A foreground response's upstream call does not wait for its header: the header is written with the first
+    # batch of output, one commit before the first token (and a store that cannot write it answers as the run's
+    # first outcome). With an Idempotency-Key the header must be findable before any output (a retry attaches to
+    # it rather than call a model again): its create runs alongside the upstream call, and its outcome is answered
+    # here, before the run's; a header that cannot be created cancels the run (and its upstream call).
     run = ResponseRun(runtime, response_id, 0, generation, control,
-                      hand_on=runtime.launch_background if to_worker else None).start(header=store.create(header))
+                      hand_on=runtime.launch_background if to_worker else None)
+    if caller.idempotency_key is None:
+        run.start(create=header)
+    else:
+        run.start(header=store.create(header))
+        try:
+            attached = await _create_header(store, header, body_hash, caller, run.header)
+        except BaseException:
+            await run.abort()
+            raise
+        if attached is not None:
+            await run.abort()
+            return attached
     try:
-        attached = await _create_header(store, header, body_hash, caller, run.header)
-    except BaseException:
+        outcome = await run.first
+    except BaseException:  # this call was cancelled (shutdown): so is the run, whose output nobody will read
         await run.abort()
         raise
-    if attached is not None:
-        await run.abort()
-        return attached
-    outcome = await run.first
     if outcome.failure is not None:
+        await run.stopped()  # answer once the run (its upstream call, its failure's record) is over
         raise outcome.failure
     return Journaled(response_id, run, until=caller.deadline if hands_on else math.inf)
 

@@ -62,6 +62,7 @@ from unbroken.journal.store import (
     StoreError,
     StoreStats,
     StoreUnavailable,
+    first_batch_span,
 )
 
 PIECE_BYTES = 64 * 1024  # cap on one item's payload: far below the 400 KB item limit
@@ -571,7 +572,11 @@ class DynamoDBStore(Store):
 
     # -- Store ------------------------------------------------------------------------------------------------------
 
-    async def create(self, header: ResponseHeader) -> None:
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
+        span = first_batch_span(header, events)
+        # A first batch too large for one transaction (rare: it is one batch window of output) goes in with the
+        # header as far as it fits; the rest follows as an append, as an append splits a batch.
+        groups = _split(events) if span is not None and events else []
         expires = math.ceil(header.expires_at)
         item: dict[str, dict[str, Any]] = {
             **self._key(header.id),
@@ -582,7 +587,7 @@ class DynamoDBStore(Store):
             "status": {"S": header.status},
             "owner_epoch": _n(header.owner_epoch),
             "lease_expires_at": _n(float(header.lease_expires_at)),
-            "last_seq": _n(header.last_seq),
+            "last_seq": _n(groups[0][0][-1]["sequence_number"] if groups else header.last_seq),
             "background": {"BOOL": header.background},
         }
         if header.cancel_requested:
@@ -600,21 +605,27 @@ class DynamoDBStore(Store):
             "Item": item,
             "ConditionExpression": "attribute_not_exists(pk)",
         }
+        puts = self._batch_items(header.id, groups[0][0], groups[0][1], expires) if groups else []
         try:
-            if header.idempotency_key is None:
+            if header.idempotency_key is None and not puts:
                 await self._call("PutItem", **put_header)
                 self.stats.add_item(item_size(item), wru_factor=1)
             else:
-                idem = {
-                    "pk": {"S": _idem_pk(header.tenant, header.idempotency_key)},
-                    "sk": {"N": "0"},
-                    "response_id": {"S": header.id},
-                    "expires_at": _n(expires),
-                }
-                await self._call(
-                    "TransactWriteItems",
-                    TransactItems=[
-                        {"Put": put_header},
+                # The header first: a refused transaction's first reason says whether the id was taken.
+                actions: list[dict[str, Any]] = [{"Put": put_header}]
+                actions += [
+                    {"Put": {"TableName": self.table, "Item": piece, "ConditionExpression": "attribute_not_exists(pk)"}}
+                    for piece in puts
+                ]
+                written = [item, *puts]
+                if header.idempotency_key is not None:
+                    idem = {
+                        "pk": {"S": _idem_pk(header.tenant, header.idempotency_key)},
+                        "sk": {"N": "0"},
+                        "response_id": {"S": header.id},
+                        "expires_at": _n(expires),
+                    }
+                    actions.append(
                         {
                             "Put": {
                                 "TableName": self.table,
@@ -623,12 +634,12 @@ class DynamoDBStore(Store):
                                 "ConditionExpression": "attribute_not_exists(pk) OR expires_at < :now",
                                 "ExpressionAttributeValues": {":now": _n(int(self._clock()))},
                             }
-                        },
-                    ],
-                    ClientRequestToken=str(uuid.uuid4()),
-                )
-                self.stats.add_item(item_size(item), wru_factor=2)
-                self.stats.add_item(item_size(idem), wru_factor=2)
+                        }
+                    )
+                    written.append(idem)
+                await self._call("TransactWriteItems", TransactItems=actions, ClientRequestToken=str(uuid.uuid4()))
+                for written_item in written:
+                    self.stats.add_item(item_size(written_item), wru_factor=2)
         except _CallFailed as failure:
             if failure.code == "ConditionalCheckFailedException":
                 raise AlreadyExists(f"response {header.id} exists") from None
@@ -639,6 +650,8 @@ class DynamoDBStore(Store):
             raise StoreError(f"dynamodb create: {failure}") from failure.error
         self.stats.commits += 1
         self._remember(header.id, item)
+        for rest, _blob in groups[1:]:
+            await self.append(header.id, header.owner_epoch, rest)
 
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
         try:
@@ -797,6 +810,23 @@ class DynamoDBStore(Store):
         self.stats.add_item(item_size(item), wru_factor=1)
         return bool(item.get("cancel_requested", {}).get("BOOL", False))
 
+    def _batch_items(self, response_id: str, events: list[dict[str, Any]], blob: bytes, expires: int
+                     ) -> list[dict[str, Any]]:
+        """The items of one batch: its blob cut into pieces, keyed by the batch's last sequence number."""
+        first, last = events[0]["sequence_number"], events[-1]["sequence_number"]
+        pieces = _cut(blob)
+        return [
+            {
+                **self._key(response_id, (last + 1) * SEQ_STRIDE + i),
+                "first_seq": _n(first),
+                "last_seq": _n(last),
+                "pieces": _n(len(pieces)),
+                "ev": {"B": piece},
+                "expires_at": _n(expires),
+            }
+            for i, piece in enumerate(pieces)
+        ]
+
     async def _commit_batch(
         self,
         response_id: str,
@@ -810,18 +840,7 @@ class DynamoDBStore(Store):
         snapshot: dict[str, dict[str, Any]] | None,
     ) -> bool:
         first, last = events[0]["sequence_number"], events[-1]["sequence_number"]
-        pieces = _cut(blob)
-        puts = []
-        for i, piece in enumerate(pieces):
-            item = {
-                **self._key(response_id, (last + 1) * SEQ_STRIDE + i),
-                "first_seq": _n(first),
-                "last_seq": _n(last),
-                "pieces": _n(len(pieces)),
-                "ev": {"B": piece},
-                "expires_at": _n(expires),
-            }
-            puts.append(item)
+        puts = self._batch_items(response_id, events, blob, expires)
         sets, removes, names, values = self._header_update(lease_expires_at, status, snapshot)
         sets.append("#ls = :new")
         names.update({"#ls": "last_seq", "#cx": "cancel_requested"})

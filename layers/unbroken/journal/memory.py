@@ -20,6 +20,7 @@ from unbroken.journal.store import (
     ResponseHeader,
     Store,
     StoreStats,
+    first_batch_span,
     next_record_version,
 )
 
@@ -52,7 +53,8 @@ class MemoryStore(Store):
         for size in sizes:
             self.stats.add_item(size)
 
-    async def create(self, header: ResponseHeader) -> None:
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
+        span = first_batch_span(header, events)
         now = self._clock()
         if header.id in self._entries:
             raise AlreadyExists(f"response {header.id} exists")
@@ -63,11 +65,16 @@ class MemoryStore(Store):
                 raise AlreadyExists(f"idempotency key already used by {held[0]}")
         request = encode_json(header.request)
         response = encode_json(header.response) if header.response is not None else None
+        blob = encode_events(events) if span is not None and events else b""
         stored = dataclasses.replace(header, request={}, response=None)
-        self._entries[header.id] = _Entry(stored, request, response, [])
+        batches = []
+        if span is not None:
+            batches.append((span[0], span[1], blob))
+            stored.last_seq = span[1]
+        self._entries[header.id] = _Entry(stored, request, response, batches)
         if idem_key is not None:
             self._idem[idem_key] = (header.id, header.expires_at)
-        self._count(len(request) + len(response or b""))
+        self._count(len(request) + len(response or b"") + len(blob))
 
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
         entry = self._live(response_id)

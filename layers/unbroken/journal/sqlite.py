@@ -27,6 +27,7 @@ from unbroken.journal.store import (
     Store,
     StoreStats,
     StoreUnavailable,
+    first_batch_span,
     next_record_version,
 )
 
@@ -107,7 +108,7 @@ class SQLiteStore(Store):
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             # Schema creation under the write lock: two processes opening a new file at once do not trip over it.
             conn.execute("BEGIN IMMEDIATE")
@@ -117,6 +118,21 @@ class SQLiteStore(Store):
             conn.execute("COMMIT")
             self._conn = conn
         return self._conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL. The switch needs the file to itself, and SQLite answers "database is locked" at
+        once (no busy handler) while another process opens it or writes: retried until the busy timeout."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() >= deadline:
+                    conn.close()
+                    raise
+            time.sleep(0.005)  # in a worker thread: a first open never runs on the event loop
 
     @staticmethod
     def _commit(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -154,8 +170,8 @@ class SQLiteStore(Store):
     def _try_inline(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
         """(True, result) if `fn` ran in a write transaction without waiting; (False, None) if the connection or
         the file's write lock was busy (the caller then waits for them in a thread)."""
-        if not self._lock.acquire(blocking=False):
-            return False, None
+        if self._conn is None or not self._lock.acquire(blocking=False):
+            return False, None  # the first open may wait for other processes: in a thread
         try:
             conn = self._connection()
             conn.execute("PRAGMA busy_timeout = 0")
@@ -199,9 +215,11 @@ class SQLiteStore(Store):
 
     # -- Store ------------------------------------------------------------------------------------------------------
 
-    async def create(self, header: ResponseHeader) -> None:
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
+        span = first_batch_span(header, events)
         request = encode_json(header.request)
         response = encode_json(header.response) if header.response is not None else None
+        blob = encode_events(events) if span is not None and events else None
         self._creates += 1
         purge = self._creates % _PURGE_EVERY == 0
 
@@ -234,7 +252,7 @@ class SQLiteStore(Store):
                     header.status,
                     header.owner_epoch,
                     header.lease_expires_at,
-                    header.last_seq,
+                    header.last_seq if span is None else span[1],
                     request,
                     response,
                     header.idempotency_key,
@@ -243,9 +261,14 @@ class SQLiteStore(Store):
                     int(header.background),
                 ),
             )
+            if span is not None:
+                conn.execute(
+                    "INSERT INTO batches (response_id, last_seq, first_seq, data) VALUES (?, ?, ?, ?)",
+                    (header.id, span[1], span[0], blob),
+                )
 
         await self._run(run, write=True, inline=not purge)  # a header is as small as a batch; a purge is not
-        self._count(len(request) + len(response or b""))
+        self._count(len(request) + len(response or b"") + len(blob or b""))
 
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
         columns = _HEADER_COLUMNS + (", request, response" if snapshots else "")

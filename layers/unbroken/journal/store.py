@@ -5,7 +5,8 @@ The header carries the fencing state: `owner_epoch` (bumped by a takeover), `lea
 producer while it generates) and `last_seq` (the sequence number of the last committed event, -1 before any).
 
 Rules every implementation keeps (the contract suite checks each):
-- `append` is atomic: the events and the header update land together or not at all.
+- `append` is atomic: the events and the header update land together or not at all; so is `create` with a first
+  batch (the header and its first events, or nothing).
 - `read_events` returns exactly the dicts that were appended (same keys, values and `sequence_number`s), dense.
 - After `take_over` no append with an older epoch succeeds, so nothing a zombie writes becomes visible.
 - A terminal status is final: `take_over` refuses a terminal response, and the owner stops after its terminal commit.
@@ -26,6 +27,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from unbroken.journal.codec import check_dense
 
 # Response states as stored; terminal ones never change again.
 TERMINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
@@ -116,15 +119,31 @@ def next_record_version(kind: str, name: str, live: int | None, expected_version
     return current + 1
 
 
+def first_batch_span(header: ResponseHeader, events: Sequence[dict[str, Any]] | None) -> tuple[int, int] | None:
+    """(first_seq, last_seq) of the batch `create` writes with `header`, None without one; `ValueError` unless it
+    is dense from `header.last_seq + 1` (what every store checks before writing anything)."""
+    if not events:
+        return None
+    span = check_dense(events)
+    if span[0] != header.last_seq + 1:
+        raise ValueError(f"a first batch starts at {header.last_seq + 1}, not {span[0]}")
+    return span
+
+
 class Store(ABC):
     """All methods are async; implementations on blocking clients run them in a thread."""
 
     stats: StoreStats  # set by every implementation's __init__
 
     @abstractmethod
-    async def create(self, header: ResponseHeader) -> None:
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         """Insert a new header. Raises `AlreadyExists` if the id exists, or if `header.idempotency_key` is set and
-        the tenant already has a live response under that key."""
+        the tenant already has a live response under that key.
+
+        With `events` (dense, from sequence number `header.last_seq + 1`), the header and this first batch are
+        one commit: a response whose producer starts before its header exists writes both when its first output
+        is there, so its first token waits for one write, not two. The header's `last_seq` becomes the batch's
+        last. `ValueError` if the events are not dense from there; nothing is written when the create fails."""
 
     @abstractmethod
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:

@@ -14,11 +14,15 @@ When the open batch goes out decides what a client waits for:
   plus a few per output item, and a delivered token waits at most `batch_ms` plus one commit.
 "At once" is the committer's next loop turn, not inside `emit`: everything one upstream chunk produces in the same
 turn (response.created, in_progress, the item, its part and first delta) goes out in one append.
-A writer may start while the response's header is still being created (`header=`, the store's `create` in flight,
-so that the upstream call does not wait for it): its first append waits for that create, whose failure stops the
-writer as a store failure does, and the create counts as the response's first commit. So the start events
-(response.created, in_progress), which come from the upstream's first chunk, wait in the open batch for the first
-content to join them (the next chunk, usually) instead of taking a commit of their own before the first token.
+A writer may start before the response's header is in the store, so that the upstream call does not wait for it:
+- `create=`: the header is not written yet; the writer's first commit writes it together with the first batch
+  (`store.create(header, events)`), so the first token waits for one write, not for a create and then an append,
+  and nothing of the response exists in the store before its first output does (lease renewals wait for it too);
+- `header=`: the store's `create` is in flight (a response with an Idempotency-Key, which must be findable before
+  its first output); the first append waits for it, and its failure stops the writer as a store failure does.
+Either way the header's write counts as the response's first commit. So the start events (response.created,
+in_progress), which come from the upstream's first chunk, wait in the open batch for the first content to join them
+(the next chunk, usually) instead of taking a commit of their own before the first token.
 A batch also closes at `batch_bytes`, `boundary()`, `flush()`, `set_status()` and the terminal event; closed batches
 go out as soon as the committer is free, and closed batches that queue up behind a slow store go out together in one
 append (group commit). The same task renews the lease when no commit did so for `lease_seconds / 3`.
@@ -32,6 +36,7 @@ until then.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
@@ -42,7 +47,7 @@ from typing import Any
 
 from unbroken.journal.codec import TEXT_DELTA
 from unbroken.journal.feed import LOCAL_FEEDS, LocalFeeds
-from unbroken.journal.store import Store, StoreError
+from unbroken.journal.store import ResponseHeader, Store, StoreError
 
 log = logging.getLogger("unbroken.journal")
 
@@ -117,10 +122,15 @@ class JournalWriter:
         max_append_bytes: int | None = None,
         next_seq: int | None = None,
         header: Awaitable[None] | None = None,
+        create: ResponseHeader | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         """`next_seq` is the sequence number of the first event this writer will write, when the caller knows it:
         in-process followers then need no store read to start following (`LocalFeeds.committed_after`).
-        `header` is the response header's create, still in flight: nothing is appended before it has succeeded."""
+        `header` is the response header's create, still in flight: nothing is appended before it has succeeded.
+        `create` is the header itself, not yet written: the first commit creates it with the first batch.
+        `on_failure(error)` is called once when a store failure stops the writer (the producer may be waiting on
+        an upstream that sends nothing, and would otherwise learn of it only at its next `emit`)."""
         self._store = store
         self.response_id = response_id
         self.epoch = epoch
@@ -159,7 +169,10 @@ class JournalWriter:
         # events started (lease renewals carry none and do not count). In the past at first: the first batch goes
         # at once, unless the header's create is starting now (it is the first commit).
         self._header = None if header is None else asyncio.ensure_future(header)
-        self._window_end = float("-inf") if header is None else self._loop.time() + self._batch_s
+        self._create = create
+        self._on_failure = on_failure
+        unwritten = header is not None or create is not None
+        self._window_end = self._loop.time() + self._batch_s if unwritten else float("-inf")
         # Timers are loop callbacks, not timeouts in the committer: at most one window timer per batch, armed when
         # its first event finds the window still running; no task, no timer per token.
         self._batch_timer: asyncio.TimerHandle | None = None
@@ -364,6 +377,8 @@ class JournalWriter:
         self._error = error
         self._drop(error)
         self._stop(error)
+        if self._on_failure is not None:
+            self._on_failure(error)
 
     async def _run(self) -> None:
         loop = self._loop
@@ -441,14 +456,23 @@ class JournalWriter:
         return merged
 
     async def _commit(self, batch: _Batch) -> None:
-        self._cancel = await self._store.append(
-            self.response_id,
-            self.epoch,
-            batch.events,
-            lease_expires_at=time.time() + self._lease_seconds,
-            status=batch.status,
-            response=batch.response,
-        )
+        if self._create is not None:
+            header = dataclasses.replace(self._create, lease_expires_at=time.time() + self._lease_seconds)
+            if batch.status is not None:
+                header.status = batch.status
+            if batch.response is not None:
+                header.response = batch.response
+            await self._store.create(header, batch.events)
+            self._create = None
+        else:
+            self._cancel = await self._store.append(
+                self.response_id,
+                self.epoch,
+                batch.events,
+                lease_expires_at=time.time() + self._lease_seconds,
+                status=batch.status,
+                response=batch.response,
+            )
         self._lease_due = self._loop.time() + self._renew_every
         if not batch.events:
             return
@@ -464,6 +488,9 @@ class JournalWriter:
                 log.exception("on_commit of %s failed", self.response_id)
 
     async def _renew(self) -> None:
+        if self._create is not None:  # nothing in the store yet, so no lease to renew: it starts with the create
+            self._lease_due = self._loop.time() + self._renew_every
+            return
         self._cancel = await self._store.append(
             self.response_id, self.epoch, [], lease_expires_at=time.time() + self._lease_seconds
         )

@@ -936,8 +936,18 @@ async def _stop(pending: asyncio.Future[Any]) -> None:
     pending.cancel()
     try:
         await pending
-    except (Exception, asyncio.CancelledError):
+    except asyncio.CancelledError:
+        _reraise_if_cancelled()
+    except Exception:
         pass
+
+
+def _reraise_if_cancelled() -> None:
+    """Inside `except CancelledError` while stopping something: the stop's own cancellation is expected, but when
+    this task is being cancelled too (shutdown, a client gone) it must go on being cancelled, not swallow it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _has_image_urls(request: GenerationRequest) -> bool:
@@ -950,5 +960,7 @@ async def _aclose(stream: Any) -> None:
     if aclose is not None:
         try:
             await aclose()
-        except (Exception, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            _reraise_if_cancelled()
+        except Exception:
             pass

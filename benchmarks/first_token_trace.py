@@ -1,0 +1,281 @@
+"""Where a first text delta spends its time inside the router, hop by hop, journal on and off.
+
+One router (`unbroken serve`, SQLite or DynamoDB Local) in front of a simulated upstream; the router process stamps
+`time.perf_counter()` at each hop of the first `response.output_text.delta` of every stream:
+
+- `request`: the ASGI app is called; `upstream_chunk`: the first content chunk leaves the provider's parser
+  (the generation yields the delta);
+- journal on: `emit` (into the open batch), `commit_start`, `commit_end` (the store committed its batch),
+  `publish` (handed to this process's followers), `follow` (the POST's follower yields it);
+- `frame` (rendered as SSE) and `send` (the body chunk holding it handed to the server).
+
+For each hop it prints the median time since the previous one over `--n` streams of each kind, and the median
+`upstream_chunk -> send` of journal on minus off. Run: `python -m benchmarks.first_token_trace [--store sqlite]
+[--n 40]`. A diagnosis tool: `benchmarks.first_token` is the measurement from outside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.first_token import KEY, _config, _spawn, _stop
+
+STATS_PATH = "/_bench/trace"
+DELTA = "response.output_text.delta"
+HOPS_ON = ("request", "upstream_chunk", "emit", "commit_start", "commit_end", "publish", "service_return", "follow",
+           "response_call", "start", "iter_start", "frame", "iter_got", "send")
+HOPS_OFF = ("request", "upstream_chunk", "service_return", "response_call", "start", "iter_start", "frame",
+            "iter_got", "send")
+
+
+def _serve(argv: list[str]) -> int:
+    import unbroken.api.app
+    from unbroken.durable import follow as durable_follow
+    from unbroken.journal import feed, writer
+    from unbroken.protocol import sse
+    from unbroken.resilience import attempts
+
+    traces: list[dict[str, float]] = []
+    current: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        if name not in current:
+            current[name] = time.perf_counter()
+
+    def is_first_delta(events: list[dict[str, Any]]) -> bool:
+        return "upstream_chunk" in current and any(e.get("type") == DELTA for e in events)
+
+    run = attempts.Generation.run
+
+    async def traced_run(self: Any) -> Any:
+        async for event in run(self):
+            if event.get("type") == DELTA:
+                mark("upstream_chunk")
+            yield event
+
+    emit = writer.JournalWriter.emit
+
+    async def traced_emit(self: Any, event: dict[str, Any]) -> None:
+        if event.get("type") == DELTA:
+            mark("emit")
+        await emit(self, event)
+
+    commit = writer.JournalWriter._commit
+
+    async def traced_commit(self: Any, batch: Any) -> None:
+        first = is_first_delta(batch.events) and "commit_start" not in current
+        if first:
+            mark("commit_start")
+        try:
+            await commit(self, batch)
+        finally:
+            if first:
+                mark("commit_end")
+
+    publish = feed.LocalFeeds.publish
+
+    def traced_publish(self: Any, response_id: str, events: list[dict[str, Any]]) -> None:
+        if is_first_delta(events):
+            mark("publish")
+        publish(self, response_id, events)
+
+    follow = durable_follow.follow
+
+    async def traced_follow(*args: Any, **kwargs: Any) -> Any:
+        async for event in follow(*args, **kwargs):
+            if event.get("type") == DELTA:
+                mark("follow")
+            yield event
+
+    frame = sse.frame
+
+    def traced_frame(event: dict[str, Any], **kwargs: Any) -> bytes:
+        if event.get("type") == DELTA:
+            mark("frame")
+        return frame(event, **kwargs)
+
+    import httpx as _httpx
+
+    from unbroken.durable import service
+    from unbroken.journal import dynamodb as _dynamodb
+    from unbroken.journal import sqlite as _sqlite
+
+    create_response = service.create_response
+
+    async def traced_create_response(*args: Any, **kwargs: Any) -> Any:
+        mark("service")
+        try:
+            return await create_response(*args, **kwargs)
+        finally:
+            mark("service_return")
+
+    send = _httpx.AsyncClient.send
+
+    async def traced_send_up(self: Any, request: Any, **kwargs: Any) -> Any:
+        mark("upstream_send")
+        response = await send(self, request, **kwargs)
+        mark("upstream_headers")
+        return response
+
+    for cls in (_sqlite.SQLiteStore, _dynamodb.DynamoDBStore):
+        def wrap(cls: Any = cls) -> None:
+            create = cls.create
+
+            async def traced_create(self: Any, header: Any) -> None:
+                mark("create_start")
+                await create(self, header)
+                mark("create_end")
+            cls.create = traced_create
+        wrap()
+
+    from starlette.responses import StreamingResponse
+    sr_call = StreamingResponse.__call__
+
+    async def traced_sr_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        mark("response_call")
+        inner = self.body_iterator
+
+        async def traced_iter() -> Any:
+            mark("iter_start")
+            async for chunk in inner:
+                mark("iter_got")
+                yield chunk
+
+        self.body_iterator = traced_iter()
+        await sr_call(self, scope, receive, send)
+
+    StreamingResponse.__call__ = traced_sr_call
+    service.create_response = traced_create_response
+    _httpx.AsyncClient.send = traced_send_up
+    attempts.Generation.run = traced_run  # type: ignore[method-assign]
+    writer.JournalWriter.emit = traced_emit  # type: ignore[method-assign]
+    writer.JournalWriter._commit = traced_commit  # type: ignore[method-assign]
+    feed.LocalFeeds.publish = traced_publish  # type: ignore[method-assign]
+    durable_follow.follow = traced_follow  # type: ignore[assignment]
+    sse.frame = traced_frame  # type: ignore[assignment]
+    original = unbroken.api.app.create_app
+
+    def create_app(*args: Any, **kwargs: Any) -> Any:
+        app = original(*args, **kwargs)
+
+        @app.get(STATS_PATH, include_in_schema=False)
+        async def stats() -> list[dict[str, float]]:
+            return traces
+
+        async def traced_app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope["path"] != "/v1/responses":
+                return await app(scope, receive, send)
+            current.clear()
+            mark("request")
+
+            async def traced_send(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    mark("start")
+                if message["type"] == "http.response.body" and b"output_text.delta" in message.get("body", b""):
+                    mark("send")
+                await send(message)
+
+            await app(scope, receive, traced_send)
+            traces.append(dict(current))
+
+        return traced_app
+
+    unbroken.api.app.create_app = create_app  # type: ignore[assignment]
+    from unbroken.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def _medians(traces: list[dict[str, float]], hops: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for prev, hop in itertools.pairwise(hops):
+        values = [t[hop] - t[prev] for t in traces if hop in t and prev in t]
+        if values:
+            out[f"{prev} -> {hop}"] = round(statistics.median(values) * 1000.0, 3)
+    span = [t["send"] - t["upstream_chunk"] for t in traces if "send" in t and "upstream_chunk" in t]
+    out["upstream_chunk -> send"] = round(statistics.median(span) * 1000.0, 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return _serve(argv)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--store", default="sqlite", choices=("sqlite", "dynamodb"))
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--tps", type=float, default=50.0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "layers"), str(root)])}
+    tmp = Path(tempfile.mkdtemp(prefix="unbroken-trace-"))
+    upstream, line = _spawn(["-m", "unbroken.simulator", "--port", "0"], "simulated upstream on", env)
+    ddb = None
+    router = None
+    try:
+        (tmp / "router.yaml").write_text(_config(line.split()[-1], None))
+        extra: list[str] = []
+        if args.store == "sqlite":
+            url = f"sqlite:///{tmp / 'journal.db'}"
+        else:
+            from tests.support.dynamodb_local import DynamoDBLocal
+
+            ddb = DynamoDBLocal().start()
+            url = f"dynamodb://trace-{uuid.uuid4().hex[:8]}?region=us-east-1&endpoint_url={ddb.endpoint_url}"
+            extra = ["--create-table"]
+        router, ready = _spawn(["-m", "benchmarks.first_token_trace", "serve", "--config", str(tmp / "router.yaml"),
+                                "--port", "0", "--store", url, "--log-level", "WARNING", *extra],
+                               "unbroken ready on", env)
+        base = ready.split()[3]
+        metadata = {"sim_length": "20", "sim_tps": str(args.tps)} if args.tps else {"sim_length": "20"}
+        body = {"model": "bench", "input": "hi", "stream": True, "metadata": metadata}
+        hdr = {"authorization": f"Bearer {KEY}"}
+        kinds = []
+        with httpx.Client(timeout=60) as client:
+            for i in range(args.n * 2 + 6):
+                on = i % 2 == 0
+                with client.stream("POST", f"{base}/responses", json=body if on else {**body, "store": False},
+                                   headers=hdr) as response:
+                    for _ in response.iter_bytes():
+                        pass
+                kinds.append(on)
+            traces = client.get(f"{base.removesuffix('/v1')}{STATS_PATH}").raise_for_status().json()
+        traces, kinds = traces[6:], kinds[6:]  # the first streams warm the paths
+        on_t = [t for t, k in zip(traces, kinds, strict=True) if k]
+        off_t = [t for t, k in zip(traces, kinds, strict=True) if not k]
+        result = {"journal_on": _medians(on_t, HOPS_ON), "journal_off": _medians(off_t, HOPS_OFF)}
+        for name, ts in (("on", on_t), ("off", off_t)):
+            for hop in ("service", "upstream_send", "upstream_headers", "create_start", "create_end",
+                        "upstream_chunk"):
+                vals = [t[hop] - t["request"] for t in ts if hop in t]
+                if vals:
+                    result[f"journal_{name}"][f"request -> {hop} (abs)"] = round(statistics.median(vals) * 1e3, 3)
+        result["journal_adds_ms"] = round(result["journal_on"]["upstream_chunk -> send"]
+                                          - result["journal_off"]["upstream_chunk -> send"], 3)
+        print(json.dumps(result, indent=2))
+    finally:
+        if router is not None:
+            _stop(router)
+        _stop(upstream)
+        if ddb is not None:
+            ddb.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
