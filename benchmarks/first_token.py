@@ -83,8 +83,11 @@ def _serve(argv: list[str]) -> int:
     def clock(cls: Any) -> None:
         create, append = cls.create, cls.append
 
-        async def timed_create(self: Any, header: Any) -> None:
-            await create(self, header)
+        async def timed_create(self: Any, header: Any, events: list[dict[str, Any]] | None = None) -> None:
+            t0 = time.perf_counter()
+            await create(self, header, events)
+            if events:  # the header written with the first batch: the commit a first token waits for
+                commit_s.append(time.perf_counter() - t0)
             writes["creates"] += 1
 
         async def timed_append(self: Any, response_id: str, epoch: int, events: list[dict[str, Any]],
@@ -187,7 +190,8 @@ def _times(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[s
     out: list[float] = []
     start = time.perf_counter()
     with client.stream("POST", url, json=body, headers=headers) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code} {response.read().decode(errors='replace')[:500]}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue

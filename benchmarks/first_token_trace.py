@@ -133,9 +133,9 @@ def _serve(argv: list[str]) -> int:
         def wrap(cls: Any = cls) -> None:
             create = cls.create
 
-            async def traced_create(self: Any, header: Any) -> None:
+            async def traced_create(self: Any, header: Any, events: Any = None) -> None:
                 mark("create_start")
-                await create(self, header)
+                await create(self, header, events)
                 mark("create_end")
             cls.create = traced_create
         wrap()

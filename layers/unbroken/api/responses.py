@@ -27,6 +27,7 @@ from unbroken.durable.producer import ResponseRun
 from unbroken.durable.runtime import Runtime
 from unbroken.durable.service import Caller, Direct
 from unbroken.errors import invalid
+from unbroken.journal.store import TERMINAL_EVENT_TYPES
 from unbroken.protocol import sse
 from unbroken.protocol.body import parse_json
 from unbroken.protocol.request import ResponsesRequest
@@ -111,9 +112,15 @@ def accounted_json(response: dict[str, Any]) -> JSONResponse:
 
 def _journal_stream(runtime: Runtime, response_id: str, after: int, *, run: ResponseRun | None = None,
                     with_ids: bool = False, until: float = math.inf) -> Response:
+    # The POST's own stream starts with the batch whose commit it waited for: it is durable, and in hand.
+    first = run.first_batch if run is not None and after == -1 else None
+    if first:
+        after = first[-1]["sequence_number"]
     last = {"seq": after}
 
     async def source() -> AsyncIterator[Event]:
+        if first and first[-1]["type"] in TERMINAL_EVENT_TYPES:
+            return  # the whole response was in its first batch
         async for event in service.follow_response(runtime, response_id, after, run, until=until):
             last["seq"] = event["sequence_number"]
             yield event
@@ -129,7 +136,7 @@ def _journal_stream(runtime: Runtime, response_id: str, after: int, *, run: Resp
             run.detach()  # the client left: the response completes into the journal, within the detached cap
 
     return sse_response(source(), heartbeat=runtime.settings.heartbeat_seconds, with_ids=with_ids,
-                        on_failure=on_failure, on_close=on_close)
+                        on_failure=on_failure, on_close=on_close, first=first)
 
 
 async def _direct_stream(runtime: Runtime, generation: Generation, response_id: str, *,

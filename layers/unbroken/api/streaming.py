@@ -77,9 +77,12 @@ def sse_response(
     with_ids: bool = False,
     on_failure: Callable[[BaseException], list[Event]] | None = None,
     on_close: Callable[[bool], Any] | None = None,
+    first: list[Event] | None = None,
 ) -> StreamingResponse:
     """Open Responses events from `source` (e.g. a journal follower) as SSE, `data: [DONE]` last.
-    `on_failure(exc)` gives the events that close a stream whose source raised."""
+    `on_failure(exc)` gives the events that close a stream whose source raised. `first`: events already in hand
+    that come before `source`'s (the POST's first committed batch), written as soon as the body starts rather than
+    after a hop through the pump task."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def pump() -> None:
@@ -99,10 +102,12 @@ def sse_response(
         if isinstance(item, Exception):
             closing = on_failure(item) if on_failure is not None else []
             return [*(sse.frame(e, with_id=with_ids) for e in closing), sse.DONE], True
+        if isinstance(item, list):
+            return [sse.frame(e, with_id=with_ids) for e in item], False
         return [sse.frame(item, with_id=with_ids)], False
 
     task = asyncio.get_running_loop().create_task(pump())
-    return queued_sse(queue, task, heartbeat=heartbeat, render=render, on_close=on_close)
+    return queued_sse(queue, task, heartbeat=heartbeat, render=render, on_close=on_close, first=first or None)
 
 
 async def start_generation(runtime: Runtime, generation: Generation, name: str

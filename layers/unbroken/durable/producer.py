@@ -69,6 +69,7 @@ class ResponseRun:
         self.generation = generation
         self.control = control
         self.first: asyncio.Future[RunOutcome] = asyncio.get_running_loop().create_future()
+        self.first_batch: list[Event] = []  # the events of the first commit (read-only: followers share them)
         self.task: asyncio.Task[None] | None = None
         # Set when the journal could not be written: followers end with an error event of their own.
         self.store_error: BaseException | None = None
@@ -162,8 +163,10 @@ class ResponseRun:
         self._signal(RunOutcome(_store_unavailable()))
         self.task.cancel()
 
-    def _committed(self, _events: list[Event]) -> None:
-        self._signal(RunOutcome())  # the first batch is durable: the POST may answer
+    def _committed(self, events: list[Event]) -> None:
+        if not self.first.done():  # the first batch is durable: the POST may answer, starting with it
+            self.first_batch = events
+            self._signal(RunOutcome())
 
     async def abort(self) -> None:
         """Stop the run before anything of it was committed (its header could not be created): the upstream call
