@@ -20,7 +20,9 @@ Per target it reports:
   `store: false` stream (`journal_added_ttft_ms_p50` / `_p95`), in milliseconds and in commits, and inside the
   router (`in_router_journal_added_ms_p50`: from the generation yielding the first delta to its SSE frame, journal
   on minus off);
-- one commit: p50 / p95 of the probe's `append` (and of the router's own appends, for comparison), and the create;
+- one commit: p50 of the probe's header created with a first batch (the write a first token waits for, what the
+  first-token goal compares with), p50 / p95 of its `append` of 5 deltas (what the gap goal adds), the bare
+  create, and p50 / p95 of the router's own commits, for comparison;
 - max gap: per stream the longest time between two consecutive deltas the client received; p50 / p95 / worst over
   the streams (the bound: `journal_batch_ms` + one commit, plus the jitter the same router shows with the journal
   off in the same run beyond the upstream's pacing interval);
