@@ -14,6 +14,7 @@ Run: `python -m benchmarks.cost` (after `make bench`); `make bench` calls it.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -167,6 +168,16 @@ def compute(r: dict[str, Any]) -> dict[str, Any]:
             "recommended_mb": recommended or 1024, "recommended_arch": "arm64"}
 
 
+def template_defaults() -> tuple[int, str]:
+    """(MemorySize, Architecture) defaults of `template.yaml`, so the table names what a deploy gets today."""
+    text = (README.parent / "template.yaml").read_text(encoding="utf-8")
+    found = {}
+    for name in ("MemorySize", "Architecture"):
+        match = re.search(rf"^  {name}:\n(?:    .*\n)*?    Default: (\S+)$", text, re.MULTILINE)
+        found[name] = match.group(1) if match else "?"
+    return int(found["MemorySize"]) if found["MemorySize"].isdigit() else 0, found["Architecture"]
+
+
 def _usd(x: float) -> str:
     return f"${x:,.2f}" if x < 100 else f"${x:,.0f}"
 
@@ -176,7 +187,9 @@ def cost_md(r: dict[str, Any], c: dict[str, Any]) -> str:
     sizes = MEMORY_SIZES
     rec = c["recommended_mb"]
     shared = (r.get("machine_load") or {}).get("shared")
-    head = " | ".join(f"{mb} MB" + (" (template default now)" if mb == 1024 else "") for mb in sizes)
+    default_mb, default_arch = template_defaults()
+    head = " | ".join(f"{mb} MB" + (f" (template default, {default_arch})" if mb == default_mb else "")
+                      for mb in sizes)
     lines = [
         f"One million responses of {OUTPUT_TOKENS:,} output tokens ({INPUT_TOKENS:,} input tokens) at 50 tokens/s, "
         "from the figures of this run (`benchmarks/cost.py`, from `docs/bench/results.json`):",
