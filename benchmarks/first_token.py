@@ -9,7 +9,7 @@ script streams `POST /v1/responses` in rounds: every round sends the same reques
 through every router, and once more through every journaled router with `store: false` (the same process with the
 journal off for that request: the baseline the journal's share is paired with), in an order that rotates, so every
 target sees the same machine state; between rounds it times, on a store like each router's and from this process,
-one header `create`, one `append` of a small batch, and one header created with a first batch shaped like a
+one header `create`, one `append` of a small batch, and one header created with a first batch built like a
 router's ("one commit": the write a first token waits for, since the header goes in with the first output).
 `--repeat` blocks of `--n` rounds each show whether the figures are stable; the summary is the median over the
 blocks.
@@ -229,9 +229,10 @@ def _ms(x: float) -> float:
 class _StoreProbe:
     """Times one header `create` and one `append` of a small batch on a store like a router's, between streams."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
         from unbroken.journal.backends import open_store
 
+        self.body = body  # the request the routers get: the probe's first batch is built from it
         self.loop = asyncio.new_event_loop()
         self.store = open_store(url)
         self.create_s: list[float] = []
@@ -255,23 +256,19 @@ class _StoreProbe:
         t2 = time.perf_counter()
         self.create_s.append(t1 - t0)
         self.commit_s.append(t2 - t1)
-        # The write a first token waits for: a header created with the first batch, shaped like a router's (the
-        # start events carry the response object, then the item, its part and the first delta).
+        # The write a first token waits for: a header created with the first batch, built by the router's own code
+        # from the benchmark's request (the start events carry the whole response object, then the item, its part
+        # and the first delta), so the probe commits what a router's first commit holds.
+        from unbroken.ir import TextDelta
+        from unbroken.protocol.request import CreateResponseBody, response_skeleton
+        from unbroken.protocol.responses import ResponseEmitter
+
         rid = f"resp_probe_{uuid.uuid4().hex}"
-        response = {"id": rid, "object": "response", "created_at": int(now), "status": "in_progress",
-                    "model": "bench", "output": [], "metadata": {"sim_length": "50", "sim_tps": "50"}}
-        first = [{"type": "response.created", "response": response},
-                 {"type": "response.in_progress", "response": response},
-                 {"type": "response.output_item.added", "output_index": 0,
-                  "item": {"id": "msg_probe", "type": "message", "status": "in_progress", "role": "assistant",
-                           "content": []}},
-                 {"type": "response.content_part.added", "item_id": "msg_probe", "output_index": 0,
-                  "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}},
-                 events[0]]
-        first = [{**e, "sequence_number": i} for i, e in enumerate(first)]
+        emitter = ResponseEmitter(response_skeleton(CreateResponseBody.model_validate(self.body), rid, "bench"))
+        first = emitter.start() + emitter.in_progress() + emitter.apply(TextDelta(" token"))
         header = ResponseHeader(id=rid, tenant="probe", created_at=now, expires_at=now + 600,
                                 status="in_progress", lease_expires_at=now + 30,
-                                request={"model": "bench", "input": "hi", "stream": True})
+                                request={**self.body, "_recovery_events": False, "_key_id": "yaml-0"})
         t3 = time.perf_counter()
         await self.store.create(header, first)
         self.first_commit_s.append(time.perf_counter() - t3)
@@ -495,7 +492,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"unknown store {store!r}; known: {', '.join(STORES)}")
             proc, ready = _spawn(["-m", "benchmarks.first_token", "serve", "--config", str(config), "--port",
                                   "0", "--store", url, "--log-level", "WARNING", *extra], "unbroken ready on", env)
-            router = _Router(store, ready.split()[3], proc, _StoreProbe(probe_url) if probe_url else None)
+            probe = _StoreProbe(probe_url, bodies["routed"]) if probe_url else None
+            router = _Router(store, ready.split()[3], proc, probe)
             routers.append(router)
             targets.append(_Target(store, router.url, router))
             if store != "none":  # the same router with the journal off for the request: its own baseline

@@ -140,6 +140,21 @@ def _serve(argv: list[str]) -> int:
             cls.create = traced_create
         wrap()
 
+    try_inline = _sqlite.SQLiteStore._try_inline
+
+    def traced_try_inline(self: Any, fn: Any) -> Any:
+        # The SQLite create's own work on the loop (inline: 1) or its fall back to a thread (inline: 0).
+        first = "create_start" in current and "sql_start" not in current
+        if first:
+            mark("sql_start")
+        done = try_inline(self, fn)
+        if first:
+            mark("sql_end")
+            current["inline"] = float(done[0])
+        return done
+
+    _sqlite.SQLiteStore._try_inline = traced_try_inline  # type: ignore[method-assign]
+
     from starlette.responses import StreamingResponse
     sr_call = StreamingResponse.__call__
 
@@ -260,11 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         off_t = [t for t, k in zip(traces, kinds, strict=True) if not k]
         result = {"journal_on": _medians(on_t, HOPS_ON), "journal_off": _medians(off_t, HOPS_OFF)}
         for name, ts in (("on", on_t), ("off", off_t)):
-            for hop in ("service", "upstream_send", "upstream_headers", "create_start", "create_end",
-                        "upstream_chunk"):
+            for hop in ("service", "upstream_send", "upstream_headers", "create_start", "sql_start", "sql_end",
+                        "create_end", "upstream_chunk"):
                 vals = [t[hop] - t["request"] for t in ts if hop in t]
                 if vals:
                     result[f"journal_{name}"][f"request -> {hop} (abs)"] = round(statistics.median(vals) * 1e3, 3)
+        inline = [t["inline"] for t in on_t if "inline" in t]
+        if inline:
+            result["journal_on"]["SQLite creates run inline (share)"] = round(statistics.fmean(inline), 3)
         result["journal_adds_ms"] = round(result["journal_on"]["upstream_chunk -> send"]
                                           - result["journal_off"]["upstream_chunk -> send"], 3)
         print(json.dumps(result, indent=2))
