@@ -48,6 +48,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -210,6 +211,20 @@ def _times(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[s
     return out
 
 
+def _prompt(chars: int) -> str:
+    """"hi", or a prompt of about `chars` characters of made-up words (as compressible as prose, roughly)."""
+    if chars <= 2:
+        return "hi"
+    rng = random.Random(7)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        out.append(rng.choice(words))
+        size += len(out[-1]) + 1
+    return " ".join(out)[:chars]
+
+
 def _max_gap(times: list[float]) -> float:
     return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
@@ -269,6 +284,7 @@ class _StoreProbe:
         header = ResponseHeader(id=rid, tenant="probe", created_at=now, expires_at=now + 600,
                                 status="in_progress", lease_expires_at=now + 30,
                                 request={**self.body, "_recovery_events": False, "_key_id": "yaml-0"})
+        header = await self.store.prepare(header)  # as a router does while its upstream call is in flight
         t3 = time.perf_counter()
         await self.store.create(header, first)
         self.first_commit_s.append(time.perf_counter() - t3)
@@ -448,9 +464,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metadata["sim_tps"] = str(args.tps)
     if args.upstream_ttft_ms:
         metadata["sim_ttft_ms"] = str(args.upstream_ttft_ms)
-    bodies = {"direct": {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+    prompt = _prompt(args.input_chars)
+    bodies = {"direct": {"model": "sim", "messages": [{"role": "user", "content": prompt}], "stream": True,
                          "metadata": metadata},
-              "routed": {"model": "bench", "input": "hi", "stream": True, "metadata": metadata}}
+              "routed": {"model": "bench", "input": prompt, "stream": True, "metadata": metadata}}
     from unbroken.config import ServerSettings
 
     batch_ms = args.batch_ms if args.batch_ms is not None else ServerSettings().journal_batch_ms
@@ -465,6 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shown = [a for i, a in enumerate(args.argv) if a != "--save" and (i == 0 or args.argv[i - 1] != "--save")]
     results: dict[str, Any] = {"command": " ".join(["python -m benchmarks.first_token", *shown]),
                                "root": args.root.name, "tokens": args.tokens, "tps": args.tps, "n": args.n,
+                               "input_chars": args.input_chars,
                                "upstream_ttft_ms": args.upstream_ttft_ms,
                                "repeat": args.repeat, "batch_ms": batch_ms, "date": time.strftime("%Y-%m-%d"),
                                "loadavg_1min_start": round(os.getloadavg()[0], 2)}
@@ -559,6 +577,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="blocks; the summary is their median")
     parser.add_argument("--stores", default=",".join(STORES))
     parser.add_argument("--tokens", type=int, default=50)
+    parser.add_argument("--input-chars", type=int, default=2,
+                        help="size of the request's input (default \"hi\"); a long prompt is encoded and stored with "
+                             "the header")
     parser.add_argument("--tps", type=float, default=50.0, help="upstream pacing; 0 = as fast as it can")
     parser.add_argument("--upstream-ttft-ms", type=float, default=0.0,
                         help="the upstream's own time to its first token (0: at once, the journal's worst case)")

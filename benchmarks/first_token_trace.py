@@ -138,6 +138,15 @@ def _serve(argv: list[str]) -> int:
                 await create(self, header, events)
                 mark("create_end")
             cls.create = traced_create
+            prepare = cls.prepare
+
+            async def traced_prepare(self: Any, header: Any) -> Any:
+                mark("prepare_start")
+                try:
+                    return await prepare(self, header)
+                finally:
+                    mark("prepare_end")
+            cls.prepare = traced_prepare
         wrap()
 
     try_inline = _sqlite.SQLiteStore._try_inline
@@ -275,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         off_t = [t for t, k in zip(traces, kinds, strict=True) if not k]
         result = {"journal_on": _medians(on_t, HOPS_ON), "journal_off": _medians(off_t, HOPS_OFF)}
         for name, ts in (("on", on_t), ("off", off_t)):
-            for hop in ("service", "upstream_send", "upstream_headers", "create_start", "sql_start", "sql_end",
-                        "create_end", "upstream_chunk"):
+            for hop in ("service", "upstream_send", "prepare_start", "prepare_end", "upstream_headers",
+                        "create_start", "sql_start", "sql_end", "create_end", "upstream_chunk"):
                 vals = [t[hop] - t["request"] for t in ts if hop in t]
                 if vals:
                     result[f"journal_{name}"][f"request -> {hop} (abs)"] = round(statistics.median(vals) * 1e3, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import json
 import random
@@ -240,6 +241,47 @@ async def test_create_with_a_large_first_batch(store: Store, clock: Clock) -> No
     await store.create(header, first)
     assert await store.read_events(header.id) == first
     assert (await store.get(header.id)).last_seq == len(first) - 1  # type: ignore[union-attr]
+
+
+def large_request() -> dict[str, Any]:
+    """A request whose snapshot does not fit inline in a DynamoDB header (a long conversation), and compresses badly."""
+    rng = random.Random(7)
+    text = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ,.") for _ in range(40_000))
+    return {"model": "m", "input": [{"role": "user", "content": text}], "instructions": "be brief"}
+
+
+async def test_prepared_create_is_one_write(store: Store, clock: Clock) -> None:
+    """`prepare` does ahead what it can of a create; the create with the first batch is then one write, whatever the
+    request's size, and reads back exactly what an unprepared create would."""
+    first = mixed_events()[:6]
+    header = new_header(clock, request=large_request(), lease_expires_at=clock() + 30)
+    prepared = await store.prepare(header)
+    assert prepared == header and prepared.request is header.request  # the same header, the work done aside
+    before = store.stats.commits
+    await store.create(prepared, first)
+    assert store.stats.commits == before + 1
+    got = await store.get(header.id)
+    assert got is not None and got.request == large_request() and got.last_seq == 5 and got.prepared is None
+    assert await store.read_events(header.id) == first
+    # Unprepared, the same create gives the same result (on DynamoDB a request this size takes a write of its own).
+    plain = new_header(clock, request=large_request(), lease_expires_at=clock() + 30)
+    await store.create(plain, first)
+    again = await store.get(plain.id)
+    assert again is not None and again.request == got.request and await store.read_events(plain.id) == first
+
+
+async def test_prepare_makes_nothing_visible(store: Store, clock: Clock) -> None:
+    """A prepared header that is never created is not there: no read sees it, and its id can still be created (with
+    a prepared header whose request was replaced after `prepare`, the header's own request is what is stored)."""
+    header = new_header(clock, request=large_request(), idempotency_key="prep-1")
+    prepared = await store.prepare(header)
+    assert await store.get(header.id) is None and await store.read_events(header.id) == []
+    assert await store.find_by_idempotency_key(header.tenant, "prep-1") is None
+    replaced = dataclasses.replace(prepared, request={"model": "other", "input": "changed"})
+    await store.create(replaced, deltas(0, 2))
+    got = await store.get(header.id)
+    assert got is not None and got.request == {"model": "other", "input": "changed"}
+    assert (await store.find_by_idempotency_key(header.tenant, "prep-1")) is not None
 
 
 # -- appending and reading ---------------------------------------------------------------------------------------------

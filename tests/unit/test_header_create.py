@@ -96,6 +96,73 @@ async def test_without_a_key_the_header_is_written_with_the_first_batch_in_one_c
     await rt.aclose()
 
 
+class PreparingStore(HeldCreate):
+    """Records `prepare`: whether the upstream had been called when it ran, and what it returned; it can fail."""
+
+    def __init__(self, upstream_called: asyncio.Event) -> None:
+        super().__init__()
+        self.upstream_called = upstream_called
+        self.prepared = asyncio.Event()
+        self.called_before_prepare: list[bool] = []  # the upstream request was sent before (the writer waits)
+        self.prepared_headers: list[ResponseHeader] = []
+        self.created_headers: list[ResponseHeader] = []
+        self.prepare_fails_with: BaseException | None = None
+
+    async def prepare(self, header: ResponseHeader) -> ResponseHeader:
+        self.called_before_prepare.append(self.upstream_called.is_set())
+        self.prepared.set()
+        if self.prepare_fails_with is not None:
+            raise self.prepare_fails_with
+        prepared = await super().prepare(header)
+        self.prepared_headers.append(prepared)
+        return prepared
+
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
+        self.created_headers.append(header)
+        await super().create(header, events)
+
+
+async def test_without_a_key_the_create_is_prepared_while_the_upstream_call_is_in_flight() -> None:
+    """The work a create can do ahead (encoding the request; on DynamoDB writing its snapshot) is done after the
+    upstream was called and before the first content exists; the first commit creates that prepared header."""
+    called, content = asyncio.Event(), asyncio.Event()
+    store = PreparingStore(called)
+    store.release.set()
+    rt, _ = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hello"),
+                             Finish("stop")]])
+    post = asyncio.create_task(create_response(rt, request(), caller()))
+    async with asyncio.timeout(BOUND):
+        await store.prepared.wait()  # the first content is still held by the upstream
+    assert store.called_before_prepare == [True] and not store.create_started.is_set()
+    content.set()
+    async with asyncio.timeout(BOUND):
+        created = await post
+    assert isinstance(created, Journaled)
+    assert len(store.created_headers) == 1 and store.created_headers[0].prepared is not None
+    assert store.created_headers[0].prepared is store.prepared_headers[0].prepared
+    got = await store.get(created.response_id)
+    assert got is not None and got.request["input"][0]["content"] == "hi"
+    await rt.aclose()
+
+
+async def test_a_create_that_cannot_be_prepared_is_answered_as_a_store_failure() -> None:
+    called = asyncio.Event()
+    store = PreparingStore(called)
+    store.release.set()
+    store.prepare_fails_with = StoreUnavailable("throttled past the retry bound")
+    rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), TextDelta("never shown"), HANG]])
+    with pytest.raises(Failure) as raised:
+        await asyncio.wait_for(create_response(rt, request(), caller()), BOUND)
+    assert (raised.value.kind, raised.value.code) == ("unavailable", "store_unavailable")
+    runs = {t for t in rt.tasks if t.get_name().startswith("produce ")}
+    if runs:
+        _, pending = await asyncio.wait(runs, timeout=BOUND)
+        assert not pending
+    assert provider.closed_streams == 1  # the upstream call was cancelled
+    assert store.creates == [] and store.appends == []
+    await rt.aclose()
+
+
 async def test_with_a_key_the_upstream_call_starts_before_the_header_exists_and_nothing_is_committed_before_it(
 ) -> None:
     store = HeldCreate()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,6 +65,7 @@ from unbroken.journal.store import (
     StoreStats,
     StoreUnavailable,
     first_batch_span,
+    snapshot_blobs,
 )
 
 PIECE_BYTES = 64 * 1024  # cap on one item's payload: far below the 400 KB item limit
@@ -389,6 +392,15 @@ class _Injected:
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class _WrittenSnapshots:
+    """What `DynamoDBStore.prepare` did for a header: its snapshots' attributes, their items already written."""
+
+    request: dict[str, Any]
+    response: dict[str, Any] | None
+    attributes: dict[str, dict[str, Any]]
+
+
 class DynamoDBStore(Store):
     def __init__(
         self,
@@ -522,6 +534,15 @@ class DynamoDBStore(Store):
             self.stats.add_item(item_size(put["PutRequest"]["Item"]), wru_factor=1)
         return {"nonce": _n(nonce), "pieces": _n(len(pieces))}
 
+    async def _snapshot_attributes(self, header: ResponseHeader, expires: int) -> dict[str, dict[str, Any]]:
+        """The header item's attributes for its request and response snapshots, their pieces written first."""
+        out: dict[str, dict[str, Any]] = {}
+        for prefix, blob in zip(("req", "resp"), snapshot_blobs(header), strict=True):
+            if blob is not None:
+                for name, attr in (await self._write_snapshot(header.id, blob, expires)).items():
+                    out[f"{prefix}_{name}"] = attr
+        return out
+
     async def _read_snapshot(self, response_id: str, header: dict[str, Any], prefix: str) -> Any:
         if f"{prefix}_inline" in header:
             return decode_json(header[f"{prefix}_inline"]["B"])
@@ -572,6 +593,13 @@ class DynamoDBStore(Store):
 
     # -- Store ------------------------------------------------------------------------------------------------------
 
+    async def prepare(self, header: ResponseHeader) -> ResponseHeader:
+        """The snapshots encoded and, when too big to stay inline in the header, their items written now (plain
+        writes under a fresh nonce, which nothing references until the header does): the create is then one
+        transaction, not a BatchWriteItem and then a transaction, on the first token's path."""
+        attributes = await self._snapshot_attributes(header, math.ceil(header.expires_at))
+        return dataclasses.replace(header, prepared=_WrittenSnapshots(header.request, header.response, attributes))
+
     async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         span = first_batch_span(header, events)
         # A first batch too large for one transaction (rare: it is one batch window of output) goes in with the
@@ -596,10 +624,12 @@ class DynamoDBStore(Store):
             item["idempotency_key"] = {"S": header.idempotency_key}
         if header.body_hash is not None:
             item["body_hash"] = {"S": header.body_hash}
-        for prefix, value in (("req", header.request), ("resp", header.response)):
-            if value is not None:
-                for name, attr in (await self._write_snapshot(header.id, encode_json(value), expires)).items():
-                    item[f"{prefix}_{name}"] = attr
+        prepared = header.prepared
+        if (isinstance(prepared, _WrittenSnapshots) and prepared.request is header.request
+                and prepared.response is header.response):
+            item.update(prepared.attributes)  # the snapshot items went in while the upstream call was in flight
+        else:
+            item.update(await self._snapshot_attributes(header, expires))
         put_header = {
             "TableName": self.table,
             "Item": item,

@@ -22,6 +22,7 @@ from unbroken.journal.store import (
     StoreStats,
     first_batch_span,
     next_record_version,
+    snapshot_blobs,
 )
 
 
@@ -63,10 +64,9 @@ class MemoryStore(Store):
             held = self._idem.get(idem_key)
             if held is not None and held[1] > now:
                 raise AlreadyExists(f"idempotency key already used by {held[0]}")
-        request = encode_json(header.request)
-        response = encode_json(header.response) if header.response is not None else None
+        request, response = snapshot_blobs(header)
         blob = encode_events(events) if span is not None and events else b""
-        stored = dataclasses.replace(header, request={}, response=None)
+        stored = dataclasses.replace(header, request={}, response=None, prepared=None)
         batches = []
         if span is not None:
             batches.append((span[0], span[1], blob))

@@ -29,6 +29,7 @@ from unbroken.journal.store import (
     StoreUnavailable,
     first_batch_span,
     next_record_version,
+    snapshot_blobs,
 )
 
 T = TypeVar("T")
@@ -217,8 +218,7 @@ class SQLiteStore(Store):
 
     async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         span = first_batch_span(header, events)
-        request = encode_json(header.request)
-        response = encode_json(header.response) if header.response is not None else None
+        request, response = snapshot_blobs(header)
         blob = encode_events(events) if span is not None and events else None
         self._creates += 1
         purge = self._creates % _PURGE_EVERY == 0

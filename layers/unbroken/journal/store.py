@@ -23,12 +23,13 @@ contract suite):
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from unbroken.journal.codec import check_dense
+from unbroken.journal.codec import check_dense, encode_json
 
 # Response states as stored; terminal ones never change again.
 TERMINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
@@ -75,10 +76,39 @@ class ResponseHeader:
     body_hash: str | None = None
     cancel_requested: bool = False
     background: bool = False
+    # What `Store.prepare` did ahead for this header's `create` (store-specific). Never stored, never compared:
+    # a header read back has None here.
+    prepared: Any = field(default=None, compare=False, repr=False)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedSnapshots:
+    """A header's request and response snapshots encoded ahead of its `create` (`Store.prepare`), together with
+    the objects they encode: `create` uses the blobs only while the header still holds these very objects."""
+
+    request: dict[str, Any]
+    response: dict[str, Any] | None
+    request_blob: bytes
+    response_blob: bytes | None
+
+
+def encode_snapshots(header: ResponseHeader) -> EncodedSnapshots:
+    return EncodedSnapshots(header.request, header.response, encode_json(header.request),
+                            encode_json(header.response) if header.response is not None else None)
+
+
+def snapshot_blobs(header: ResponseHeader) -> tuple[bytes, bytes | None]:
+    """(request, response) of `header` encoded: taken from `header.prepared` when it encodes this header's own
+    objects, else encoded now."""
+    prepared = header.prepared
+    if (isinstance(prepared, EncodedSnapshots) and prepared.request is header.request
+            and prepared.response is header.response):
+        return prepared.request_blob, prepared.response_blob
+    return encode_json(header.request), encode_json(header.response) if header.response is not None else None
 
 
 @dataclass(slots=True)
@@ -144,6 +174,16 @@ class Store(ABC):
         one commit: a response whose producer starts before its header exists writes both when its first output
         is there, so its first token waits for one write, not two. The header's `last_seq` becomes the batch's
         last. `ValueError` if the events are not dense from there; nothing is written when the create fails."""
+
+    async def prepare(self, header: ResponseHeader) -> ResponseHeader:
+        """The header to `create` instead of `header`, with the work that can be done before the create is due
+        done now. A response whose header goes in with its first output prepares it while its upstream call is in
+        flight, so that encoding a large request (and on DynamoDB writing its snapshot items) is not on the first
+        token's path. Nothing becomes visible: until `create`, every read sees no response; a prepared header that
+        is never created leaves at most unreferenced items that expire with it. The header's request and response
+        objects must not change after this (a header holding other objects is created as if not prepared).
+        Here: the snapshots encoded, which is what the stores that keep blobs need."""
+        return dataclasses.replace(header, prepared=encode_snapshots(header))
 
     @abstractmethod
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:

@@ -17,7 +17,9 @@ turn (response.created, in_progress, the item, its part and first delta) goes ou
 A writer may start before the response's header is in the store, so that the upstream call does not wait for it:
 - `create=`: the header is not written yet; the writer's first commit writes it together with the first batch
   (`store.create(header, events)`), so the first token waits for one write, not for a create and then an append,
-  and nothing of the response exists in the store before its first output does (lease renewals wait for it too);
+  and nothing of the response exists in the store before its first output does (lease renewals wait for it too).
+  The writer prepares that create as it starts (`store.prepare`, while the upstream call is in flight), so a large
+  request's encoding and snapshot items are not on the first token's path either;
 - `header=`: the store's `create` is in flight (a response with an Idempotency-Key, which must be findable before
   its first output); the first append waits for it, and its failure stops the writer as a store failure does.
 Either way the header's write counts as the response's first commit. So the start events (response.created,
@@ -62,6 +64,9 @@ _DELTA_SUFFIX = ".delta"  # output_text, refusal, reasoning, reasoning_summary_t
 # Window timers are armed this much early and a window counts as over this much early: the event loop wakes up to
 # a millisecond late (epoll rounds its timeout up), which would otherwise add to every gap between batches.
 _TIMER_SLACK = 0.001
+# How long after a writer starts its header's create is prepared (`create=`): the producer sends its upstream
+# request within a millisecond of starting the writer; an upstream's first token takes far longer than this.
+_PREPARE_AFTER = 0.002
 
 
 class WriterClosed(RuntimeError):
@@ -170,6 +175,15 @@ class JournalWriter:
         # at once, unless the header's create is starting now (it is the first commit).
         self._header = None if header is None else asyncio.ensure_future(header)
         self._create = create
+        # The header's create, prepared while the upstream call is in flight (`Store.prepare`: a large request is
+        # encoded, and on DynamoDB its snapshot written, before the first output is there to wait for it). Started
+        # `_PREPARE_AFTER` after the writer, so that it does not run before the producer has sent the upstream
+        # request (the writer starts first, and the encoding would delay the request by as long); the first commit
+        # starts it at once if it is still waiting.
+        self._prepared: asyncio.Future[ResponseHeader] | None = None
+        self._prepare_timer: asyncio.TimerHandle | None = None
+        if create is not None:
+            self._prepare_timer = self._loop.call_later(_PREPARE_AFTER, self._start_prepare)
         self._on_failure = on_failure
         unwritten = header is not None or create is not None
         self._window_end = self._loop.time() + self._batch_s if unwritten else float("-inf")
@@ -304,6 +318,14 @@ class JournalWriter:
         self._wake.set()
         return batch
 
+    def _start_prepare(self) -> asyncio.Future[ResponseHeader]:
+        self._prepare_timer = None
+        if self._prepared is None:
+            assert self._create is not None
+            self._prepared = asyncio.ensure_future(self._store.prepare(self._create))
+            self._prepared.add_done_callback(lambda f: f.cancelled() or f.exception())  # read at the first commit
+        return self._prepared
+
     def _cancel_batch_timer(self) -> None:
         if self._batch_timer is not None:
             self._batch_timer.cancel()
@@ -354,6 +376,11 @@ class JournalWriter:
         for timer in (self._batch_timer, self._lease_timer):
             if timer is not None:
                 timer.cancel()
+        if self._prepare_timer is not None:
+            self._prepare_timer.cancel()
+            self._prepare_timer = None
+        if self._prepared is not None and self._create is not None:
+            self._prepared.cancel()  # never created: what a prepare wrote is unreferenced and expires
         self._batch_timer = self._lease_timer = None
         if not self._stopped:
             self._stopped = True
@@ -457,7 +484,10 @@ class JournalWriter:
 
     async def _commit(self, batch: _Batch) -> None:
         if self._create is not None:
-            header = dataclasses.replace(self._create, lease_expires_at=time.time() + self._lease_seconds)
+            if self._prepare_timer is not None:
+                self._prepare_timer.cancel()
+            prepared = await self._start_prepare()
+            header = dataclasses.replace(prepared, lease_expires_at=time.time() + self._lease_seconds)
             if batch.status is not None:
                 header.status = batch.status
             if batch.response is not None:
