@@ -581,8 +581,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="size of the request's input (default \"hi\"); a long prompt is encoded and stored with "
                              "the header")
     parser.add_argument("--tps", type=float, default=50.0, help="upstream pacing; 0 = as fast as it can")
-    parser.add_argument("--upstream-ttft-ms", type=float, default=0.0,
-                        help="the upstream's own time to its first token (0: at once, the journal's worst case)")
+    parser.add_argument("--upstream-ttft-ms", type=float, default=150.0,
+                        help="the upstream's own time to its first token: longer than a batch window, as a real "
+                             "model's is (a router that lets the start events commit alone when the window is over "
+                             "by then costs the first token two commits; 0 hides that)")
     parser.add_argument("--batch-ms", type=float, default=None,
                         help="server.journal_batch_ms of the routers (default: the setting's default)")
     parser.add_argument("--root", type=Path, default=ROOT, help="checkout whose layers/ the routers run from")

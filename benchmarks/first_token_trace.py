@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.first_token import KEY, _config, _spawn, _stop
+from benchmarks.first_token import KEY, _config, _prompt, _spawn, _stop
 
 STATS_PATH = "/_bench/trace"
 DELTA = "response.output_text.delta"
@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", default="sqlite", choices=("sqlite", "dynamodb"))
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--tps", type=float, default=50.0)
+    parser.add_argument("--input-chars", type=int, default=2, help="size of the request's input (default \"hi\")")
+    parser.add_argument("--upstream-ttft-ms", type=float, default=150.0, help="as in benchmarks.first_token")
     args = parser.parse_args(argv)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
@@ -267,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                                "unbroken ready on", env)
         base = ready.split()[3]
         metadata = {"sim_length": "20", "sim_tps": str(args.tps)} if args.tps else {"sim_length": "20"}
-        body = {"model": "bench", "input": "hi", "stream": True, "metadata": metadata}
+        if args.upstream_ttft_ms:
+            metadata["sim_ttft_ms"] = str(args.upstream_ttft_ms)
+        body = {"model": "bench", "input": _prompt(args.input_chars), "stream": True, "metadata": metadata}
         hdr = {"authorization": f"Bearer {KEY}"}
         kinds = []
         with httpx.Client(timeout=60) as client:

@@ -150,7 +150,9 @@ async def test_a_create_that_cannot_be_prepared_is_answered_as_a_store_failure()
     store = PreparingStore(called)
     store.release.set()
     store.prepare_fails_with = StoreUnavailable("throttled past the retry bound")
-    rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), TextDelta("never shown"), HANG]])
+    # The first content comes once the prepare has run (a model slower to its first token than the prepare).
+    rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(store.prepared),
+                                    TextDelta("never shown"), HANG]])
     with pytest.raises(Failure) as raised:
         await asyncio.wait_for(create_response(rt, request(), caller()), BOUND)
     assert (raised.value.kind, raised.value.code) == ("unavailable", "store_unavailable")

@@ -95,8 +95,13 @@ class ControlledStore(Store):
         self.committed.put_nowait(call)
         return result
 
-    async def create(self, header: ResponseHeader) -> None:
-        await self.inner.create(header)
+    async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
+        await self.inner.create(header, events)
+        if events:
+            call = Call(list(events), header.lease_expires_at, header.status, header.response)
+            self.durable_seq = events[-1]["sequence_number"]
+            self.commits.append(call)
+            self.committed.put_nowait(call)
 
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:
         return await self.inner.get(response_id, snapshots=snapshots)
@@ -480,6 +485,37 @@ async def test_the_start_events_wait_for_the_first_content_after_the_header_crea
     for event in content:
         await writer.emit(event)
     assert seqs(await store.next_commit()) == [0, 1, 2, 3, 4]  # the clock has not moved: at once
+    assert len(store.commits) == 1
+    await writer.aclose()
+
+
+@pytest.mark.parametrize("unwritten", ["header", "create"])
+async def test_the_start_events_wait_for_the_first_content_however_late_the_upstream_s_first_chunk(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock, unwritten: str
+) -> None:
+    """An upstream slower to its first chunk than a window (any real model): the first batch's window starts with
+    its first event, so the start events still wait for the first content and the first token waits for one commit,
+    with the header's create in flight (`header=`) and with the header written by the first commit (`create=`)."""
+    now = time.time()
+    if unwritten == "header":
+        header: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        header.set_result(None)
+        rid = await new_response(store)
+        writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, header=header)
+    else:
+        rid = "resp_late"
+        writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, next_seq=0,
+                               create=ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600,
+                                                     status="in_progress"))
+    await clock.advance(3 * WINDOW)  # the upstream's first chunk comes three windows after the writer started
+    first, in_progress, *content = start_events()
+    await writer.emit(first)
+    await writer.emit(in_progress)
+    await settle()
+    assert store.commits == []  # they wait for the first content...
+    for event in content:
+        await writer.emit(event)
+    assert seqs(await store.next_commit()) == [0, 1, 2, 3, 4]  # ...which takes them along, at once
     assert len(store.commits) == 1
     await writer.aclose()
 

@@ -7,6 +7,7 @@ producer while it generates) and `last_seq` (the sequence number of the last com
 Rules every implementation keeps (the contract suite checks each):
 - `append` is atomic: the events and the header update land together or not at all; so is `create` with a first
   batch (the header and its first events, or nothing).
+- `prepare` makes nothing visible, and a create of the header it returns is one write whatever the request's size.
 - `read_events` returns exactly the dicts that were appended (same keys, values and `sequence_number`s), dense.
 - After `take_over` no append with an older epoch succeeds, so nothing a zombie writes becomes visible.
 - A terminal status is final: `take_over` refuses a terminal response, and the owner stops after its terminal commit.

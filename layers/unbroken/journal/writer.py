@@ -22,9 +22,10 @@ A writer may start before the response's header is in the store, so that the ups
   request's encoding and snapshot items are not on the first token's path either;
 - `header=`: the store's `create` is in flight (a response with an Idempotency-Key, which must be findable before
   its first output); the first append waits for it, and its failure stops the writer as a store failure does.
-Either way the header's write counts as the response's first commit. So the start events (response.created,
-in_progress), which come from the upstream's first chunk, wait in the open batch for the first content to join them
-(the next chunk, usually) instead of taking a commit of their own before the first token.
+Either way the header's write counts as the response's first commit, and the first batch's window starts with its
+first event. So the start events (response.created, in_progress), which come from the upstream's first chunk
+(OpenAI's role-only chunk, say), wait in the open batch for the first content to join them (the next chunk, usually)
+instead of taking a commit of their own before the first token, however long the upstream took to that chunk.
 A batch also closes at `batch_bytes`, `boundary()`, `flush()`, `set_status()` and the terminal event; closed batches
 go out as soon as the committer is free, and closed batches that queue up behind a slow store go out together in one
 append (group commit). The same task renews the lease when no commit did so for `lease_seconds / 3`.
@@ -178,8 +179,8 @@ class JournalWriter:
         # The header's create, prepared while the upstream call is in flight (`Store.prepare`: a large request is
         # encoded, and on DynamoDB its snapshot written, before the first output is there to wait for it). Started
         # `_PREPARE_AFTER` after the writer, so that it does not run before the producer has sent the upstream
-        # request (the writer starts first, and the encoding would delay the request by as long); the first commit
-        # starts it at once if it is still waiting.
+        # request (the writer starts first, and the encoding would delay the request by as long); a first commit
+        # that comes before that creates the header unprepared, in the same turn.
         self._prepared: asyncio.Future[ResponseHeader] | None = None
         self._prepare_timer: asyncio.TimerHandle | None = None
         if create is not None:
@@ -187,6 +188,10 @@ class JournalWriter:
         self._on_failure = on_failure
         unwritten = header is not None or create is not None
         self._window_end = self._loop.time() + self._batch_s if unwritten else float("-inf")
+        # The header is not written yet and no commit has started: the first batch's window starts with its first
+        # event, not with the writer, so start events that come after a long wait for the upstream's first chunk
+        # still wait for the first content (which usually follows at once) instead of taking a commit of their own.
+        self._first_window = unwritten
         # Timers are loop callbacks, not timeouts in the committer: at most one window timer per batch, armed when
         # its first event finds the window still running; no task, no timer per token.
         self._batch_timer: asyncio.TimerHandle | None = None
@@ -333,6 +338,9 @@ class JournalWriter:
 
     def _schedule_open(self) -> None:
         # The first event of a batch that is not urgent: one clock read per batch, not per token.
+        if self._first_window:
+            self._first_window = False
+            self._window_end = self._loop.time() + self._batch_s
         if self._loop.time() >= self._window_end - _TIMER_SLACK:
             # Window over: the committer takes the batch on its next turn, or right after the commit in flight
             # (it looks at the open batch before it waits again).
@@ -419,6 +427,7 @@ class JournalWriter:
                     batch = self._inflight = self._take()
                     if batch.events:
                         self._window_end = loop.time() + self._batch_s
+                        self._first_window = False
                     await self._commit(batch)
                     self._inflight = None
                     self._ready_bytes -= batch.size
@@ -484,9 +493,12 @@ class JournalWriter:
 
     async def _commit(self, batch: _Batch) -> None:
         if self._create is not None:
-            if self._prepare_timer is not None:
+            if self._prepare_timer is not None:  # not started (a fast upstream): the create does it all, at once
                 self._prepare_timer.cancel()
-            prepared = await self._start_prepare()
+                self._prepare_timer = None
+                prepared = self._create
+            else:
+                prepared = await self._start_prepare()  # done, or its write still in flight
             header = dataclasses.replace(prepared, lease_expires_at=time.time() + self._lease_seconds)
             if batch.status is not None:
                 header.status = batch.status
