@@ -14,7 +14,6 @@ Run: `python -m benchmarks.cost` (after `make bench`); `make bench` calls it.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import Any
 
@@ -170,12 +169,10 @@ def compute(r: dict[str, Any]) -> dict[str, Any]:
 
 def template_defaults() -> tuple[int, str]:
     """(MemorySize, Architecture) defaults of `template.yaml`, so the table names what a deploy gets today."""
-    text = (README.parent / "template.yaml").read_text(encoding="utf-8")
-    found = {}
-    for name in ("MemorySize", "Architecture"):
-        match = re.search(rf"^  {name}:\n(?:    .*\n)*?    Default: (\S+)$", text, re.MULTILINE)
-        found[name] = match.group(1) if match else "?"
-    return int(found["MemorySize"]) if found["MemorySize"].isdigit() else 0, found["Architecture"]
+    from tests.sam._template import raw_template
+
+    parameters = raw_template()["Parameters"]
+    return int(parameters["MemorySize"]["Default"]), str(parameters["Architecture"]["Default"])
 
 
 def _usd(x: float) -> str:

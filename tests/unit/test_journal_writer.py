@@ -520,6 +520,44 @@ async def test_the_start_events_wait_for_the_first_content_however_late_the_upst
     await writer.aclose()
 
 
+class HeldPrepare(MemoryStore):
+    """`prepare` starts, then waits for `release` (a DynamoDB snapshot write still in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def prepare(self, header: ResponseHeader) -> ResponseHeader:
+        self.started.set()
+        await asyncio.wait_for(self.release.wait(), BOUND)
+        return await super().prepare(header)
+
+
+async def test_nothing_leaves_before_the_prepared_create_is_durable(feeds: LocalFeeds, clock: FakeClock) -> None:
+    """What a client saw is durable: the first content waits for the prepare still in flight and then the create;
+    a follower sees nothing before, then every event from 0, once."""
+    store = HeldPrepare()
+    now = time.time()
+    rid = "resp_held_prepare"
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, next_seq=0,
+                           create=ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600,
+                                                 status="in_progress"))
+    seen: list[int] = []
+    follower = asyncio.create_task(_collect_seqs(store, rid, feeds, seen))
+    await clock.advance(WINDOW)  # the prepare's timer is due: it starts, and is held
+    assert store.started.is_set()
+    for event in start_events():
+        await writer.emit(event)
+    await clock.advance(2 * WINDOW)
+    assert seen == [] and await store.get(rid) is None and writer.committed_seq is None
+    store.release.set()
+    await writer.finish(completed(5), status="completed", response={"id": rid})
+    await asyncio.wait_for(follower, BOUND)
+    assert seen == [0, 1, 2, 3, 4, 5]
+    assert (await store.get(rid)).status == "completed"  # type: ignore[union-attr]
+
+
 async def test_start_events_with_no_content_go_out_at_the_end_of_the_window(
     store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
 ) -> None:

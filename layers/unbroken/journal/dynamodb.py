@@ -43,7 +43,6 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,6 +57,7 @@ from unbroken.journal.store import (
     AlreadyExists,
     Fenced,
     NotFound,
+    Prepared,
     Record,
     ResponseHeader,
     Store,
@@ -65,6 +65,7 @@ from unbroken.journal.store import (
     StoreStats,
     StoreUnavailable,
     first_batch_span,
+    prepared_work,
     snapshot_blobs,
 )
 
@@ -392,15 +393,6 @@ class _Injected:
         pass
 
 
-@dataclass(frozen=True, slots=True)
-class _WrittenSnapshots:
-    """What `DynamoDBStore.prepare` did for a header: its snapshots' attributes, their items already written."""
-
-    request: dict[str, Any]
-    response: dict[str, Any] | None
-    attributes: dict[str, dict[str, Any]]
-
-
 class DynamoDBStore(Store):
     def __init__(
         self,
@@ -537,7 +529,7 @@ class DynamoDBStore(Store):
     async def _snapshot_attributes(self, header: ResponseHeader, expires: int) -> dict[str, dict[str, Any]]:
         """The header item's attributes for its request and response snapshots, their pieces written first."""
         out: dict[str, dict[str, Any]] = {}
-        for prefix, blob in zip(("req", "resp"), snapshot_blobs(header), strict=True):
+        for prefix, blob in zip(("req", "resp"), snapshot_blobs(header, self), strict=True):
             if blob is not None:
                 for name, attr in (await self._write_snapshot(header.id, blob, expires)).items():
                     out[f"{prefix}_{name}"] = attr
@@ -598,7 +590,7 @@ class DynamoDBStore(Store):
         writes under a fresh nonce, which nothing references until the header does): the create is then one
         transaction, not a BatchWriteItem and then a transaction, on the first token's path."""
         attributes = await self._snapshot_attributes(header, math.ceil(header.expires_at))
-        return dataclasses.replace(header, prepared=_WrittenSnapshots(header.request, header.response, attributes))
+        return dataclasses.replace(header, prepared=Prepared(self, header.request, header.response, attributes))
 
     async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         span = first_batch_span(header, events)
@@ -624,12 +616,9 @@ class DynamoDBStore(Store):
             item["idempotency_key"] = {"S": header.idempotency_key}
         if header.body_hash is not None:
             item["body_hash"] = {"S": header.body_hash}
-        prepared = header.prepared
-        if (isinstance(prepared, _WrittenSnapshots) and prepared.request is header.request
-                and prepared.response is header.response):
-            item.update(prepared.attributes)  # the snapshot items went in while the upstream call was in flight
-        else:
-            item.update(await self._snapshot_attributes(header, expires))
+        # The snapshot items went in at `prepare` (while the upstream call was in flight), or go in now.
+        attributes = prepared_work(header, self)
+        item.update(attributes if attributes is not None else await self._snapshot_attributes(header, expires))
         put_header = {
             "TableName": self.table,
             "Item": item,

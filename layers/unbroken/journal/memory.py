@@ -64,7 +64,7 @@ class MemoryStore(Store):
             held = self._idem.get(idem_key)
             if held is not None and held[1] > now:
                 raise AlreadyExists(f"idempotency key already used by {held[0]}")
-        request, response = snapshot_blobs(header)
+        request, response = snapshot_blobs(header, self)
         blob = encode_events(events) if span is not None and events else b""
         stored = dataclasses.replace(header, request={}, response=None, prepared=None)
         batches = []

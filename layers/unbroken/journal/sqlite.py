@@ -218,7 +218,7 @@ class SQLiteStore(Store):
 
     async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         span = first_batch_span(header, events)
-        request, response = snapshot_blobs(header)
+        request, response = snapshot_blobs(header, self)
         blob = encode_events(events) if span is not None and events else None
         self._creates += 1
         purge = self._creates % _PURGE_EVERY == 0

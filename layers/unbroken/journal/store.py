@@ -87,28 +87,29 @@ class ResponseHeader:
 
 
 @dataclass(frozen=True, slots=True)
-class EncodedSnapshots:
-    """A header's request and response snapshots encoded ahead of its `create` (`Store.prepare`), together with
-    the objects they encode: `create` uses the blobs only while the header still holds these very objects."""
+class Prepared:
+    """What one store's `prepare` did ahead for a header (`work`, store-specific), and the snapshot objects it did it
+    for: its `create` uses the work only for a header that still holds these very objects."""
 
+    by: Store
     request: dict[str, Any]
     response: dict[str, Any] | None
-    request_blob: bytes
-    response_blob: bytes | None
+    work: Any
 
 
-def encode_snapshots(header: ResponseHeader) -> EncodedSnapshots:
-    return EncodedSnapshots(header.request, header.response, encode_json(header.request),
-                            encode_json(header.response) if header.response is not None else None)
+def prepared_work(header: ResponseHeader, store: Store) -> Any:
+    """What `store.prepare` did for this header, or None (not prepared, by another store, or other objects since)."""
+    p = header.prepared
+    if isinstance(p, Prepared) and p.by is store and p.request is header.request and p.response is header.response:
+        return p.work
+    return None
 
 
-def snapshot_blobs(header: ResponseHeader) -> tuple[bytes, bytes | None]:
-    """(request, response) of `header` encoded: taken from `header.prepared` when it encodes this header's own
-    objects, else encoded now."""
-    prepared = header.prepared
-    if (isinstance(prepared, EncodedSnapshots) and prepared.request is header.request
-            and prepared.response is header.response):
-        return prepared.request_blob, prepared.response_blob
+def snapshot_blobs(header: ResponseHeader, store: Store) -> tuple[bytes, bytes | None]:
+    """(request, response) of `header` encoded: as the default `Store.prepare` encoded them, or now."""
+    blobs: tuple[bytes, bytes | None] | None = prepared_work(header, store)
+    if blobs is not None:
+        return blobs
     return encode_json(header.request), encode_json(header.response) if header.response is not None else None
 
 
@@ -183,8 +184,9 @@ class Store(ABC):
         token's path. Nothing becomes visible: until `create`, every read sees no response; a prepared header that
         is never created leaves at most unreferenced items that expire with it. The header's request and response
         objects must not change after this (a header holding other objects is created as if not prepared).
-        Here: the snapshots encoded, which is what the stores that keep blobs need."""
-        return dataclasses.replace(header, prepared=encode_snapshots(header))
+        Here: the snapshots encoded (`snapshot_blobs`), which is what the stores that keep blobs need."""
+        blobs = snapshot_blobs(header, self)
+        return dataclasses.replace(header, prepared=Prepared(self, header.request, header.response, blobs))
 
     @abstractmethod
     async def get(self, response_id: str, *, snapshots: bool = True) -> ResponseHeader | None:

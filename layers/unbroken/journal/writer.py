@@ -171,9 +171,6 @@ class JournalWriter:
         self._open_urgent = False
         # An output item started and none of its deltas was emitted yet (items come one after another).
         self._item_fresh = False
-        # Loop time from which a batch that is not urgent may go out: `batch_ms` after the last append carrying
-        # events started (lease renewals carry none and do not count). In the past at first: the first batch goes
-        # at once, unless the header's create is starting now (it is the first commit).
         self._header = None if header is None else asyncio.ensure_future(header)
         self._create = create
         # The header's create, prepared while the upstream call is in flight (`Store.prepare`: a large request is
@@ -186,12 +183,14 @@ class JournalWriter:
         if create is not None:
             self._prepare_timer = self._loop.call_later(_PREPARE_AFTER, self._start_prepare)
         self._on_failure = on_failure
-        unwritten = header is not None or create is not None
-        self._window_end = self._loop.time() + self._batch_s if unwritten else float("-inf")
-        # The header is not written yet and no commit has started: the first batch's window starts with its first
-        # event, not with the writer, so start events that come after a long wait for the upstream's first chunk
-        # still wait for the first content (which usually follows at once) instead of taking a commit of their own.
-        self._first_window = unwritten
+        # Loop time from which a batch that is not urgent may go out: `batch_ms` after the last append carrying
+        # events started (lease renewals carry none and do not count). In the past at first: the first batch goes
+        # at once; but while the header is not written (its write is the first commit), the first batch's window
+        # starts with its first event (`_first_window`), so start events that come after a long wait for the
+        # upstream's first chunk still wait for the first content (which usually follows at once) instead of
+        # taking a commit of their own.
+        self._window_end = float("-inf")
+        self._first_window = header is not None or create is not None
         # Timers are loop callbacks, not timeouts in the committer: at most one window timer per batch, armed when
         # its first event finds the window still running; no task, no timer per token.
         self._batch_timer: asyncio.TimerHandle | None = None
