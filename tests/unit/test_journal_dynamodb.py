@@ -27,6 +27,7 @@ from moto import mock_aws
 from tests.contract.moto_http import MotoTransport
 from unbroken.journal import dynamodb
 from unbroken.journal.backends import open_store
+from unbroken.journal.codec import encode_events
 from unbroken.journal.dynamodb import DynamoDBStore
 from unbroken.journal.store import (
     AlreadyExists,
@@ -421,3 +422,121 @@ async def test_read_stops_at_a_batch_seen_half_written(flaky: Flaky, monkeypatch
     await store._call("DeleteItem", TableName=store.table, Key={"pk": pieces[0]["pk"], "sk": pieces[0]["sk"]})
     assert await store.read_events(rid) == first
     assert await store.read_events(rid, 1) == first[2:]
+
+
+# -- a first batch carried by the header -------------------------------------------------------------------------
+
+
+async def _fresh(store: DynamoDBStore, **fields: Any) -> ResponseHeader:
+    now = time.time()
+    return ResponseHeader(id=f"resp_{uuid.uuid4().hex}", tenant="t", created_at=now, expires_at=now + 3600,
+                          status="in_progress", lease_expires_at=now + 30, **fields)
+
+
+async def _header_item(store: DynamoDBStore, rid: str) -> dict[str, Any]:
+    got = await store._call("GetItem", TableName=store.table, Key=store._key(rid), ConsistentRead=True)
+    item: dict[str, Any] = got["Item"]
+    return item
+
+
+async def test_a_create_with_its_first_batch_is_one_put_item_and_the_next_commit_moves_the_batch_out(
+    flaky: Flaky,
+) -> None:
+    """The write a first token waits for is one PutItem (half a transaction's latency and WRU); the header, which
+    every commit rewrites, carries the batch only until the next commit of events."""
+    store, _ = await _ready_store(flaky)
+    header = await _fresh(store)
+    flaky.calls.clear()
+    await store.create(header, [delta(0), delta(1)])
+    assert flaky.calls == ["PutItem"]
+    assert "iev" in await _header_item(store, header.id)
+    assert await store.read_events(header.id) == [delta(0), delta(1)]
+    assert await store.read_events(header.id, 0) == [delta(1)]
+    assert await store.read_events(header.id, 1) == []
+
+    flaky.calls.clear()
+    await store.append(header.id, 0, [delta(2)], lease_expires_at=time.time() + 30)
+    assert flaky.calls == ["TransactWriteItems"]
+    item = await _header_item(store, header.id)
+    assert "iev" not in item and "ifs" not in item and item["last_seq"] == {"N": "2"}
+    assert await store.read_events(header.id) == [delta(0), delta(1), delta(2)]
+    assert await store.read_events(header.id, 0) == [delta(1), delta(2)]
+    flaky.calls.clear()
+    await store.append(header.id, 0, [delta(3)])  # moved once: the next commit is the plain two-action one
+    assert await store.read_events(header.id) == [delta(i) for i in range(4)]
+    header_after = await store.get(header.id)
+    assert header_after is not None and header_after.last_seq == 3
+
+
+async def test_a_reader_that_sees_the_first_batch_in_the_header_and_in_its_own_item_takes_it_once(
+    flaky: Flaky,
+) -> None:
+    """Query is read-committed: while the next commit moves the batch, a reader may see the header from before
+    and the batch's item from after. Every event comes once, in order."""
+    store, _ = await _ready_store(flaky)
+    header = await _fresh(store)
+    first = [delta(0), delta(1), delta(2)]
+    await store.create(header, first)
+    blob = (await _header_item(store, header.id))["iev"]["B"]
+    # The items the next commit writes (the moved batch, then its own), as a Query sees them if it read the
+    # header just before that commit and the items just after.
+    moved = store._pieces(header.id, 0, 2, blob, FAR) + store._batch_items(header.id, [delta(3)], encode_events(
+        [delta(3)]), FAR)
+    for item in moved:
+        await store._call("PutItem", TableName=store.table, Item=item)
+    assert await store.read_events(header.id) == [*first, delta(3)]
+    assert await store.read_events(header.id, 1) == [delta(2), delta(3)]
+
+
+async def test_a_commit_moving_the_batch_that_loses_to_a_take_over_is_fenced(flaky: Flaky) -> None:
+    owner, _ = await _ready_store(flaky)
+    header = await _fresh(owner)
+    await owner.create(header, [delta(0)])
+    other = DynamoDBStore(owner.table, region="us-east-1", http_transport=flaky, backoff_base=0.0)
+    assert await other.take_over(header.id, 0, time.time() + 30) == 1
+    with pytest.raises(Fenced):
+        await owner.append(header.id, 0, [delta(1)])
+    assert "iev" in await _header_item(owner, header.id)  # nothing of the refused commit landed
+    await other.append(header.id, 1, [delta(1)])  # the new owner learnt of the batch from its take-over
+    assert "iev" not in await _header_item(owner, header.id)
+    assert await owner.read_events(header.id) == [delta(0), delta(1)]
+
+
+async def test_a_writer_that_never_saw_the_header_leaves_the_batch_in_it_and_stays_correct(flaky: Flaky) -> None:
+    owner, _ = await _ready_store(flaky)
+    header = await _fresh(owner)
+    await owner.create(header, [delta(0)])
+    stranger = DynamoDBStore(owner.table, region="us-east-1", http_transport=flaky, backoff_base=0.0)
+    await stranger.append(header.id, 0, [delta(1)])
+    assert "iev" in await _header_item(owner, header.id)
+    assert await stranger.read_events(header.id) == [delta(0), delta(1)]
+    assert await stranger.read_events(header.id, 0) == [delta(1)]
+
+
+@pytest.mark.parametrize("case", ["idempotency key", "too many events", "too big"])
+async def test_a_first_batch_the_header_cannot_carry_goes_by_transaction(
+    flaky: Flaky, case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = await _ready_store(flaky)
+    header = await _fresh(store, idempotency_key="k1" if case == "idempotency key" else None)
+    count = dynamodb.INLINE_BATCH_MAX_EVENTS + 1 if case == "too many events" else 3
+    if case == "too big":
+        monkeypatch.setattr(dynamodb, "INLINE_BATCH_MAX_BYTES", 16)
+    events = [delta(i) for i in range(count)]
+    flaky.calls.clear()
+    await store.create(header, events)
+    assert flaky.calls == ["TransactWriteItems"]
+    assert "iev" not in await _header_item(store, header.id)
+    assert await store.read_events(header.id) == events
+    assert await store.read_events(header.id, count - 2) == events[-1:]
+
+
+async def test_readers_starting_up_to_the_last_event_a_header_can_carry_find_it(flaky: Flaky) -> None:
+    store, _ = await _ready_store(flaky)
+    header = await _fresh(store)
+    events = [delta(i) for i in range(dynamodb.INLINE_BATCH_MAX_EVENTS)]
+    await store.create(header, events)
+    assert "iev" in await _header_item(store, header.id)
+    for after in (-1, 0, dynamodb.INLINE_BATCH_MAX_EVENTS - 2):
+        assert await store.read_events(header.id, after) == events[after + 1 :]
+    assert await store.read_events(header.id, dynamodb.INLINE_BATCH_MAX_EVENTS - 1) == []

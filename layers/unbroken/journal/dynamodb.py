@@ -2,7 +2,12 @@
 
 Items of one response, all under `pk = resp#<id>`:
 - `sk = 0`: the header. Kept small (it is rewritten by every commit and a write costs 1 WRU per KB), so request and
-  response snapshots live inline only when tiny and otherwise in snapshot items.
+  response snapshots live inline only when tiny and otherwise in snapshot items. A response created with its
+  first batch (no Idempotency-Key, a small batch) carries that batch in the header too (`iev`, from `ifs`), so its
+  create is one PutItem, not a transaction: the write its first token waits for is the cheapest DynamoDB has. The
+  next commit of events moves the batch to its own item (one more Put in its transaction, and REMOVE), so the
+  header, rewritten by every commit, is small again from there on; a reader whose start could fall in that batch
+  includes the header in its Query and takes each event once, wherever it finds it.
 - `sk = (last_seq + 1) * 1000 + piece`: event batches. A batch is one compressed blob (see codec.py) cut into pieces
   of at most `PIECE_BYTES`; every piece carries `first_seq`, `last_seq` and `pieces`. Keying by `last_seq` lets a
   resume after N start its Query at the first batch holding N + 1, without an index.
@@ -77,6 +82,11 @@ TXN_MAX_PIECES = 90
 TXN_MAX_BYTES = 3_500_000
 # Snapshots up to this size stay inline in the header; bigger ones would make every header rewrite cost more.
 INLINE_SNAPSHOT_MAX = 256
+# A first batch up to this size (compressed) and this many events goes in the header item with it (one PutItem).
+# Readers starting before event INLINE_BATCH_MAX_EVENTS read the header with the events; bigger batches go by
+# transaction, as appends do.
+INLINE_BATCH_MAX_BYTES = 8 * 1024
+INLINE_BATCH_MAX_EVENTS = 64
 _MAX_PAGES = 100_000  # bound on Query pagination (1 MB per page)
 
 # Error codes worth another attempt: throttling, server-side trouble, transaction races.
@@ -426,6 +436,10 @@ class DynamoDBStore(Store):
         self._expires: dict[str, int] = {}
         self._header_size: dict[str, int] = {}
         self._cancel_seen: set[tuple[str, int]] = set()
+        # Headers known to carry their first batch (create's PutItem, or seen in a read): response id -> (first
+        # seq, blob). The next commit of events moves it out; one this instance does not know of stays (correct,
+        # only a bigger header to rewrite).
+        self._inline_batch: dict[str, tuple[int, bytes]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
 
@@ -482,6 +496,11 @@ class DynamoDBStore(Store):
             self._expires.clear()
             self._header_size.clear()
             self._cancel_seen.clear()
+            self._inline_batch.clear()
+        if "iev" in item:
+            self._inline_batch[response_id] = (_int(item["ifs"]), item["iev"]["B"])
+        else:
+            self._inline_batch.pop(response_id, None)
         if "expires_at" in item:
             self._expires[response_id] = _int(item["expires_at"])
         self._header_size[response_id] = item_size(item)
@@ -624,7 +643,13 @@ class DynamoDBStore(Store):
             "Item": item,
             "ConditionExpression": "attribute_not_exists(pk)",
         }
-        puts = self._batch_items(header.id, groups[0][0], groups[0][1], expires) if groups else []
+        puts: list[dict[str, Any]] = []
+        if groups:
+            first_events, blob = groups[0]
+            if _inline(header, first_events, blob, len(groups)):
+                item.update({"iev": {"B": blob}, "ifs": _n(first_events[0]["sequence_number"])})
+            else:
+                puts = self._batch_items(header.id, first_events, blob, expires)
         try:
             if header.idempotency_key is None and not puts:
                 await self._call("PutItem", **put_header)
@@ -832,7 +857,9 @@ class DynamoDBStore(Store):
     def _batch_items(self, response_id: str, events: list[dict[str, Any]], blob: bytes, expires: int
                      ) -> list[dict[str, Any]]:
         """The items of one batch: its blob cut into pieces, keyed by the batch's last sequence number."""
-        first, last = events[0]["sequence_number"], events[-1]["sequence_number"]
+        return self._pieces(response_id, events[0]["sequence_number"], events[-1]["sequence_number"], blob, expires)
+
+    def _pieces(self, response_id: str, first: int, last: int, blob: bytes, expires: int) -> list[dict[str, Any]]:
         pieces = _cut(blob)
         return [
             {
@@ -861,6 +888,12 @@ class DynamoDBStore(Store):
         first, last = events[0]["sequence_number"], events[-1]["sequence_number"]
         puts = self._batch_items(response_id, events, blob, expires)
         sets, removes, names, values = self._header_update(lease_expires_at, status, snapshot)
+        inline = self._inline_batch.get(response_id)
+        if inline is not None:  # the first batch leaves the header for an item of its own, in this transaction
+            inline_first, inline_blob = inline
+            puts = self._pieces(response_id, inline_first, first - 1, inline_blob, expires) + puts
+            removes += ["#iv", "#if"]
+            names.update({"#iv": "iev", "#if": "ifs"})
         sets.append("#ls = :new")
         names.update({"#ls": "last_seq", "#cx": "cancel_requested"})
         values.update({":new": _n(last), ":prev": _n(first - 1), ":e": _n(epoch), ":now": _n(self._clock())})
@@ -919,6 +952,10 @@ class DynamoDBStore(Store):
                 break
         else:
             raise StoreError("dynamodb commit did not settle")
+        if inline is not None:
+            self._inline_batch.pop(response_id, None)
+            if response_id in self._header_size:
+                self._header_size[response_id] -= len(inline[1])
         self.stats.commits += 1
         for item in puts:
             self.stats.add_item(item_size(item), wru_factor=2)
@@ -926,13 +963,12 @@ class DynamoDBStore(Store):
         return cancel_known
 
     async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
+        # From the header (sk 0) when the wanted events may still be the first batch it carries.
+        lo = 0 if after_seq + 1 < INLINE_BATCH_MAX_EVENTS else (after_seq + 2) * SEQ_STRIDE
         try:
             items = await self._query(
                 KeyConditionExpression="pk = :p AND sk >= :lo",
-                ExpressionAttributeValues={
-                    ":p": {"S": f"resp#{response_id}"},
-                    ":lo": _n((after_seq + 2) * SEQ_STRIDE),
-                },
+                ExpressionAttributeValues={":p": {"S": f"resp#{response_id}"}, ":lo": _n(lo)},
             )
         except _CallFailed as failure:
             raise StoreError(f"dynamodb query: {failure}") from failure.error
@@ -944,6 +980,15 @@ class DynamoDBStore(Store):
             head = items[index]
             if _int(head.get("expires_at")) <= now:
                 return []  # every item of a response shares its expiry: the response is gone
+            if head["sk"]["N"] == "0":  # the header: its first batch, if it still carries it
+                index += 1
+                if "iev" in head:
+                    events = decode_events(head["iev"]["B"])
+                    first = _int(head["ifs"])
+                    if first <= expected < first + len(events):
+                        out.extend(events[expected - first :])
+                        expected = first + len(events)
+                continue
             count = _int(head["pieces"])
             group = items[index : index + count]
             block = int(head["sk"]["N"]) // SEQ_STRIDE
@@ -952,7 +997,10 @@ class DynamoDBStore(Store):
             if len(group) != count or any(int(it["sk"]["N"]) != block * SEQ_STRIDE + i for i, it in enumerate(group)):
                 break
             first, last = _int(head["first_seq"]), _int(head["last_seq"])
-            if not first <= expected <= last:
+            if last < expected:  # already taken from the header: the Query saw the batch in both places
+                index += count
+                continue
+            if not first <= expected:
                 break
             events = decode_events(b"".join(it["ev"]["B"] for it in group))
             out.extend(events[expected - first :])
@@ -1274,6 +1322,16 @@ class DynamoDBStore(Store):
         transport, self._transport = self._transport, None
         if transport is not None:
             await transport.aclose()
+
+
+def _inline(header: ResponseHeader, events: list[dict[str, Any]], blob: bytes, groups: int) -> bool:
+    """Whether `create` puts its first batch in the header item (one PutItem) rather than an item of its own."""
+    return (
+        header.idempotency_key is None  # that create is a transaction anyway (the key's item)
+        and groups == 1
+        and len(blob) <= INLINE_BATCH_MAX_BYTES
+        and events[-1]["sequence_number"] < INLINE_BATCH_MAX_EVENTS
+    )
 
 
 def _split(events: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], bytes]]:
