@@ -540,3 +540,19 @@ async def test_readers_starting_up_to_the_last_event_a_header_can_carry_find_it(
     for after in (-1, 0, dynamodb.INLINE_BATCH_MAX_EVENTS - 2):
         assert await store.read_events(header.id, after) == events[after + 1 :]
     assert await store.read_events(header.id, dynamodb.INLINE_BATCH_MAX_EVENTS - 1) == []
+
+
+async def test_a_read_from_before_the_move_that_lands_after_it_does_not_make_the_next_commit_move_again(
+    flaky: Flaky,
+) -> None:
+    """A GET served by the writer's own instance races its commits: a header read before the move, answered
+    after it, must not make the instance believe the header still carries the batch (its next commit would try
+    to write the moved item again, and be refused)."""
+    store, _ = await _ready_store(flaky)
+    header = await _fresh(store)
+    await store.create(header, [delta(0)])
+    before_move = await _header_item(store, header.id)
+    await store.append(header.id, 0, [delta(1)])
+    store._remember(header.id, before_move)  # what `get` does with the answer it read before the move
+    await store.append(header.id, 0, [delta(2)])
+    assert await store.read_events(header.id) == [delta(0), delta(1), delta(2)]

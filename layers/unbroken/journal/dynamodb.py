@@ -436,9 +436,10 @@ class DynamoDBStore(Store):
         self._expires: dict[str, int] = {}
         self._header_size: dict[str, int] = {}
         self._cancel_seen: set[tuple[str, int]] = set()
-        # Headers known to carry their first batch (create's PutItem, or seen in a read): response id -> (first
-        # seq, blob). The next commit of events moves it out; one this instance does not know of stays (correct,
-        # only a bigger header to rewrite).
+        # Headers known to carry their first batch: response id -> (first seq, blob), from this instance's create
+        # or take-over (a writer's own operations, in order with its commits; a concurrent read could be from
+        # before the move and would have the next commit move it again). The next commit of events moves it out;
+        # one this instance does not know of stays (correct, only a bigger header to rewrite).
         self._inline_batch: dict[str, tuple[int, bytes]] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------------------------
@@ -497,9 +498,7 @@ class DynamoDBStore(Store):
             self._header_size.clear()
             self._cancel_seen.clear()
             self._inline_batch.clear()
-        if "iev" in item:
-            self._inline_batch[response_id] = (_int(item["ifs"]), item["iev"]["B"])
-        else:
+        if "iev" not in item:  # learnt only from this instance's own create / take-over: a read may be stale
             self._inline_batch.pop(response_id, None)
         if "expires_at" in item:
             self._expires[response_id] = _int(item["expires_at"])
@@ -694,6 +693,8 @@ class DynamoDBStore(Store):
             raise StoreError(f"dynamodb create: {failure}") from failure.error
         self.stats.commits += 1
         self._remember(header.id, item)
+        if "iev" in item:
+            self._inline_batch[header.id] = (groups[0][0][0]["sequence_number"], item["iev"]["B"])
         for rest, _blob in groups[1:]:
             await self.append(header.id, header.owner_epoch, rest)
 
@@ -952,14 +953,14 @@ class DynamoDBStore(Store):
                 break
         else:
             raise StoreError("dynamodb commit did not settle")
+        self.stats.commits += 1
+        for item in puts:
+            self.stats.add_item(item_size(item), wru_factor=2)
+        self.stats.add_item(self._header_size.get(response_id, 300), wru_factor=2)  # billed at its larger size
         if inline is not None:
             self._inline_batch.pop(response_id, None)
             if response_id in self._header_size:
                 self._header_size[response_id] -= len(inline[1])
-        self.stats.commits += 1
-        for item in puts:
-            self.stats.add_item(item_size(item), wru_factor=2)
-        self.stats.add_item(self._header_size.get(response_id, 300), wru_factor=2)
         return cancel_known
 
     async def read_events(self, response_id: str, after_seq: int = -1) -> list[dict[str, Any]]:
@@ -1050,6 +1051,8 @@ class DynamoDBStore(Store):
             raise Fenced(f"response {response_id} is {current.get('status', {}).get('S')}") from None
         item = result.get("Attributes", {})
         self._remember(response_id, item)
+        if "iev" in item:  # the new owner's first commit moves the batch out, as the creator's would have
+            self._inline_batch[response_id] = (_int(item["ifs"]), item["iev"]["B"])
         self.stats.commits += 1
         self.stats.add_item(item_size(item), wru_factor=1)
         return expected_epoch + 1
