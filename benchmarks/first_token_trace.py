@@ -9,9 +9,13 @@ One router (`unbroken serve`, SQLite or DynamoDB Local) in front of a simulated 
   `publish` (handed to this process's followers), `follow` (the POST's follower yields it);
 - `frame` (rendered as SSE) and `send` (the body chunk holding it handed to the server).
 
-For each hop it prints the median time since the previous one over `--n` streams of each kind, and the median
-`upstream_chunk -> send` of journal on minus off. Run: `python -m benchmarks.first_token_trace [--store sqlite]
-[--n 40]`. A diagnosis tool: `benchmarks.first_token` is the measurement from outside.
+The client stamps the same clock (`perf_counter` is CLOCK_MONOTONIC on Linux, one clock for every process) when it
+sends the request, when the response's headers are in and when it reads the first delta (`client_*`).
+
+For each hop it prints the median time since the previous one over `--n` streams of each kind, the client's
+marks against the router's, and the median `upstream_chunk -> send` of journal on minus off.
+Run: `python -m benchmarks.first_token_trace [--store sqlite] [--n 40]`. A diagnosis tool: `benchmarks.first_token`
+is the measurement from outside.
 """
 
 from __future__ import annotations
@@ -274,20 +278,32 @@ def main(argv: list[str] | None = None) -> int:
         body = {"model": "bench", "input": _prompt(args.input_chars), "stream": True, "metadata": metadata}
         hdr = {"authorization": f"Bearer {KEY}"}
         kinds = []
+        client_marks: list[dict[str, float | None]] = []
         with httpx.Client(timeout=60) as client:
             for i in range(args.n * 2 + 6):
                 on = i % 2 == 0
+                sent, first_delta = time.perf_counter(), None
                 with client.stream("POST", f"{base}/responses", json=body if on else {**body, "store": False},
                                    headers=hdr) as response:
-                    for _ in response.iter_bytes():
-                        pass
+                    headers_in = time.perf_counter()
+                    for line in response.iter_lines():
+                        if first_delta is None and DELTA in line:
+                            first_delta = time.perf_counter()
                 kinds.append(on)
+                client_marks.append({"client_sent": sent, "client_headers": headers_in, "client_delta": first_delta})
             traces = client.get(f"{base.removesuffix('/v1')}{STATS_PATH}").raise_for_status().json()
+        for trace, marks in zip(traces, client_marks, strict=True):
+            trace.update({k: v for k, v in marks.items() if v is not None})
         traces, kinds = traces[6:], kinds[6:]  # the first streams warm the paths
         on_t = [t for t, k in zip(traces, kinds, strict=True) if k]
         off_t = [t for t, k in zip(traces, kinds, strict=True) if not k]
         result = {"journal_on": _medians(on_t, HOPS_ON), "journal_off": _medians(off_t, HOPS_OFF)}
         for name, ts in (("on", on_t), ("off", off_t)):
+            for a, b in (("client_sent", "request"), ("start", "client_headers"), ("send", "client_delta"),
+                         ("upstream_chunk", "client_delta")):
+                vals = [t[b] - t[a] for t in ts if a in t and b in t]
+                if vals:
+                    result[f"journal_{name}"][f"{a} -> {b} (client's clock)"] = round(statistics.median(vals) * 1e3, 3)
             for hop in ("service", "upstream_send", "prepare_start", "prepare_end", "upstream_headers",
                         "create_start", "sql_start", "sql_end", "create_end", "upstream_chunk"):
                 vals = [t[hop] - t["request"] for t in ts if hop in t]
