@@ -3,6 +3,7 @@ and not-found answers kept at most max_age, bounded), key records, and what a ch
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 
 import pytest
@@ -89,3 +90,82 @@ async def test_a_charge_goes_to_the_account_the_model_and_each_attempts_deployme
     # No key id (a token, anonymous): the tenant and the model still count.
     spend.count_request(batcher, spend.Account("jwt:u"), "demo", now)
     assert batcher.pending(spend.spend_key("tenant", "jwt:u", day)) == {"requests": 1}
+
+
+class _HeldStore(MemoryStore):
+    """A store whose record reads, while `hold` is set, read and then wait until released before answering: a read
+    in flight that answers what the store held when it started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.hold = False
+        self.started = 0
+
+    async def get_record(self, kind: str, name: str) -> Record | None:
+        self.started += 1
+        record = await super().get_record(kind, name)
+        if self.hold:
+            await self.release.wait()
+        return record
+
+
+async def test_an_answer_past_half_its_age_is_returned_at_once_and_read_again_behind_it() -> None:
+    store = MemoryStore()
+    clock = _Clock()
+    cache = RecordCache(store, "tenant", max_age=5.0, max_entries=10, clock=clock)
+    assert await cache.get("t") is None and cache.reads == 1
+    await store.put_record("tenant", "t", {"budgets": {}})
+    clock.now += 2.0
+    assert await cache.get("t") is None and cache.reads == 1  # young: no read at all
+    clock.now += 1.0  # 3 s: past half of max_age
+    assert await cache.get("t") is None  # the old answer, at once
+    await cache.settle()
+    assert cache.reads == 2
+    fresh = await cache.get("t")
+    assert fresh is not None and fresh.data == {"budgets": {}} and cache.reads == 2  # the read behind it
+    clock.now += 4.0  # 4 s after that background read: still within max_age of it
+    assert await cache.get("t") == fresh
+    await cache.settle()
+    assert cache.reads == 3
+
+
+async def test_one_background_read_per_name_and_a_forget_drops_the_one_in_flight() -> None:
+    store = _HeldStore()
+    clock = _Clock()
+    cache = RecordCache(store, "tenant", max_age=5.0, max_entries=10, clock=clock)
+    await store.put_record("tenant", "t", {"v": 1})
+    await cache.get("t")
+    clock.now += 3.0
+    store.hold = True
+    for _ in range(3):
+        assert (await cache.get("t")).data == {"v": 1}  # type: ignore[union-attr]
+    await asyncio.sleep(0)  # the background read starts
+    assert store.started == 2  # one read for the first get, one background read for the three
+    await store.put_record("tenant", "t", {"v": 2})
+    cache.forget("t")  # an admin write: this instance must see it at once
+    store.hold = False
+    got = await cache.get("t")  # read now: the forgotten answer is gone
+    assert got is not None and got.data == {"v": 2}
+    store.release.set()  # the background read, from before the write, comes back: dropped
+    await cache.settle()
+    assert (await cache.get("t")).data == {"v": 2}  # type: ignore[union-attr]
+
+
+async def test_a_background_read_finishing_late_does_not_replace_a_newer_answer() -> None:
+    store = _HeldStore()
+    clock = _Clock()
+    cache = RecordCache(store, "tenant", max_age=5.0, max_entries=10, clock=clock)
+    await store.put_record("tenant", "t", {"v": 1})
+    await cache.get("t")
+    clock.now += 3.0
+    store.hold = True
+    await cache.get("t")  # starts the background read, held
+    await asyncio.sleep(0)
+    await store.put_record("tenant", "t", {"v": 2})
+    clock.now += 2.5  # 5.5 s after the first read: past max_age, the next get reads before answering
+    store.hold = False
+    assert (await cache.get("t")).data == {"v": 2}  # type: ignore[union-attr]
+    store.release.set()  # the background read from 3 s comes back with v1, older than the answer in hand
+    await cache.settle()
+    assert (await cache.get("t")).data == {"v": 2}  # type: ignore[union-attr]

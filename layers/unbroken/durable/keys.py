@@ -6,12 +6,15 @@ and spend name it. A tenant record (kind `tenant`, named by the tenant) holds th
 
 Lookups go through `RecordCache`: found and not-found answers are both kept for at most `auth.key_cache_seconds`
 (5 s at most), so a revoked key is refused by every instance within that (plus the read), and a flood of made-up keys
-costs one store read per key and per cache period, in bounded memory.
+costs one store read per key and per cache period, in bounded memory. Past half of that age an answer is read again
+in the background, so a busy process's requests do not wait for the store before their upstream call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +24,8 @@ from typing import Any, TypeVar
 from unbroken.durable.spend import Account
 from unbroken.errors import Failure
 from unbroken.journal.store import AlreadyExists, Fenced, Record, Store, StoreError
+
+log = logging.getLogger("unbroken.keys")
 
 KEY_KIND = "apikey"
 TENANT_KIND = "tenant"
@@ -155,7 +160,13 @@ class Principal:
 
 class RecordCache:
     """Records of one kind by name, each answer (a record or None) kept for at most `max_age` seconds. At most
-    `max_entries` are kept; past that the oldest go first."""
+    `max_entries` are kept; past that the oldest go first.
+
+    An answer older than half of `max_age` is still returned at once, and read again behind it (one read per name
+    at a time): a process asked for a name more often than every `max_age / 2` never waits for the store on the
+    request's path (every request reads its tenant's record before its upstream call). An answer older than
+    `max_age` is read before it is returned, as before; a background answer never replaces a newer one, and one
+    that was in flight when the name was forgotten (an admin write) is dropped."""
 
     def __init__(self, store: Store, kind: str, *, max_age: float, max_entries: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -165,23 +176,63 @@ class RecordCache:
         self.max_entries = max_entries
         self._clock = clock
         self._entries: dict[str, tuple[float, Record | None]] = {}
+        self._refreshing: dict[str, object] = {}  # name -> the token of its background read in flight
+        self._tasks: set[asyncio.Task[None]] = set()
         self.reads = 0  # store reads made, for tests and benchmarks
 
     async def get(self, name: str) -> Record | None:
         now = self._clock()
         hit = self._entries.get(name)
         if hit is not None and now - hit[0] <= self.max_age:
+            if now - hit[0] > self.max_age / 2 and name not in self._refreshing:
+                self._refresh(name, now)
             return hit[1]
         record = await self.store.get_record(self.kind, name)
         self.reads += 1
-        self._entries.pop(name, None)
-        while len(self._entries) >= self.max_entries:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[name] = (now, record)
+        self._keep(name, now, record)
         return record
 
     def forget(self, name: str) -> None:
         self._entries.pop(name, None)
+        self._refreshing.pop(name, None)  # a read in flight may be from before the write that made us forget
+
+    async def settle(self) -> None:
+        """Wait for the background reads in flight (tests; a clean shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _keep(self, name: str, read_at: float, record: Record | None) -> None:
+        current = self._entries.get(name)
+        if current is not None and current[0] > read_at:
+            return  # a newer answer is in: an older read finishing late must not replace it
+        self._entries.pop(name, None)
+        while len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[name] = (read_at, record)
+
+    def _refresh(self, name: str, now: float) -> None:
+        token = self._refreshing[name] = object()
+
+        async def read() -> None:
+            record: Record | None = None
+            read_ok = False
+            try:
+                record = await self.store.get_record(self.kind, name)
+                read_ok = True
+            except Exception as exc:  # the old answer stays until max_age; the read past it reports the failure
+                log.warning("background read of a %s record failed: %s", self.kind, type(exc).__name__)
+            finally:
+                current = self._refreshing.get(name) is token
+                if current:
+                    del self._refreshing[name]
+            if read_ok:
+                self.reads += 1
+                if current:
+                    self._keep(name, now, record)
+
+        task = asyncio.get_running_loop().create_task(read(), name=f"refresh {self.kind} record")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
 
 @dataclass(slots=True)
@@ -197,6 +248,11 @@ class Accounts:
     def over(store: Store, *, max_age: float, max_entries: int) -> Accounts:
         return Accounts(store, RecordCache(store, KEY_KIND, max_age=max_age, max_entries=max_entries),
                         RecordCache(store, TENANT_KIND, max_age=max_age, max_entries=max_entries))
+
+    async def settle(self) -> None:
+        """Wait for the caches' background reads in flight."""
+        await self.keys.settle()
+        await self.tenants.settle()
 
     # -- requests -----------------------------------------------------------------------------------------------
 

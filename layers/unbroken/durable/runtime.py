@@ -112,6 +112,11 @@ class Runtime:
             task.cancel()
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
+        if self.accounts is not None:  # background record reads: done before their store closes
+            try:
+                await asyncio.wait_for(self.accounts.settle(), timeout=10)
+            except TimeoutError:
+                log.warning("background record reads still in flight at shutdown")
         await self.pool.aclose()
         if self.store is not None:
             await self.store.close()
