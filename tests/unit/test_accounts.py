@@ -99,6 +99,7 @@ class _HeldStore(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
         self.release = asyncio.Event()
+        self.holding = asyncio.Event()  # a read is held
         self.hold = False
         self.started = 0
 
@@ -106,8 +107,25 @@ class _HeldStore(MemoryStore):
         self.started += 1
         record = await super().get_record(kind, name)
         if self.hold:
+            self.holding.set()
             await self.release.wait()
         return record
+
+
+async def _a_background_read_held() -> tuple[_HeldStore, _Clock, RecordCache]:
+    """A cache whose answer for "t" ({"v": 1}, read at 100 s) is 3 s old, and its background read, held in flight."""
+    store = _HeldStore()
+    clock = _Clock()
+    cache = RecordCache(store, "tenant", max_age=5.0, max_entries=10, clock=clock)
+    await store.put_record("tenant", "t", {"v": 1})
+    await cache.get("t")
+    clock.now += 3.0
+    store.hold = True
+    for _ in range(3):
+        assert (await cache.get("t")).data == {"v": 1}  # type: ignore[union-attr]
+    await asyncio.wait_for(store.holding.wait(), 5)
+    store.hold = False
+    return store, clock, cache
 
 
 async def test_an_answer_past_half_its_age_is_returned_at_once_and_read_again_behind_it() -> None:
@@ -131,40 +149,21 @@ async def test_an_answer_past_half_its_age_is_returned_at_once_and_read_again_be
 
 
 async def test_one_background_read_per_name_and_a_forget_drops_the_one_in_flight() -> None:
-    store = _HeldStore()
-    clock = _Clock()
-    cache = RecordCache(store, "tenant", max_age=5.0, max_entries=10, clock=clock)
-    await store.put_record("tenant", "t", {"v": 1})
-    await cache.get("t")
-    clock.now += 3.0
-    store.hold = True
-    for _ in range(3):
-        assert (await cache.get("t")).data == {"v": 1}  # type: ignore[union-attr]
-    await asyncio.sleep(0)  # the background read starts
-    assert store.started == 2  # one read for the first get, one background read for the three
+    store, _, cache = await _a_background_read_held()
+    assert store.started == 2  # one read for the first get, one background read for the next three
     await store.put_record("tenant", "t", {"v": 2})
     cache.forget("t")  # an admin write: this instance must see it at once
-    store.hold = False
     got = await cache.get("t")  # read now: the forgotten answer is gone
     assert got is not None and got.data == {"v": 2}
-    store.release.set()  # the background read, from before the write, comes back: dropped
+    store.release.set()  # the background read, from before the write, comes back with v1: dropped
     await cache.settle()
     assert (await cache.get("t")).data == {"v": 2}  # type: ignore[union-attr]
 
 
 async def test_a_background_read_finishing_late_does_not_replace_a_newer_answer() -> None:
-    store = _HeldStore()
-    clock = _Clock()
-    cache = RecordCache(store, "tenant", max_age=5.0, max_entries=10, clock=clock)
-    await store.put_record("tenant", "t", {"v": 1})
-    await cache.get("t")
-    clock.now += 3.0
-    store.hold = True
-    await cache.get("t")  # starts the background read, held
-    await asyncio.sleep(0)
+    store, clock, cache = await _a_background_read_held()
     await store.put_record("tenant", "t", {"v": 2})
     clock.now += 2.5  # 5.5 s after the first read: past max_age, the next get reads before answering
-    store.hold = False
     assert (await cache.get("t")).data == {"v": 2}  # type: ignore[union-attr]
     store.release.set()  # the background read from 3 s comes back with v1, older than the answer in hand
     await cache.settle()
