@@ -353,6 +353,30 @@ async def test_take_over_fences_the_old_writer(store: Store, clock: Clock) -> No
     assert got is not None and got.status == "queued" and got.lease_expires_at == lease
 
 
+async def test_a_response_created_with_its_first_batch_survives_a_take_over(
+    store: Store, twin: Store, clock: Clock
+) -> None:
+    """One writer per response and dense sequence numbers across a takeover, for a response whose only commit so
+    far is its create with the first batch (its owner died right after its first output; on DynamoDB the header
+    still carries that batch): the zombie's next commit lands nothing, the new owner continues it, and both
+    instances read the same dense events from every cursor."""
+    first = mixed_events()[:6]
+    header = new_header(clock, status="in_progress", lease_expires_at=clock() + 30)
+    await store.create(header, first)
+    assert await twin.read_events(header.id, 2) == first[3:]  # another instance reads it before anything moved
+    assert await twin.take_over(header.id, 0, clock() + 60) == 1
+    with pytest.raises(Fenced):
+        await store.append(header.id, 0, deltas(6, 2, "zombie"))
+    await twin.append(header.id, 1, deltas(6, 3, "new"))
+    await twin.append(header.id, 1, deltas(9, 2, "more"))
+    sent = first + deltas(6, 3, "new") + deltas(9, 2, "more")
+    for reader in (store, twin):
+        for after in range(-1, len(sent) + 1):
+            assert await reader.read_events(header.id, after) == sent[after + 1 :], after
+    got = await store.get(header.id)
+    assert got is not None and (got.owner_epoch, got.last_seq) == (1, len(sent) - 1)
+
+
 async def test_take_over_race_has_one_winner(store: Store, twin: Store, clock: Clock) -> None:
     header = await create(store, clock)
     results = await asyncio.gather(

@@ -214,21 +214,18 @@ class RecordCache:
         token = self._refreshing[name] = object()
 
         async def read() -> None:
-            record: Record | None = None
-            read_ok = False
             try:
                 record = await self.store.get_record(self.kind, name)
-                read_ok = True
             except Exception as exc:  # the old answer stays until max_age; the read past it reports the failure
                 log.warning("background read of a %s record failed: %s", self.kind, type(exc).__name__)
+                return
             finally:
-                current = self._refreshing.get(name) is token
+                current = self._refreshing.get(name) is token  # not forgotten since (nor a newer read started)
                 if current:
                     del self._refreshing[name]
-            if read_ok:
-                self.reads += 1
-                if current:
-                    self._keep(name, now, record)
+            self.reads += 1
+            if current:
+                self._keep(name, now, record)
 
         task = asyncio.get_running_loop().create_task(read(), name=f"refresh {self.kind} record")
         self._tasks.add(task)

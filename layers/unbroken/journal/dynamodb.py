@@ -498,11 +498,17 @@ class DynamoDBStore(Store):
             self._header_size.clear()
             self._cancel_seen.clear()
             self._inline_batch.clear()
-        if "iev" not in item:  # learnt only from this instance's own create / take-over: a read may be stale
-            self._inline_batch.pop(response_id, None)
+        if "iev" not in item:  # learnt only from this instance's own create / take-over (`_carries`): a read
+            self._inline_batch.pop(response_id, None)  # may be from before the move
         if "expires_at" in item:
             self._expires[response_id] = _int(item["expires_at"])
         self._header_size[response_id] = item_size(item)
+
+    def _carries(self, response_id: str, item: dict[str, Any]) -> None:
+        """`item`, the header as this instance's own create or take-over left it, may carry the first batch: the
+        next commit of events moves it out."""
+        if "iev" in item:
+            self._inline_batch[response_id] = (_int(item["ifs"]), item["iev"]["B"])
 
     async def _query(self, **kwargs: Any) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -645,7 +651,7 @@ class DynamoDBStore(Store):
         puts: list[dict[str, Any]] = []
         if groups:
             first_events, blob = groups[0]
-            if _inline(header, first_events, blob, len(groups)):
+            if len(groups) == 1 and _inline(header, first_events, blob):
                 item.update({"iev": {"B": blob}, "ifs": _n(first_events[0]["sequence_number"])})
             else:
                 puts = self._batch_items(header.id, first_events, blob, expires)
@@ -693,8 +699,7 @@ class DynamoDBStore(Store):
             raise StoreError(f"dynamodb create: {failure}") from failure.error
         self.stats.commits += 1
         self._remember(header.id, item)
-        if "iev" in item:
-            self._inline_batch[header.id] = (groups[0][0][0]["sequence_number"], item["iev"]["B"])
+        self._carries(header.id, item)
         for rest, _blob in groups[1:]:
             await self.append(header.id, header.owner_epoch, rest)
 
@@ -1051,8 +1056,7 @@ class DynamoDBStore(Store):
             raise Fenced(f"response {response_id} is {current.get('status', {}).get('S')}") from None
         item = result.get("Attributes", {})
         self._remember(response_id, item)
-        if "iev" in item:  # the new owner's first commit moves the batch out, as the creator's would have
-            self._inline_batch[response_id] = (_int(item["ifs"]), item["iev"]["B"])
+        self._carries(response_id, item)  # the new owner's first commit moves the batch out, as the creator's would
         self.stats.commits += 1
         self.stats.add_item(item_size(item), wru_factor=1)
         return expected_epoch + 1
@@ -1327,11 +1331,10 @@ class DynamoDBStore(Store):
             await transport.aclose()
 
 
-def _inline(header: ResponseHeader, events: list[dict[str, Any]], blob: bytes, groups: int) -> bool:
-    """Whether `create` puts its first batch in the header item (one PutItem) rather than an item of its own."""
+def _inline(header: ResponseHeader, events: list[dict[str, Any]], blob: bytes) -> bool:
+    """Whether `create` puts its (whole) first batch in the header item (one PutItem), not an item of its own."""
     return (
         header.idempotency_key is None  # that create is a transaction anyway (the key's item)
-        and groups == 1
         and len(blob) <= INLINE_BATCH_MAX_BYTES
         and events[-1]["sequence_number"] < INLINE_BATCH_MAX_EVENTS
     )
