@@ -5,6 +5,7 @@ vulture reads this file as code that uses the names below; it is never imported.
 # ruff: noqa
 from unbroken.api import app, chat, compact, demo, models, operator, responses
 from unbroken.api.identity import LambdaContextInfo
+from unbroken.api.streaming import OpeningSSE
 from unbroken.journal.store import StoreStats
 from unbroken.journal.writer import JournalWriter
 
@@ -111,3 +112,6 @@ Config.tenant_for_key
 # Call counts the benchmarks and tests read (CounterBatcher.flushes, CounterReader.reads, the key cache's reads).
 _.flushes
 _.reads
+
+# Starlette's StreamingResponse.stream_response reads the body an OpeningSSE sets once it is opened.
+OpeningSSE.body_iterator

@@ -38,9 +38,12 @@ from benchmarks.first_token import KEY, _config, _prompt, _spawn, _stop
 
 STATS_PATH = "/_bench/trace"
 DELTA = "response.output_text.delta"
-HOPS_ON = ("request", "upstream_chunk", "emit", "commit_start", "commit_end", "publish", "service_return", "follow",
-           "response_call", "start", "iter_start", "frame", "iter_got", "send")
-HOPS_OFF = ("request", "upstream_chunk", "service_return", "response_call", "start", "iter_start", "frame",
+# In the order they happen: the service call returns before the upstream's first chunk (a journaled stream's
+# response is called at once and waits for its first output before it sends its status; a direct one's is built
+# on the upstream's first chunk), and the POST's first batch is in hand (no `follow`).
+HOPS_ON = ("request", "service_return", "response_call", "upstream_chunk", "emit", "commit_start", "commit_end",
+           "start", "iter_start", "frame", "iter_got", "send")
+HOPS_OFF = ("request", "service_return", "upstream_chunk", "response_call", "start", "iter_start", "frame",
             "iter_got", "send")
 
 
@@ -170,10 +173,14 @@ def _serve(argv: list[str]) -> int:
 
     from starlette.responses import StreamingResponse
     sr_call = StreamingResponse.__call__
+    sr_stream = StreamingResponse.stream_response
 
     async def traced_sr_call(self: Any, scope: Any, receive: Any, send: Any) -> None:
         mark("response_call")
-        inner = self.body_iterator
+        await sr_call(self, scope, receive, send)
+
+    async def traced_sr_stream(self: Any, send: Any) -> None:
+        inner = self.body_iterator  # a journaled POST's (`OpeningSSE`) is set once its first output is durable
 
         async def traced_iter() -> Any:
             mark("iter_start")
@@ -182,9 +189,10 @@ def _serve(argv: list[str]) -> int:
                 yield chunk
 
         self.body_iterator = traced_iter()
-        await sr_call(self, scope, receive, send)
+        await sr_stream(self, send)
 
-    StreamingResponse.__call__ = traced_sr_call
+    StreamingResponse.__call__ = traced_sr_call  # type: ignore[method-assign]
+    StreamingResponse.stream_response = traced_sr_stream  # type: ignore[method-assign]
     service.create_response = traced_create_response
     _httpx.AsyncClient.send = traced_send_up
     attempts.Generation.run = traced_run  # type: ignore[method-assign]

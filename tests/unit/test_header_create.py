@@ -20,7 +20,7 @@ from tests.support.fake_provider import HANG, Do, FakePool, FakeProvider, Step, 
 from unbroken.config import Config, Deployment, PublicModel, ServerSettings
 from unbroken.durable.follow import journal_events
 from unbroken.durable.runtime import Runtime
-from unbroken.durable.service import Caller, Journaled, create_response
+from unbroken.durable.service import Caller, Direct, Journaled, create_response, first_output
 from unbroken.errors import Failure
 from unbroken.ir import Finish, TextDelta, UpstreamModel
 from unbroken.journal.memory import MemoryStore
@@ -41,6 +41,7 @@ class HeldCreate(MemoryStore):
         self.fail_with: BaseException | None = None
         self.appends: list[list[dict[str, Any]]] = []
         self.creates: list[list[dict[str, Any]]] = []  # the first batch each create carried ([] for none)
+        self.created = asyncio.Event()  # a create succeeded
 
     async def create(self, header: ResponseHeader, events: list[dict[str, Any]] | None = None) -> None:
         self.create_started.set()
@@ -49,6 +50,7 @@ class HeldCreate(MemoryStore):
             raise self.fail_with
         self.creates.append(list(events or []))
         await super().create(header, events)
+        self.created.set()
 
     async def append(self, response_id: str, epoch: int, events: list[dict[str, Any]], **kw: Any) -> bool:
         self.appends.append(list(events))
@@ -70,13 +72,21 @@ def caller(key: str | None = None) -> Caller:
     return Caller(tenant="t", deadline=time.time() + 600, idempotency_key=key)
 
 
+async def answered(rt: Runtime, parsed: ResponsesRequest, who: Caller) -> Direct | Journaled:
+    """What a POST handler answers with: the created response once its first output is durable (or the failure)."""
+    created = await create_response(rt, parsed, who)
+    if isinstance(created, Journaled):
+        await first_output(created)
+    return created
+
+
 async def test_without_a_key_the_header_is_written_with_the_first_batch_in_one_commit() -> None:
     store = HeldCreate()
     store.release.set()
     called, content = asyncio.Event(), asyncio.Event()
     rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hello"),
                                     TextDelta(" there"), Finish("stop")]])
-    post = asyncio.create_task(create_response(rt, request(), caller()))
+    post = asyncio.create_task(answered(rt, request(), caller()))
     async with asyncio.timeout(BOUND):
         await called.wait()  # the upstream is called with nothing written
     await asyncio.sleep(0)
@@ -128,7 +138,7 @@ async def test_without_a_key_the_create_is_prepared_while_the_upstream_call_is_i
     store.release.set()
     rt, _ = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hello"),
                              Finish("stop")]])
-    post = asyncio.create_task(create_response(rt, request(), caller()))
+    post = asyncio.create_task(answered(rt, request(), caller()))
     async with asyncio.timeout(BOUND):
         await store.prepared.wait()  # the first content is still held by the upstream
     assert called.is_set() and not store.create_started.is_set()
@@ -152,7 +162,7 @@ async def test_a_create_that_cannot_be_prepared_is_answered_as_a_store_failure()
     rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(store.prepared),
                                     TextDelta("never shown"), HANG]])
     with pytest.raises(Failure) as raised:
-        await asyncio.wait_for(create_response(rt, request(), caller()), BOUND)
+        await asyncio.wait_for(answered(rt, request(), caller()), BOUND)
     assert (raised.value.kind, raised.value.code) == ("unavailable", "store_unavailable")
     runs = {t for t in rt.tasks if t.get_name().startswith("produce ")}
     if runs:
@@ -169,7 +179,7 @@ async def test_with_a_key_the_upstream_call_starts_before_the_header_exists_and_
     called, content = asyncio.Event(), asyncio.Event()
     rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hello"),
                                     TextDelta(" there"), Finish("stop")]])
-    post = asyncio.create_task(create_response(rt, request(), caller("key-0")))
+    post = asyncio.create_task(answered(rt, request(), caller("key-0")))
     async with asyncio.timeout(BOUND):
         await called.wait()  # the upstream is called while the create is still held
     assert store.create_started.is_set() and not post.done()
@@ -204,7 +214,7 @@ async def test_a_header_that_cannot_be_created_cancels_the_upstream_call(failure
     store.fail_with = failure
     called = asyncio.Event()
     rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), TextDelta("never shown"), HANG]])
-    post = asyncio.create_task(create_response(rt, request(), caller(key)))
+    post = asyncio.create_task(answered(rt, request(), caller(key)))
     async with asyncio.timeout(BOUND):
         await called.wait()
     store.release.set()
@@ -226,7 +236,7 @@ async def test_an_idempotency_key_race_lost_at_create_attaches_to_the_other_resp
     store.release.set()
     rt, _ = runtime(store, [[UpstreamModel("claude-x"), TextDelta("first"), Finish("stop")]])
     async with asyncio.timeout(BOUND):
-        winner = await create_response(rt, request(), caller("key-1"))
+        winner = await answered(rt, request(), caller("key-1"))
         assert isinstance(winner, Journaled)
         _ = [e async for e in journal_events(rt, winner.response_id, -1)]
     # Another request with the same key passed the lookup before the winner's header existed, then lost the create.
@@ -245,7 +255,7 @@ async def test_an_idempotency_key_race_lost_at_create_attaches_to_the_other_resp
     provider = rt.pool.get("m", DEP)
     assert isinstance(provider, FakeProvider)
     provider.script.append([Do(called.set), UpstreamModel("claude-x"), TextDelta("second"), HANG])
-    post = asyncio.create_task(create_response(rt, request(), caller("key-1")))
+    post = asyncio.create_task(answered(rt, request(), caller("key-1")))
     async with asyncio.timeout(BOUND):
         await called.wait()
     store.release.set()
@@ -257,17 +267,49 @@ async def test_an_idempotency_key_race_lost_at_create_attaches_to_the_other_resp
     await rt.aclose()
 
 
-@pytest.mark.parametrize("key", [None, "key-3"])
-async def test_a_post_cancelled_before_its_first_output_stops_the_upstream_call(key: str | None) -> None:
+async def test_a_post_cancelled_before_its_first_output_stops_the_upstream_call() -> None:
+    """Nobody could ever read that response (its id was never sent): its upstream call is not paid for."""
     store = HeldCreate()
     called = asyncio.Event()
     rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), HANG]])
-    post = asyncio.create_task(create_response(rt, request(), caller(key)))
+    post = asyncio.create_task(answered(rt, request(), caller()))
     async with asyncio.timeout(BOUND):
         await called.wait()
     post.cancel()
     with pytest.raises(asyncio.CancelledError):
         await post
+    runs = {t for t in rt.tasks if t.get_name().startswith("produce ")}
+    if runs:
+        _, pending = await asyncio.wait(runs, timeout=BOUND)
+        assert not pending
     assert provider.closed_streams == 1
-    assert store.appends == []
+    assert store.appends == [] and store.creates == []
+    await rt.aclose()
+
+
+async def test_a_post_with_a_key_cancelled_before_its_first_output_goes_on_for_its_retry() -> None:
+    """A client that went away before its first token and retries with its Idempotency-Key (what an SDK does on a
+    dropped connection) attaches to the response, which went on into the journal: one model call, all of it."""
+    store = HeldCreate()
+    store.release.set()
+    called, content = asyncio.Event(), asyncio.Event()
+    rt, provider = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hello"),
+                                    Finish("stop")]])
+    post = asyncio.create_task(answered(rt, request(), caller("key-3")))
+    async with asyncio.timeout(BOUND):
+        await called.wait()
+        await store.created.wait()  # the header is there: a retry finds it
+    await asyncio.sleep(0)  # the POST now waits for the first output
+    assert not post.done()
+    post.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await post
+    content.set()
+    async with asyncio.timeout(BOUND):
+        retry = await answered(rt, request(), caller("key-3"))
+        assert isinstance(retry, Journaled) and retry.run is None  # attached, not made again
+        events = [e async for e in journal_events(rt, retry.response_id, -1)]
+    assert events[-1]["type"] == "response.completed"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello"
+    assert len(provider.requests) == 1
     await rt.aclose()

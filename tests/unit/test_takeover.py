@@ -16,7 +16,7 @@ from tests.support.fake_provider import HANG, FakePool, FakeProvider, Step, text
 from unbroken.config import Config, Deployment, PublicModel, ServerSettings
 from unbroken.durable.follow import journal_events
 from unbroken.durable.runtime import Runtime
-from unbroken.durable.service import Caller, Journaled, create_response
+from unbroken.durable.service import Caller, Journaled, create_response, first_output
 from unbroken.durable.takeover import take_over
 from unbroken.ir import Continuation, TextDelta
 from unbroken.journal.feed import follow
@@ -40,6 +40,7 @@ async def start(rt: Runtime) -> Journaled:
     parsed = ResponsesRequest.parse({"model": "m", "input": "hi", "store": True, "stream": True})
     created = await create_response(rt, parsed, Caller(tenant="t", deadline=time.time() + 600))
     assert isinstance(created, Journaled) and created.run is not None
+    await first_output(created)
     return created
 
 

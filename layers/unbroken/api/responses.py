@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from unbroken import logs
 from unbroken.api.auth import authenticate, authenticate_principal
 from unbroken.api.identity import stream_deadline
-from unbroken.api.streaming import END, queued_sse, sse_response, start_generation
+from unbroken.api.streaming import END, SSE_HEADERS, OpeningSSE, queued_sse, sse_body, start_generation
 from unbroken.durable import limits, service
 from unbroken.durable.follow import HandedOn, failure_events, resume_events
 from unbroken.durable.keys import Principal
@@ -80,11 +80,17 @@ async def create_response(request: Request,
     if not streaming:
         if created.queued is not None:
             return JSONResponse(created.queued)
+        await service.first_output(created)
         return accounted_json(await service.final_response(runtime, created.response_id, created.run))
-    stream = _journal_stream(runtime, created.response_id, -1, run=created.run, until=created.until)
-    if caller.explain and created.run is not None:
-        stream.headers.update(streaming_headers(created.run.generation))
-    return stream
+
+    async def opening() -> tuple[AsyncIterator[bytes], dict[str, str]]:
+        # Called by the server once this handler has returned: the response's status waits for its first output.
+        await service.first_output(created)
+        run = created.run
+        body = _journal_body(runtime, created.response_id, -1, run=run, until=created.until)
+        return body, streaming_headers(run.generation) if caller.explain and run is not None else {}
+
+    return OpeningSSE(opening)
 
 
 def streaming_headers(generation: Generation) -> dict[str, str]:
@@ -110,8 +116,14 @@ def accounted_json(response: dict[str, Any]) -> JSONResponse:
     return JSONResponse(response, headers=accounting_headers(response))
 
 
-def _journal_stream(runtime: Runtime, response_id: str, after: int, *, run: ResponseRun | None = None,
-                    with_ids: bool = False, until: float = math.inf) -> Response:
+def _journal_stream(runtime: Runtime, response_id: str, after: int, *, with_ids: bool = False,
+                    until: float = math.inf) -> Response:
+    return StreamingResponse(_journal_body(runtime, response_id, after, with_ids=with_ids, until=until),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _journal_body(runtime: Runtime, response_id: str, after: int, *, run: ResponseRun | None = None,
+                  with_ids: bool = False, until: float = math.inf) -> AsyncIterator[bytes]:
     # The POST's own stream starts with the batch whose commit it waited for: it is durable, and in hand.
     first = run.first_batch if run is not None and after == -1 else None
     if first:
@@ -135,8 +147,8 @@ def _journal_stream(runtime: Runtime, response_id: str, after: int, *, run: Resp
         if not finished and run is not None:
             run.detach()  # the client left: the response completes into the journal, within the detached cap
 
-    return sse_response(source(), heartbeat=runtime.settings.heartbeat_seconds, with_ids=with_ids,
-                        on_failure=on_failure, on_close=on_close, first=first)
+    return sse_body(source(), heartbeat=runtime.settings.heartbeat_seconds, with_ids=with_ids,
+                    on_failure=on_failure, on_close=on_close, first=first)
 
 
 async def _direct_stream(runtime: Runtime, generation: Generation, response_id: str, *,

@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
+from starlette.types import Send
 
 from unbroken.durable.runtime import Runtime
 from unbroken.errors import Failure
@@ -27,14 +28,30 @@ END = object()  # the producer is done
 Render = Callable[[Any], tuple[list[bytes], bool]]
 
 
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
 def queued_sse(queue: asyncio.Queue[Any], task: asyncio.Task[None], *, heartbeat: float, render: Render,
                first: Any = None, on_close: Callable[[bool], Any] | None = None) -> StreamingResponse:
-    """The SSE body over `task`'s queue. `first` is an item already taken from the queue (None: take one);
-    `on_close(finished)` runs when the body ends, `finished` False if the client went away first."""
+    """The SSE response over `task`'s queue (`queued_body`)."""
+    return StreamingResponse(queued_body(queue, task, heartbeat=heartbeat, render=render, first=first,
+                                         on_close=on_close), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def queued_body(queue: asyncio.Queue[Any], task: asyncio.Task[None] | Callable[[], asyncio.Task[None]], *,
+                heartbeat: float, render: Render, first: Any = None,
+                on_close: Callable[[bool], Any] | None = None) -> AsyncIterator[bytes]:
+    """The SSE body over `task`'s queue. `task` is running, or is started by calling it when the body starts (after
+    `first` is written, if there is one: its set-up is not on the first frames' path, and a body never read starts
+    nothing). `first` is an item already taken from the queue (None: take one); `on_close(finished)` runs when
+    the body ends, `finished` False if the client went away first."""
 
     async def body() -> AsyncIterator[bytes]:
         finished = False
+        producer = task if isinstance(task, asyncio.Task) else None
         try:
+            if first is None and producer is None:
+                producer = task()  # type: ignore[operator]
             item: Any = first if first is not None else await queue.get()
             while True:
                 frames: list[bytes] = []
@@ -46,11 +63,13 @@ def queued_sse(queue: asyncio.Queue[Any], task: asyncio.Task[None], *, heartbeat
                     item = queue.get_nowait()
                 if finished:
                     yield b"".join(frames)
-                    # The producer's last word is out: let its task wind down rather than cancel it.
-                    await asyncio.wait({task}, timeout=5.0)
+                    if producer is not None:  # its last word is out: let its task wind down rather than cancel it
+                        await asyncio.wait({producer}, timeout=5.0)
                     return
                 if frames:
                     yield b"".join(frames) if len(frames) > 1 else frames[0]
+                if producer is None:
+                    producer = task()  # type: ignore[operator]
                 while True:
                     try:
                         async with asyncio.timeout(heartbeat):
@@ -59,18 +78,44 @@ def queued_sse(queue: asyncio.Queue[Any], task: asyncio.Task[None], *, heartbeat
                     except TimeoutError:
                         yield sse.HEARTBEAT  # keeps proxies (API Gateway idle timeout) from closing a quiet stream
         finally:
-            if not task.done():
-                task.cancel()
+            if producer is not None and not producer.done():
+                producer.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                    await producer
             if on_close is not None:
                 on_close(finished)
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    return body()
 
 
-def sse_response(
+class OpeningSSE(StreamingResponse):
+    """An SSE response returned before its stream can start: `opening()` runs when the server calls it, and gives
+    the body and the headers that depend on how the stream started. So a handler returns at once and its routing,
+    middleware and response set-up happen while the upstream call is in flight, not between the first output
+    being durable and its status going out. Nothing is sent before `opening` returns: what it raises is answered
+    as any error of the handler would be (an error object with its status)."""
+
+    def __init__(self, opening: Callable[[], Awaitable[tuple[AsyncIterator[bytes], dict[str, str]]]]) -> None:
+        super().__init__(_Unopened(), media_type="text/event-stream", headers=SSE_HEADERS)
+        self._opening = opening
+
+    async def stream_response(self, send: Send) -> None:
+        self.body_iterator, headers = await self._opening()
+        self.headers.update(headers)
+        await super().stream_response(send)
+
+
+class _Unopened:
+    """An `OpeningSSE`'s body until it is opened: reading it is a bug."""
+
+    def __aiter__(self) -> _Unopened:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise RuntimeError("an OpeningSSE body is read before it was opened")
+
+
+def sse_body(
     source: AsyncIterator[Event],
     *,
     heartbeat: float,
@@ -78,11 +123,11 @@ def sse_response(
     on_failure: Callable[[BaseException], list[Event]] | None = None,
     on_close: Callable[[bool], Any] | None = None,
     first: list[Event] | None = None,
-) -> StreamingResponse:
-    """Open Responses events from `source` (e.g. a journal follower) as SSE, `data: [DONE]` last.
+) -> AsyncIterator[bytes]:
+    """Open Responses events from `source` (e.g. a journal follower) as an SSE body, `data: [DONE]` last.
     `on_failure(exc)` gives the events that close a stream whose source raised. `first`: events already in hand
     that come before `source`'s (the POST's first committed batch), written as soon as the body starts rather than
-    after a hop through the pump task."""
+    after a hop through the pump task, which starts after them."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
     async def pump() -> None:
@@ -106,8 +151,10 @@ def sse_response(
             return [sse.frame(e, with_id=with_ids) for e in item], False
         return [sse.frame(item, with_id=with_ids)], False
 
-    task = asyncio.get_running_loop().create_task(pump())
-    return queued_sse(queue, task, heartbeat=heartbeat, render=render, on_close=on_close, first=first or None)
+    def start() -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(pump())
+
+    return queued_body(queue, start, heartbeat=heartbeat, render=render, on_close=on_close, first=first or None)
 
 
 async def start_generation(runtime: Runtime, generation: Generation, name: str

@@ -80,6 +80,30 @@ class Journaled:
     queued: dict[str, Any] | None = None
     # When a stream of it must end with `router:stream.resume` if the response has not ended (opted-in callers).
     until: float = math.inf
+    # Its caller can find it again before its first output reaches them (an Idempotency-Key retry attaches to it).
+    findable: bool = False
+
+
+async def first_output(created: Journaled) -> None:
+    """Wait for a new foreground response's first output to be durable (`create_response` returns before): the
+    caller may answer with it from then on. Raises the `Failure` of a response that nothing could be produced for,
+    once its run is over (its upstream call, its failure's record). Cancelled while waiting (the client went away,
+    the server shuts down): a response its caller can find again goes on into the journal, within the detached
+    cap; any other is stopped, since nobody could ever read it."""
+    run = created.run
+    if run is None or created.queued is not None:  # a background response answers with its queued object
+        return
+    try:
+        outcome = await asyncio.shield(run.first)
+    except asyncio.CancelledError:
+        if created.findable:
+            run.detach()
+        else:
+            await run.abort()
+        raise
+    if outcome.failure is not None:
+        await run.stopped()
+        raise outcome.failure
 
 
 def served_model(runtime: Runtime, name: str | None) -> PublicModel:
@@ -104,8 +128,9 @@ def _body_hash(raw: dict[str, Any]) -> str:
 
 
 async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Caller) -> Direct | Journaled:
-    """Start a response. A journaled foreground response is returned once its first output is there, so a request
-    that no deployment could answer is still a `Failure` of its own."""
+    """Start a response. A journaled foreground response is returned as soon as its run has started: the caller
+    awaits `first_output` before it answers (so a request that no deployment could answer is still a `Failure` of
+    its own), and builds its answer meanwhile."""
     body = parsed.body
     model = served_model(runtime, body.model)
     store = runtime.store
@@ -201,15 +226,8 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
         if attached is not None:
             await run.abort()
             return attached
-    try:
-        outcome = await run.first
-    except BaseException:  # this call was cancelled (shutdown): so is the run, whose output nobody will read
-        await run.abort()
-        raise
-    if outcome.failure is not None:
-        await run.stopped()  # answer once the run (its upstream call, its failure's record) is over
-        raise outcome.failure
-    return Journaled(response_id, run, until=caller.deadline if hands_on else math.inf)
+    return Journaled(response_id, run, until=caller.deadline if hands_on else math.inf,
+                     findable=caller.idempotency_key is not None)
 
 
 async def _create_header(store: Store, header: ResponseHeader, body_hash: str, caller: Caller,
