@@ -157,7 +157,8 @@ class ResponseRun:
         """The journal cannot be written. Before the first output (the header written with the first batch could
         not be), the POST is answered now and the upstream call stops, even if the upstream sends nothing more;
         later, the run learns of it at its next write."""
-        if self.first.done() or self.task is None or isinstance(error, Fenced):
+        answered = self.first.done() and not self.first.cancelled()  # cancelled: its POST went away
+        if answered or self.task is None or isinstance(error, Fenced):
             return
         self.store_error = error
         self._signal(RunOutcome(_store_unavailable()))

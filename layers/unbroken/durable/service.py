@@ -94,7 +94,9 @@ async def first_output(created: Journaled) -> None:
     if run is None or created.queued is not None:  # a background response answers with its queued object
         return
     try:
-        outcome = await asyncio.shield(run.first)
+        # Not shielded (a shield costs the first token a loop turn): a cancel here cancels `run.first`, which the
+        # run then no longer signals.
+        outcome = await run.first
     except asyncio.CancelledError:
         if created.findable:
             run.detach()
