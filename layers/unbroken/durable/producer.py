@@ -116,9 +116,12 @@ class ResponseRun:
         self.control.cancelled = lambda: writer.cancel_requested
         handed_off = False
         try:
-            async for event in self.generation.run():
-                if await self._write(writer, event):
-                    return
+            # Closed however the loop is left: a cancel that finds the run in `_write` (the writer yields the loop
+            # at an item's first content, or waits for room) closes the upstream call now, not at collection.
+            async with contextlib.aclosing(self.generation.run()) as events:
+                async for event in events:
+                    if await self._write(writer, event):
+                        return
             # A handoff: the next owner continues from what is committed, and adds to the attempts recorded here.
             emitter = self.generation.emitter
             snapshot = emitter.snapshot()

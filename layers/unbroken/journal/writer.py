@@ -13,7 +13,9 @@ When the open batch goes out decides what a client waits for:
   arrives while a commit is in flight gathers in the next batch. So a stream costs about one write per `batch_ms`
   plus a few per output item, and a delivered token waits at most `batch_ms` plus one commit.
 "At once" is the committer's next loop turn, not inside `emit`: everything one upstream chunk produces in the same
-turn (response.created, in_progress, the item, its part and first delta) goes out in one append.
+turn up to the item's first delta (response.created, in_progress, the item, its part and that delta) goes out in one
+append; `emit` of that delta yields the loop so that the commit, and what it wakes, go before the producer's next
+work.
 A writer may start before the response's header is in the store, so that the upstream call does not wait for it:
 - `create=`: the header is not written yet; the writer's first commit writes it together with the first batch
   (`store.create(header, events)`), so the first token waits for one write, not for a create and then an append,
@@ -230,8 +232,10 @@ class JournalWriter:
         kind = event.get("type")
         # Per token this is one string compare; the suffix test runs only between an item's start and its first
         # delta.
+        first_content = False
         if kind == _ITEM_ADDED or (self._item_fresh and type(kind) is str and kind.endswith(_DELTA_SUFFIX)):
-            self._item_fresh = kind == _ITEM_ADDED
+            first_content = kind != _ITEM_ADDED
+            self._item_fresh = not first_content
             if not self._open_urgent:
                 self._open_urgent = True
                 self._cancel_batch_timer()
@@ -242,6 +246,13 @@ class JournalWriter:
             self._close_open()
             if self._ready_bytes > self._max_pending:
                 await self._wait_for_space()
+        if first_content:
+            # An item's first content is what a reader waits for (the first token): the producer lets the loop go
+            # round twice before it goes on with the upstream's next bytes, once for the committer to take the
+            # batch (a SQLite commit runs then and there), once for whoever that commit woke (the POST's status and
+            # first frames, followers) to send it. Two loop turns per output item.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
 
     async def boundary(self) -> None:
         """An item boundary: close the open batch now so that it commits without waiting for size or time."""

@@ -13,12 +13,13 @@ or cancel while the loop runs. Nothing outside assigns the loop's fields; its re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,19 +289,22 @@ class Generation:
 
     # -- public --------------------------------------------------------------------------------------------------
 
-    async def run(self) -> AsyncIterator[Event]:
+    async def run(self) -> AsyncGenerator[Event, None]:
         """Events of the whole response, ending with a terminal event (or, at a handoff, with none); raises
         `NoOutput` if nothing was emitted and nothing can be. A deployment leaves the request for good on errors
         that another try would not fix (auth, not found, a silent upstream, too small a context window) or after
         `max_retries` + 1 tries. One log line and one metrics blob tell how it went, whichever way it ends."""
         self._t0 = time.monotonic()
         try:
-            async for ev in self._run():
-                yield ev
+            # Each level closes the one below however it is left (`aclosing`), so closing this generator closes
+            # the upstream stream at once, not when asyncio's finalizer gets to the generators in between.
+            async with contextlib.aclosing(self._run()) as events:
+                async for ev in events:
+                    yield ev
         finally:
             self._report()
 
-    async def _run(self) -> AsyncIterator[Event]:
+    async def _run(self) -> AsyncGenerator[Event, None]:
         ranking = self.route.ranking
         if ranking is not None and ranking.refusal is not None:
             raise NoOutput(ranking.refusal)  # the constraints left no deployment for this request
@@ -340,15 +344,17 @@ class Generation:
                 if race is not None:
                     # The first attempt races a hedge once its first token is late; the winner goes on as the
                     # attempt, the loser was closed before anything of it was emitted.
-                    async for ev in self._race(race, rounds):
-                        yield ev
+                    async with contextlib.aclosing(self._race(race, rounds)) as raced:
+                        async for ev in raced:
+                            yield ev
                     winner, primed = race.handover()
                     deployment, provider, sent, attempt = (winner.deployment, winner.provider, winner.sent,
                                                            winner.attempt)
-                async for ev in self._stream_attempt(provider, deployment, sent, attempt,
-                                                     stream=None if primed is None else primed[0],
-                                                     started_at=None if primed is None else primed[1]):
-                    yield ev
+                async with contextlib.aclosing(self._stream_attempt(
+                        provider, deployment, sent, attempt, stream=None if primed is None else primed[0],
+                        started_at=None if primed is None else primed[1])) as streamed:
+                    async for ev in streamed:
+                        yield ev
             except _Cancelled:
                 attempt.outcome = "cancelled"
                 for ev in self._end_incomplete("cancelled", status="cancelled"):
@@ -507,7 +513,7 @@ class Generation:
         return _Race(primary, nxt, hedge_threshold(hedge, self.route.health.ttft_p95(self.route.model,
                                                                                        deployment.name)))
 
-    async def _race(self, race: _Race, rounds: _Rounds) -> AsyncIterator[Event]:
+    async def _race(self, race: _Race, rounds: _Rounds) -> AsyncGenerator[Event, None]:
         """Wait for the first of the racers' first items. The header hold, the hedge timer and each racer's TTFT
         timeout are independent timers. A racer that fails while another runs drops out (its failure recorded);
         the last one left wins whatever its first item is (a delta, the end, an error or a timeout: the attempt's
@@ -635,7 +641,7 @@ class Generation:
 
     async def _stream_attempt(self, provider: Provider, deployment: Deployment, request: GenerationRequest,
                               attempt: Attempt, *, stream: AsyncIterator[Delta] | None = None,
-                              started_at: float | None = None) -> AsyncIterator[Event]:
+                              started_at: float | None = None) -> AsyncGenerator[Event, None]:
         """One attempt's stream into the emitter. A hedge race hands over the winner's `stream` (its first item
         already fetched) and when it started."""
         ttft_timeout = deployment.options.ttft_timeout_s
