@@ -439,6 +439,34 @@ async def test_first_content_of_an_item_commits_at_once(
     await writer.aclose()
 
 
+async def test_the_emit_of_an_items_first_delta_returns_once_its_commit_and_what_that_woke_have_run(
+    store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    """The producer lets the first content go first: before it goes on with the upstream's next bytes, the batch
+    is committed and whoever its commit woke (here a task waiting for the first commit, as the POST's response
+    does) has run, so neither waits behind the producer's own work."""
+    rid = await new_response(store)
+    first_commit: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+    sent: list[int] = []
+
+    def on_commit(events: list[dict[str, Any]]) -> None:
+        if not first_commit.done():
+            first_commit.set_result(events)
+
+    async def reader() -> None:  # what the POST's OpeningSSE does once the first batch is durable
+        sent.extend(e["sequence_number"] for e in await first_commit)
+
+    reading = asyncio.create_task(reader())
+    await asyncio.sleep(0)  # the reader waits
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, on_commit=on_commit)
+    for event in start_events():
+        await writer.emit(event)
+    assert sent == [0, 1, 2, 3, 4]  # committed and read before the producer's emit of the delta returned
+    assert len(store.commits) == 1
+    await reading
+    await writer.aclose()
+
+
 # -- a writer started while its header is being created ---------------------------------------------------------
 
 

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from unbroken import logs
 from unbroken.api.auth import authenticate, authenticate_principal
 from unbroken.api.identity import stream_deadline
-from unbroken.api.streaming import END, SSE_HEADERS, OpeningSSE, queued_sse, sse_body, start_generation
+from unbroken.api.streaming import END, OpeningSSE, queued_sse, sse_body, sse_stream, start_generation
 from unbroken.durable import limits, service
 from unbroken.durable.follow import HandedOn, failure_events, resume_events
 from unbroken.durable.keys import Principal
@@ -116,12 +116,6 @@ def accounted_json(response: dict[str, Any]) -> JSONResponse:
     return JSONResponse(response, headers=accounting_headers(response))
 
 
-def _journal_stream(runtime: Runtime, response_id: str, after: int, *, with_ids: bool = False,
-                    until: float = math.inf) -> Response:
-    return StreamingResponse(_journal_body(runtime, response_id, after, with_ids=with_ids, until=until),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
-
-
 def _journal_body(runtime: Runtime, response_id: str, after: int, *, run: ResponseRun | None = None,
                   with_ids: bool = False, until: float = math.inf) -> AsyncIterator[bytes]:
     # The POST's own stream starts with the batch whose commit it waited for: it is durable, and in hand.
@@ -212,8 +206,8 @@ async def get_response(request: Request, response_id: str, tenant: Annotated[str
     service.check_cursor(header, after, param)
     if starting_after is not None or "last-event-id" in request.headers:
         logs.emit_metrics({"model": model}, {"Resumes": 1})  # a configured model's name: bounded
-    return _journal_stream(runtime, response_id, after, with_ids=include_event_ids,
-                           until=service.stream_until(header, caller_of(request, tenant)))
+    return sse_stream(_journal_body(runtime, response_id, after, with_ids=include_event_ids,
+                                    until=service.stream_until(header, caller_of(request, tenant))))
 
 
 @router.get("/v1/responses/{response_id}/input_items", response_model=None)

@@ -28,30 +28,36 @@ END = object()  # the producer is done
 Render = Callable[[Any], tuple[list[bytes], bool]]
 
 
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+_SSE_MEDIA_TYPE = "text/event-stream"
+_SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+def sse_stream(body: AsyncIterator[bytes]) -> StreamingResponse:
+    """`body` as an SSE response (its media type, and headers that keep caches and proxy buffers out of it)."""
+    return StreamingResponse(body, media_type=_SSE_MEDIA_TYPE, headers=_SSE_HEADERS)
 
 
 def queued_sse(queue: asyncio.Queue[Any], task: asyncio.Task[None], *, heartbeat: float, render: Render,
                first: Any = None, on_close: Callable[[bool], Any] | None = None) -> StreamingResponse:
-    """The SSE response over `task`'s queue (`queued_body`)."""
-    return StreamingResponse(queued_body(queue, task, heartbeat=heartbeat, render=render, first=first,
-                                         on_close=on_close), media_type="text/event-stream", headers=SSE_HEADERS)
+    """The SSE response over the running `task`'s queue (`queued_body`)."""
+    return sse_stream(queued_body(queue, lambda: task, heartbeat=heartbeat, render=render, first=first,
+                                  on_close=on_close))
 
 
-def queued_body(queue: asyncio.Queue[Any], task: asyncio.Task[None] | Callable[[], asyncio.Task[None]], *,
-                heartbeat: float, render: Render, first: Any = None,
+def queued_body(queue: asyncio.Queue[Any], start: Callable[[], asyncio.Task[None]], *, heartbeat: float,
+                render: Render, first: Any = None,
                 on_close: Callable[[bool], Any] | None = None) -> AsyncIterator[bytes]:
-    """The SSE body over `task`'s queue. `task` is running, or is started by calling it when the body starts (after
-    `first` is written, if there is one: its set-up is not on the first frames' path, and a body never read starts
-    nothing). `first` is an item already taken from the queue (None: take one); `on_close(finished)` runs when
-    the body ends, `finished` False if the client went away first."""
+    """The SSE body over the queue of the task `start()` gives (starts, or returns running). It is called when the
+    body starts, after `first` is written if there is one: the task's set-up is not on the first frames' path, and
+    a body never read starts nothing. `first` is an item already taken from the queue (None: take one);
+    `on_close(finished)` runs when the body ends, `finished` False if the client went away first."""
 
     async def body() -> AsyncIterator[bytes]:
         finished = False
-        producer = task if isinstance(task, asyncio.Task) else None
+        producer: asyncio.Task[None] | None = None
         try:
-            if first is None and producer is None:
-                producer = task()  # type: ignore[operator]
+            if first is None:
+                producer = start()
             item: Any = first if first is not None else await queue.get()
             while True:
                 frames: list[bytes] = []
@@ -69,7 +75,7 @@ def queued_body(queue: asyncio.Queue[Any], task: asyncio.Task[None] | Callable[[
                 if frames:
                     yield b"".join(frames) if len(frames) > 1 else frames[0]
                 if producer is None:
-                    producer = task()  # type: ignore[operator]
+                    producer = start()
                 while True:
                     try:
                         async with asyncio.timeout(heartbeat):
@@ -96,7 +102,7 @@ class OpeningSSE(StreamingResponse):
     as any error of the handler would be (an error object with its status)."""
 
     def __init__(self, opening: Callable[[], Awaitable[tuple[AsyncIterator[bytes], dict[str, str]]]]) -> None:
-        super().__init__(_Unopened(), media_type="text/event-stream", headers=SSE_HEADERS)
+        super().__init__(_Unopened(), media_type=_SSE_MEDIA_TYPE, headers=_SSE_HEADERS)
         self._opening = opening
 
     async def stream_response(self, send: Send) -> None:
