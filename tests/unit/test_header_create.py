@@ -106,6 +106,40 @@ async def test_without_a_key_the_header_is_written_with_the_first_batch_in_one_c
     await rt.aclose()
 
 
+async def test_the_upstream_is_called_before_the_response_goes_back_to_its_handler() -> None:
+    # The handler's answer (its response object, the server's call of it) is set up while the upstream works, not
+    # between the request and the upstream call.
+    store = HeldCreate()
+    store.release.set()
+    called, content = asyncio.Event(), asyncio.Event()
+    rt, _ = runtime(store, [[Do(called.set), UpstreamModel("claude-x"), Wait(content), TextDelta("Hi"),
+                             Finish("stop")]])
+    async with asyncio.timeout(BOUND):  # in this task: a task of its own would give the run turns of its own
+        created = await create_response(rt, request(), caller())
+    assert isinstance(created, Journaled)
+    assert called.is_set()
+    content.set()
+    await asyncio.wait_for(first_output(created), BOUND)
+    await rt.aclose()
+
+
+async def test_a_create_cancelled_before_it_returns_stops_its_run() -> None:
+    # The client went away while the run went first: nobody could read the response, so nothing of it goes on.
+    store = HeldCreate()
+    store.release.set()
+    rt, provider = runtime(store, [[UpstreamModel("claude-x"), HANG]])
+    post = asyncio.create_task(create_response(rt, request(), caller()))
+    await asyncio.sleep(0)  # the create has started its run and let it go first
+    assert not post.done()
+    post.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(post, BOUND)
+    assert not rt.tasks  # the run spawned by the create is over (done tasks leave the set)
+    assert provider.closed_streams == len(provider.requests)
+    assert not store.create_started.is_set()
+    await rt.aclose()
+
+
 class PreparingStore(HeldCreate):
     """Records what `prepare` returned and which header each create got; `prepare` can fail."""
 
