@@ -65,8 +65,10 @@ _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _ITEM_ADDED = "response.output_item.added"
 _DELTA_SUFFIX = ".delta"  # output_text, refusal, reasoning, reasoning_summary_text, function_call_arguments...
 # Window timers are armed this much early and a window counts as over this much early: the event loop wakes up to
-# a millisecond late (epoll rounds its timeout up), which would otherwise add to every gap between batches.
-_TIMER_SLACK = 0.001
+# a millisecond late (epoll rounds its timeout up, the kernel adds its timer slack), and the batch then takes a few
+# loop turns to its readers; the longest gap a stream shows is the latest of its windows, so without this it is
+# `batch_ms` plus one commit plus that millisecond.
+_TIMER_SLACK = 0.002
 # How long after a writer starts its header's create is prepared (`create=`): the producer sends its upstream
 # request within a millisecond of starting the writer; an upstream's first token takes far longer than this.
 _PREPARE_AFTER = 0.002
