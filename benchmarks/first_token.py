@@ -433,6 +433,7 @@ def _block(client: httpx.Client, targets: list[_Target], n: int, bodies: dict[st
                 journal = [x[0] - z[0] for x, z in zip(t.streams, off.streams, strict=True)]
                 row["journal_added_ttft_ms_p50"] = _ms(_pct(journal, 0.5))
                 row["journal_added_ttft_ms_p95"] = _ms(_pct(journal, 0.95))
+                row["journal_added_ttft_ms_rounds"] = [_ms(x) for x in journal]  # the spread behind the p50
                 row["journal_added_ttft_in_commits"] = round(
                     row["journal_added_ttft_ms_p50"] / max(row["first_commit_ms_p50"], 0.01), 2)
                 off_held = [h for h, name in zip(held_all, r.sent, strict=False) if name == off.name]
@@ -455,6 +456,8 @@ def _summary(blocks: list[dict[str, Any]]) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for key in rows[0]:
             values = [r[key] for r in rows if key in r]
+            if isinstance(values[0], list):  # a block's figure per round: in the blocks only
+                continue
             merged[key] = max(values) if key.endswith("_worst") else round(statistics.median(values), 2)
         if "journal_added_ttft_ms_p50" in rows[0]:
             merged["journal_added_ttft_ms_p50_per_block"] = [r["journal_added_ttft_ms_p50"] for r in rows]
