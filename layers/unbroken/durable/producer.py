@@ -31,6 +31,8 @@ from unbroken.resilience.attempts import Generation, NoOutput, RunControl
 log = logging.getLogger("unbroken.producer")
 
 ROUTER_FAILED = "The router failed while generating this response."
+# Loop turns a started run takes to send its upstream request (`head_start`).
+_TURNS_TO_UPSTREAM_CALL = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,13 @@ class ResponseRun:
         if header is not None:
             self.header = asyncio.ensure_future(header)
         return self
+
+    async def head_start(self) -> None:
+        """Let the run go first, up to its upstream call: the loop turns of its task, then of its first attempt's
+        first fetch (a task of its own, `Generation._stream_attempt`), so the request is out before the caller goes
+        on."""
+        for _ in range(_TURNS_TO_UPSTREAM_CALL):
+            await asyncio.sleep(0)
 
     def detach(self) -> None:
         """The client went away: finish into the journal, but within the detached cap (and end there, not hand

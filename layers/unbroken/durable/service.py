@@ -42,8 +42,6 @@ log = logging.getLogger("unbroken.api")
 
 # How long a stream may wait for its first upstream output before committing to 200 and the start events.
 HEADER_HOLD_SECONDS = 5.0
-# Loop turns a new run takes to send its upstream request: its task's, then its first attempt's first fetch's.
-_TURNS_TO_UPSTREAM_CALL = 2
 # How long a cancel waits for the producer to end the response before answering with it as it stands.
 CANCEL_WAIT_SECONDS = 10.0
 # A foreground stream handed on at its deadline goes on for at most this many more stream deadlines: on AWS the
@@ -218,27 +216,22 @@ async def create_response(runtime: Runtime, parsed: ResponsesRequest, caller: Ca
     # here, before the run's; a header that cannot be created cancels the run (and its upstream call).
     run = ResponseRun(runtime, response_id, 0, generation, control,
                       hand_on=runtime.launch_background if to_worker else None)
-    if caller.idempotency_key is None:
-        run.start(create=header)
-        try:
-            # The run goes first, up to its upstream call (its task, then the attempt's first fetch, a task of its
-            # own), so the request is out before this handler's answer is set up: a direct stream's handler, which
-            # awaits its generation's first event, lets it go first too.
-            for _ in range(_TURNS_TO_UPSTREAM_CALL):
-                await asyncio.sleep(0)
-        except BaseException:  # the client went away already: nobody could ever read this response
-            await run.abort()
-            raise
-    else:
-        run.start(header=store.create(header))
-        try:
+    attached = None
+    try:
+        if caller.idempotency_key is None:
+            run.start(create=header)
+            # Before this handler's answer is set up: a direct stream's handler, which awaits its generation's
+            # first event, lets its upstream call go first too.
+            await run.head_start()
+        else:
+            run.start(header=store.create(header))
             attached = await _create_header(store, header, body_hash, caller, run.header)
-        except BaseException:
-            await run.abort()
-            raise
-        if attached is not None:
-            await run.abort()
-            return attached
+    except BaseException:  # the header failed, or the client went away: nobody could ever read this response
+        await run.abort()
+        raise
+    if attached is not None:
+        await run.abort()
+        return attached
     return Journaled(response_id, run, until=caller.deadline if hands_on else math.inf,
                      findable=caller.idempotency_key is not None)
 
