@@ -9,6 +9,8 @@ Each deployment gets a `FakeProvider` with a list of attempts; each attempt is a
 - `HANG` waits until the consumer gives up on the stream (cancelled, or its own timeout);
 - `Wait(event)` waits until the test (or another script's `Do`) sets the `asyncio.Event`: a first token that comes
   late, exactly when the test says, with no sleep;
+- `WRITTEN` says the request is out (`request_written()`, as an HTTP adapter does once its request is written);
+  an attempt without one says so as it starts;
 - the end of the list ends the stream.
 
 Every `GenerationRequest` an adapter is sent is recorded (`provider.requests`, and in order over all deployments in
@@ -26,7 +28,7 @@ from typing import Any
 
 from unbroken.config import Deployment
 from unbroken.ir import Delta, Finish, GenerationRequest, TextDelta
-from unbroken.providers.base import Capabilities, ErrorKind, Provider, ProviderError
+from unbroken.providers.base import Capabilities, ErrorKind, Provider, ProviderError, request_written
 from unbroken.routing.pool import ProviderPool
 
 
@@ -61,7 +63,15 @@ class _Hang:
 
 HANG = _Hang()
 
-Step = Delta | Fail | Do | Wait | _Hang
+
+class _Written:
+    def __repr__(self) -> str:
+        return "WRITTEN"
+
+
+WRITTEN = _Written()
+
+Step = Delta | Fail | Do | Wait | _Hang | _Written
 
 
 def text_attempt(*chunks: str, finish: str = "stop") -> list[Step]:
@@ -101,8 +111,13 @@ class FakeProvider(Provider):
         return self._play(self.script.pop(0))
 
     async def _play(self, steps: list[Step]) -> AsyncIterator[Delta]:
+        if WRITTEN not in steps:
+            request_written()
         try:
             for step in steps:
+                if step is WRITTEN:
+                    request_written()
+                    continue
                 if isinstance(step, Fail):
                     raise ProviderError(step.kind, step.message, retry_after=step.retry_after, status=step.status)
                 if isinstance(step, Do):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.fake_provider import HANG, Do, FakePool, FakeProvider, Step, Wait
+from tests.support.fake_provider import HANG, WRITTEN, Do, Fail, FakePool, FakeProvider, Step, Wait
 from unbroken.config import Config, Deployment, PublicModel, ServerSettings
 from unbroken.durable.follow import journal_events
 from unbroken.durable.runtime import Runtime
@@ -120,6 +120,44 @@ async def test_the_upstream_is_called_before_the_response_goes_back_to_its_handl
     assert called.is_set()
     content.set()
     await asyncio.wait_for(first_output(created), BOUND)
+    await rt.aclose()
+
+
+async def test_the_create_returns_once_the_upstream_request_is_out_however_long_writing_it_takes() -> None:
+    # An adapter takes as many loop turns as its connection pool and socket writes need before its request is out;
+    # the handler's own work (its answer, the server's call of it) must not get in before, however many that is.
+    store = HeldCreate()
+    store.release.set()
+    connected, written, content = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    rt, _ = runtime(store, [[Wait(connected), WRITTEN, Do(written.set), UpstreamModel("claude-x"), Wait(content),
+                             TextDelta("Hi"), Finish("stop")]])
+
+    async def connect() -> None:  # a connection that takes a few loop turns
+        for _ in range(5):
+            await asyncio.sleep(0)
+        connected.set()
+
+    connecting = asyncio.create_task(connect())
+    async with asyncio.timeout(BOUND):
+        created = await create_response(rt, request(), caller())
+    assert isinstance(created, Journaled)
+    assert written.is_set()
+    content.set()
+    await asyncio.wait_for(first_output(created), BOUND)
+    await connecting
+    await rt.aclose()
+
+
+async def test_a_run_that_fails_before_its_request_is_out_does_not_hold_the_create() -> None:
+    # No upstream request ever goes out (every deployment refuses at once): the create returns, with the failure.
+    store = HeldCreate()
+    store.release.set()
+    rt, _ = runtime(store, [[Fail("auth", "refused")]])
+    async with asyncio.timeout(BOUND):
+        created = await create_response(rt, request(), caller())
+        assert isinstance(created, Journaled)
+        with pytest.raises(Failure):
+            await first_output(created)
     await rt.aclose()
 
 

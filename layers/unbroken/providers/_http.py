@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, ServerSentEvent, SSEError
 
-from unbroken.providers.base import ProviderError, error_from_status, parse_retry_after
+from unbroken.providers.base import REQUEST_WRITTEN, ProviderError, error_from_status, parse_retry_after
 
 # Connect quickly; reads are bounded by the attempt loop's first-token and stall timeouts, not here.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0)
@@ -76,14 +76,25 @@ async def open_stream(
     refine: ErrorRefiner | None = None,
     timeout: httpx.Timeout = DEFAULT_TIMEOUT,
 ) -> AsyncIterator[httpx.Response]:
-    """An upstream response whose status is known to be < 400; every failure is a `ProviderError`."""
+    """An upstream response whose status is known to be < 400; every failure is a `ProviderError`. A listener
+    for `REQUEST_WRITTEN` is told when the request's body has been written (httpcore's `trace` extension)."""
+    listener = REQUEST_WRITTEN.get()
+    extensions = None if listener is None else {"trace": _tell_when_written(listener)}
     try:
         async with http.stream(method, url, headers=headers, json=json_body, params=params,
-                               timeout=timeout) as response:
+                               timeout=timeout, extensions=extensions) as response:
             await raise_for_status(response, refine)
             yield response
     except httpx.HTTPError as exc:
         raise transport_error(exc, mid_stream=False) from None
+
+
+def _tell_when_written(listener: Callable[[], None]) -> Callable[[str, dict[str, Any]], Any]:
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith(".send_request_body.complete"):  # http11. or http2.
+            listener()
+
+    return trace
 
 
 async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerSentEvent]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -87,6 +88,20 @@ class Capabilities:
     native_json_schema: bool = True
 
 
+# Told once an adapter's upstream request is out (written to its socket, or handed to the thread that sends it), by
+# whoever waits for that in this context: a journaled response's run goes first up to there, so that its request
+# does not wait for the work its handler does meanwhile. Adapters call `request_written()`; a context without a
+# listener costs them a lookup.
+REQUEST_WRITTEN: ContextVar[Callable[[], None] | None] = ContextVar("request_written", default=None)
+
+
+def request_written() -> None:
+    """This context's upstream request is out (see `REQUEST_WRITTEN`)."""
+    listener = REQUEST_WRITTEN.get()
+    if listener is not None:
+        listener()
+
+
 class Provider(ABC):
     """One adapter instance serves one deployment. `http` is the process-wide client (connection pooling);
     adapters that use another transport (boto3) ignore it."""
@@ -115,7 +130,7 @@ class Provider(ABC):
     def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Stream the answer as IR deltas. Raise `ProviderError` on any failure. The last delta of a healthy
         stream is a `Finish` (possibly followed by `Usage`); a stream that ends without one raises
-        `ProviderError("truncated")`."""
+        `ProviderError("truncated")`. Call `request_written()` once the request is out."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release anything the adapter holds beyond the shared HTTP client."""

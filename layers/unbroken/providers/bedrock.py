@@ -54,6 +54,7 @@ from unbroken.providers.base import (
     ProviderError,
     error_from_status,
     parse_retry_after,
+    request_written,
 )
 
 if TYPE_CHECKING:
@@ -482,6 +483,7 @@ class BedrockProvider(Provider):
         self._pumps.add(pump)
         self.workers.add(pump.thread)
         pump.start()
+        request_written()  # boto3 sends it from the pump's thread: nothing on this loop is in its way
         try:
             async for delta in parse_events(pump.events(), plan):
                 yield delta
