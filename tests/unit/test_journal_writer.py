@@ -586,6 +586,49 @@ async def test_nothing_leaves_before_the_prepared_create_is_durable(feeds: Local
     assert (await store.get(rid)).status == "completed"  # type: ignore[union-attr]
 
 
+async def test_with_a_cue_the_create_is_prepared_when_the_cue_is_done_not_on_a_timer(
+    feeds: LocalFeeds, clock: FakeClock
+) -> None:
+    """The producer's upstream request is out when its cue is done: preparing before that would delay the request
+    by the encoding (and, on DynamoDB, a snapshot's write); however long that takes, no timer starts it first."""
+    store = HeldPrepare()
+    store.release.set()
+    now = time.time()
+    rid = "resp_cued_prepare"
+    cue: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, next_seq=0, prepare_after=cue,
+                           create=ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600,
+                                                 status="in_progress"))
+    await clock.advance(2 * WINDOW)
+    assert not store.started.is_set()
+    cue.set_result(None)
+    await asyncio.wait_for(store.started.wait(), BOUND)
+    await writer.finish(completed(0), status="completed", response={"id": rid})
+    assert (await store.get(rid)).status == "completed"  # type: ignore[union-attr]
+
+
+async def test_a_cue_after_the_header_went_in_unprepared_prepares_nothing(feeds: LocalFeeds,
+                                                                          clock: FakeClock) -> None:
+    store = HeldPrepare()
+    now = time.time()
+    rid = "resp_late_cue"
+    cue: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, next_seq=0, prepare_after=cue,
+                           create=ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600,
+                                                 status="in_progress"))
+    await writer.finish(completed(0), status="completed", response={"id": rid})  # created at once, unprepared
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        cue.set_result(None)
+        await clock.advance(WINDOW)
+    finally:
+        loop.set_exception_handler(None)
+    assert not store.started.is_set() and errors == []
+    assert (await store.get(rid)).status == "completed"  # type: ignore[union-attr]
+
+
 async def test_start_events_with_no_content_go_out_at_the_end_of_the_window(
     store: ControlledStore, feeds: LocalFeeds, clock: FakeClock
 ) -> None:

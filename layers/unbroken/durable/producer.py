@@ -129,7 +129,8 @@ class ResponseRun:
         writer = JournalWriter(self.runtime.store, self.response_id, self.epoch,
                                batch_bytes=settings.journal_batch_bytes, batch_ms=settings.journal_batch_ms,
                                lease_seconds=settings.lease_seconds, next_seq=self.generation.emitter.seq,
-                               header=self.header, create=self._create, on_commit=self._committed,
+                               header=self.header, create=self._create, prepare_after=self.request_out,
+                               on_commit=self._committed,
                                on_failure=self._writer_failed)
         self.control.cancelled = lambda: writer.cancel_requested
         handed_off = False

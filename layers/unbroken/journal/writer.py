@@ -69,8 +69,8 @@ _DELTA_SUFFIX = ".delta"  # output_text, refusal, reasoning, reasoning_summary_t
 # loop turns to its readers; the longest gap a stream shows is the latest of its windows, so without this it is
 # `batch_ms` plus one commit plus that millisecond.
 _TIMER_SLACK = 0.002
-# How long after a writer starts its header's create is prepared (`create=`): the producer sends its upstream
-# request within a millisecond of starting the writer; an upstream's first token takes far longer than this.
+# How long after a writer starts its header's create is prepared (`create=`) when no cue says when
+# (`prepare_after`): by then a producer has usually sent its upstream request; its first token takes far longer.
 _PREPARE_AFTER = 0.002
 
 
@@ -133,12 +133,15 @@ class JournalWriter:
         next_seq: int | None = None,
         header: Awaitable[None] | None = None,
         create: ResponseHeader | None = None,
+        prepare_after: asyncio.Future[Any] | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         """`next_seq` is the sequence number of the first event this writer will write, when the caller knows it:
         in-process followers then need no store read to start following (`LocalFeeds.committed_after`).
         `header` is the response header's create, still in flight: nothing is appended before it has succeeded.
-        `create` is the header itself, not yet written: the first commit creates it with the first batch.
+        `create` is the header itself, not yet written: the first commit creates it with the first batch; it is
+        prepared once `prepare_after` is done (the producer's upstream request is out), or `_PREPARE_AFTER` after
+        the writer starts without it.
         `on_failure(error)` is called once when a store failure stops the writer (the producer may be waiting on
         an upstream that sends nothing, and would otherwise learn of it only at its next `emit`)."""
         self._store = store
@@ -179,13 +182,21 @@ class JournalWriter:
         self._create = create
         # The header's create, prepared while the upstream call is in flight (`Store.prepare`: a large request is
         # encoded, and on DynamoDB its snapshot written, before the first output is there to wait for it). Started
-        # `_PREPARE_AFTER` after the writer, so that it does not run before the producer has sent the upstream
-        # request (the writer starts first, and the encoding would delay the request by as long); a first commit
-        # that comes before that creates the header unprepared, in the same turn.
+        # on its cue, once the producer's upstream request is out (the writer starts first, and the encoding would
+        # delay the request by as long); a first commit that comes before that creates the header unprepared, in
+        # the same turn.
         self._prepared: asyncio.Future[ResponseHeader] | None = None
-        self._prepare_timer: asyncio.TimerHandle | None = None
+        self._prepare_waiting = create is not None  # for its cue
+        self._stop_cue: Callable[[], object] | None = None
         if create is not None:
-            self._prepare_timer = self._loop.call_later(_PREPARE_AFTER, self._start_prepare)
+            if prepare_after is None:
+                self._stop_cue = self._loop.call_later(_PREPARE_AFTER, self._prepare_cued).cancel
+            else:
+                def cued(_: object) -> None:
+                    self._prepare_cued()
+
+                prepare_after.add_done_callback(cued)
+                self._stop_cue = lambda: prepare_after.remove_done_callback(cued)
         self._on_failure = on_failure
         # Loop time from which a batch that is not urgent may go out: `batch_ms` after the last append carrying
         # events started (lease renewals carry none and do not count). In the past at first: the first batch goes
@@ -335,8 +346,18 @@ class JournalWriter:
         self._wake.set()
         return batch
 
+    def _prepare_cued(self) -> None:
+        if self._prepare_waiting:  # not since created unprepared, nor closed
+            self._start_prepare()
+
+    def _stop_prepare_cue(self) -> None:
+        self._prepare_waiting = False
+        if self._stop_cue is not None:
+            self._stop_cue()
+            self._stop_cue = None
+
     def _start_prepare(self) -> asyncio.Future[ResponseHeader]:
-        self._prepare_timer = None
+        self._stop_prepare_cue()
         if self._prepared is None:
             assert self._create is not None
             self._prepared = asyncio.ensure_future(self._store.prepare(self._create))
@@ -396,9 +417,7 @@ class JournalWriter:
         for timer in (self._batch_timer, self._lease_timer):
             if timer is not None:
                 timer.cancel()
-        if self._prepare_timer is not None:
-            self._prepare_timer.cancel()
-            self._prepare_timer = None
+        self._stop_prepare_cue()
         if self._prepared is not None and self._create is not None:
             self._prepared.cancel()  # never created: what a prepare wrote is unreferenced and expires
         self._batch_timer = self._lease_timer = None
@@ -505,9 +524,8 @@ class JournalWriter:
 
     async def _commit(self, batch: _Batch) -> None:
         if self._create is not None:
-            if self._prepare_timer is not None:  # not started (a fast upstream): the create does it all, at once
-                self._prepare_timer.cancel()
-                self._prepare_timer = None
+            if self._prepare_waiting:  # not started (a fast upstream): the create does it all, at once
+                self._stop_prepare_cue()
                 prepared = self._create
             else:
                 prepared = await self._start_prepare()  # done, or its write still in flight
