@@ -3,7 +3,8 @@
 One router (`unbroken serve`, SQLite or DynamoDB Local) in front of a simulated upstream; the router process stamps
 `time.perf_counter()` at each hop of the first `response.output_text.delta` of every stream:
 
-- `request`: the ASGI app is called; `upstream_chunk`: the first content chunk leaves the provider's parser
+- `request`: the ASGI app is called; `upstream_send` / `upstream_written`: httpx is called / the request's body is
+  written (httpcore); `upstream_chunk`: the first content chunk leaves the provider's parser
   (the generation yields the delta);
 - journal on: `emit` (into the open batch), `commit_start`, `commit_end` (the store committed its batch),
   `publish` (handed to this process's followers), `follow` (the POST's follower yields it);
@@ -128,6 +129,15 @@ def _serve(argv: list[str]) -> int:
         finally:
             mark("service_return")
 
+    from httpcore._async import http11 as _httpcore11
+
+    send_body = _httpcore11.AsyncHTTP11Connection._send_request_body
+
+    async def traced_send_body(self: Any, request: Any) -> None:
+        await send_body(self, request)
+        mark("upstream_written")  # the request is out: what a journaled run's head start waits for
+
+    _httpcore11.AsyncHTTP11Connection._send_request_body = traced_send_body  # type: ignore[method-assign]
     send = _httpx.AsyncClient.send
 
     async def traced_send_up(self: Any, request: Any, **kwargs: Any) -> Any:
@@ -255,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tps", type=float, default=50.0)
     parser.add_argument("--input-chars", type=int, default=2, help="size of the request's input (default \"hi\")")
     parser.add_argument("--upstream-ttft-ms", type=float, default=150.0, help="as in benchmarks.first_token")
+    parser.add_argument("--save", type=Path, default=None, help="every stream's stamps, as JSON, here")
     args = parser.parse_args(argv)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
@@ -303,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         for trace, marks in zip(traces, client_marks, strict=True):
             trace.update({k: v for k, v in marks.items() if v is not None})
         traces, kinds = traces[6:], kinds[6:]  # the first streams warm the paths
+        if args.save is not None:
+            args.save.write_text(json.dumps([{**t, "journal": k} for t, k in zip(traces, kinds, strict=True)]))
         on_t = [t for t, k in zip(traces, kinds, strict=True) if k]
         off_t = [t for t, k in zip(traces, kinds, strict=True) if not k]
         result = {"journal_on": _medians(on_t, HOPS_ON), "journal_off": _medians(off_t, HOPS_OFF)}
@@ -312,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                 vals = [t[b] - t[a] for t in ts if a in t and b in t]
                 if vals:
                     result[f"journal_{name}"][f"{a} -> {b} (client's clock)"] = round(statistics.median(vals) * 1e3, 3)
-            for hop in ("service", "upstream_send", "prepare_start", "prepare_end", "upstream_headers",
-                        "create_start", "sql_start", "sql_end", "create_end", "upstream_chunk"):
+            for hop in ("service", "upstream_send", "upstream_written", "prepare_start", "prepare_end",
+                        "upstream_headers", "create_start", "sql_start", "sql_end", "create_end", "upstream_chunk"):
                 vals = [t[hop] - t["request"] for t in ts if hop in t]
                 if vals:
                     result[f"journal_{name}"][f"request -> {hop} (abs)"] = round(statistics.median(vals) * 1e3, 3)

@@ -220,10 +220,11 @@ def first_token_table(r: dict[str, Any]) -> list[str]:
         "machine):",
         "",
         "| store | added to first text p50 / p95 | of which the journal (paired with journal off) p50 / p95 "
+        "| the journal without the upstream's own time p50 (on the way to it + back) "
         "| one commit: header + first batch after the upstream's wait p50 (back to back p50; append of 5 deltas "
         "p50 / p95) | journal's share in commits "
         "| max gap between tokens p50 / p95 (worst) | writes per stream |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     names = {"none": "`--store none`", "sqlite": "SQLite", "sqlite_off": "SQLite router, `store: false`",
              "dynamodb": "DynamoDB Local", "dynamodb_off": "DynamoDB Local router, `store: false`"}
@@ -240,11 +241,14 @@ def first_token_table(r: dict[str, Any]) -> list[str]:
                       f"{commit})")
         elif "first_commit_ms_p50" in row:
             commit = f"{_f(row['first_commit_ms_p50'], 2)} ms ({commit})"
+        net = (f"{_f(row['journal_added_ttft_net_ms_p50'], 2, True)} ms ({_f(row['journal_added_pre_ms_p50'], 2, True)}"
+               f" + {_f(row['journal_added_post_ms_p50'], 2, True)})" if "journal_added_ttft_net_ms_p50" in row
+               else NA)
         share = _f(row.get("journal_added_ttft_in_commits"), 2) if "journal_added_ttft_in_commits" in row else NA
         writes = _f(row["writes_per_stream"], 1) if "writes_per_stream" in row else NA
         lines.append(
             f"| {names[key]} | {_f(row['added_ttft_ms_p50'], 2, True)} / {_f(row['added_ttft_ms_p95'], 2, True)} ms "
-            f"| {journal} | {commit} | {share} | {_f(row['max_gap_ms_p50'])} / {_f(row['max_gap_ms_p95'])} "
+            f"| {journal} | {net} | {commit} | {share} | {_f(row['max_gap_ms_p50'])} / {_f(row['max_gap_ms_p95'])} "
             f"({_f(row['max_gap_ms_worst'])}) ms | {writes} |")
     lines += ["", f"Upstream straight: first content after {_f(up.get('ttft_ms_p50'), 2)} ms, its own longest gap "
                   f"{_f(up.get('max_gap_ms_p50'))} ms (p50). Goals (`--check`):", ""]
