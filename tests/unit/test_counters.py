@@ -3,6 +3,7 @@ that adds this instance's pending increments."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from unbroken.journal.counters import CounterBatcher, CounterReader
@@ -107,3 +108,66 @@ async def test_a_flush_that_fails_part_way_puts_back_only_what_was_not_written()
     await batcher.flush()
     got = await store.get_counters(["day", "minute"])
     assert got == {"day": {"n": 1}, "minute": {"n": 1}}
+
+
+async def test_a_read_while_a_flush_is_writing_still_counts_what_it_writes() -> None:
+    """An admission between a flush taking the sums and the store having them must see them (rpm: a request
+    admitted then was admitted against a count that lacked the requests being flushed)."""
+    class HeldWrite(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing, self.release = asyncio.Event(), asyncio.Event()
+
+        async def add_counters(self, increments, *, expires_at):  # type: ignore[no-untyped-def]
+            self.writing.set()
+            await asyncio.wait_for(self.release.wait(), 5)
+            await super().add_counters(increments, expires_at=expires_at)
+
+    store = HeldWrite()
+    batcher = CounterBatcher(store)
+    reader = CounterReader(store, batcher, max_age=5.0, clock=Clock())
+    expires = time.time() + 3600
+    assert await reader.read(["c"]) == {}
+    batcher.add("c", {"n": 2}, expires_at=expires)
+    flush = asyncio.create_task(batcher.flush())
+    await asyncio.wait_for(store.writing.wait(), 5)
+    assert await reader.read(["c"]) == {"c": {"n": 2}}  # being written: still counted, once
+    store.release.set()
+    await asyncio.wait_for(flush, 5)
+    assert await reader.read(["c"]) == {"c": {"n": 2}}  # written and folded into the cache: still once
+
+
+async def test_a_read_out_while_a_flush_lands_does_not_drop_what_was_flushed() -> None:
+    """A store read that started before an own flush and returns after it must not overwrite the cached value the
+    flush was folded into with its older one."""
+    class HeldRead(MemoryStore):
+        hold = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.reading, self.release = asyncio.Event(), asyncio.Event()
+
+        async def get_counters(self, keys):  # type: ignore[no-untyped-def]
+            found = await super().get_counters(keys)  # what the store held when the read was made
+            if self.hold:
+                self.reading.set()
+                await asyncio.wait_for(self.release.wait(), 5)
+            return found
+
+    store = HeldRead()
+    clock = Clock()
+    batcher = CounterBatcher(store)
+    reader = CounterReader(store, batcher, max_age=5.0, clock=clock)
+    expires = time.time() + 3600
+    await store.add_counters({"c": {"n": 10}}, expires_at=expires)
+    assert await reader.read(["c"]) == {"c": {"n": 10}}
+    clock.now += 6  # stale: the next read goes to the store
+    store.hold = True
+    read = asyncio.create_task(reader.read(["c"]))
+    await asyncio.wait_for(store.reading.wait(), 5)
+    batcher.add("c", {"n": 3}, expires_at=expires)
+    await batcher.flush()  # lands while the read is out; folded into the cached 10
+    store.hold = False
+    store.release.set()
+    assert await asyncio.wait_for(read, 5) == {"c": {"n": 13}}
+    assert await reader.read(["c"]) == {"c": {"n": 13}}

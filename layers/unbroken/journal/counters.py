@@ -33,6 +33,9 @@ class CounterBatcher:
         self.flush_seconds = flush_seconds
         self._pending: dict[str, dict[str, float]] = {}
         self._expires: dict[str, float] = {}
+        # The groups a flush is writing: still this instance's own until the store has them and the readers have
+        # folded them in (else a read meanwhile, an admission's, would see them nowhere and admit too much).
+        self._flushing: list[Mapping[str, Mapping[str, float]]] = []
         self._lock = asyncio.Lock()
         # Called with what each successful store call added (the reader folds it into its cache).
         self._on_flushed: list[Callable[[Mapping[str, Mapping[str, float]]], None]] = []
@@ -52,8 +55,12 @@ class CounterBatcher:
         self._expires[key] = max(self._expires.get(key, 0.0), expires_at)
 
     def pending(self, key: str) -> dict[str, float]:
-        """What this instance added to `key` and has not flushed yet."""
-        return dict(self._pending.get(key, {}))
+        """What this instance added to `key` and has not flushed yet (being written counts as not yet)."""
+        out = dict(self._pending.get(key, {}))
+        for group in self._flushing:
+            for name, value in group.get(key, {}).items():
+                out[name] = out.get(name, 0.0) + value
+        return out
 
     async def flush(self) -> None:
         """Write every pending sum. On a store error the sums stay pending (merged with newer ones) for next time."""
@@ -66,11 +73,13 @@ class CounterBatcher:
             for key, fields in batch.items():
                 groups.setdefault(expires[key], {})[key] = fields
             written = 0
+            self._flushing = list(groups.values())
             try:
                 for expires_at, increments in groups.items():
                     await self.store.add_counters(increments, expires_at=expires_at)
                     written += 1
                     self.flushes += 1
+                    self._flushing.remove(increments)  # in the store now, and in the readers' caches next
                     for listener in self._on_flushed:
                         listener(increments)
             except StoreError as exc:
@@ -80,6 +89,8 @@ class CounterBatcher:
                     for key, fields in increments.items():
                         self.add(key, fields, expires_at=expires[key])
                 log.warning("counter flush failed", extra={"error": str(exc), "keys": len(batch)})
+            finally:
+                self._flushing = []  # written, put back, or (cancelled) lost with the flush
 
     async def run(self) -> None:
         """Flush every `flush_seconds` until cancelled; the runtime starts it and flushes once more at shutdown."""
@@ -113,7 +124,10 @@ class CounterReader:
             if len(self._cache) > 4 * MAX_PENDING_KEYS:
                 self._cache.clear()
             for key in stale:
-                self._cache[key] = (now, found.get(key))
+                # Counters only grow: the larger of the two, field by field, because a flush of this instance
+                # may have been folded into the cached value while this read, which may predate its write, was
+                # out (taking the read's alone would drop it, and an admission would see too little).
+                self._cache[key] = (now, _larger(self._cache.get(key, (0.0, None))[1], found.get(key)))
         result: dict[str, dict[str, float]] = {}
         for key in keys:
             fields = dict(self._cache[key][1] or {})
@@ -137,3 +151,9 @@ class CounterReader:
     def forget(self, key: str) -> None:
         """Drop a cached value (the next read asks the store)."""
         self._cache.pop(key, None)
+
+
+def _larger(a: Mapping[str, float] | None, b: Mapping[str, float] | None) -> dict[str, float] | None:
+    if a is None or b is None:
+        return dict(b) if b is not None else (dict(a) if a is not None else None)
+    return {name: max(a.get(name, 0.0), b.get(name, 0.0)) for name in {**a, **b}}
