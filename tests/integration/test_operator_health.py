@@ -83,7 +83,9 @@ def test_figures_after_traffic(router: RouterThread) -> None:
     first, second = deployment(body, "demo", "sim-0"), deployment(body, "demo", "sim-1")
     assert first["circuit"] == "open" and "consecutive failures" in first["circuit_reason"]
     assert first["error_rate"] == 1.0 and first["samples"] > 2.5  # decayed: about 3
-    assert second["samples"] > before["samples"] + 4.5 and second["error_rate"] == 0
+    # Five attempts, each weighed by 0.5 ** (age of its 10 s window's middle / 30 s): at least 0.89 within a window
+    # (as low as 4.45 when the test runs late in one), so "more than four" is what tells five from four.
+    assert second["samples"] > before["samples"] + 4 and second["error_rate"] == 0
     assert second["circuit"] == "closed"
     assert second["ttft_p50_ms"] is not None and second["ttft_p95_ms"] >= second["ttft_p50_ms"]
     assert second["mean_output_tokens"] == 40 and second["mean_input_tokens"] > 0
