@@ -276,7 +276,7 @@ def _times(client: httpx.Client, url: str, body: dict[str, Any], headers: dict[s
     if not out:
         raise RuntimeError(f"no content from {url}")
     target.streams.append(out)
-    target.sent.append(start)
+    target.sent_at.append(start)
     target.tags.append(tag)
 
 
@@ -402,13 +402,16 @@ class _Target:
         self.router = router
         self.store = store
         self.streams: list[list[float]] = []
-        self.sent: list[float] = []  # perf_counter when each stream was sent
+        self.sent_at: list[float] = []  # perf_counter when each stream was sent
         self.tags: list[str] = []  # each stream's sim_bench_id
-        # Each stream's time to its first delta minus the upstream's own (from reading the request to writing its
-        # first content chunk, as the upstream stamped them): what the way there and back took.
-        self.net_ttft: list[float] = []
+        # Each stream's way to the upstream (sent to the upstream having read it) and back (the upstream writing its
+        # first content to the first delta read), as the upstream stamped them; their sum is its time to its first
+        # delta without the upstream's own.
         self.pre: list[float] = []
         self.post: list[float] = []
+
+    def net_ttft(self) -> list[float]:
+        return [a + b for a, b in zip(self.pre, self.post, strict=True)]
 
 
 def _round(targets: list[_Target]) -> list[_Target]:
@@ -434,7 +437,7 @@ def _block(client: httpx.Client, targets: list[_Target], n: int, bodies: dict[st
     routers = list({id(t.router): t.router for t in targets if t.router is not None}.values())
     before = {r.name: r.stats(client) for r in routers}
     for t in targets:
-        t.streams, t.sent, t.tags, t.net_ttft, t.pre, t.post = [], [], [], [], [], []
+        t.streams, t.sent_at, t.tags, t.pre, t.post = [], [], [], [], []
     for r in routers:
         r.sent = []
     upstream_stats = f"{targets[0].url.removesuffix('/v1')}{UPSTREAM_STATS_PATH.decode()}"
@@ -452,9 +455,8 @@ def _block(client: httpx.Client, targets: list[_Target], n: int, bodies: dict[st
                 r.probe.sample()
     stamps = client.get(upstream_stats).raise_for_status().json()
     for t in targets:
-        for times, sent, tag in zip(t.streams, t.sent, t.tags, strict=True):
+        for times, sent, tag in zip(t.streams, t.sent_at, t.tags, strict=True):
             stamp = stamps[tag]
-            t.net_ttft.append(times[0] - (stamp["first_content"] - stamp["received"]))
             t.pre.append(stamp["received"] - sent)
             t.post.append(sent + times[0] - stamp["first_content"])
     direct = targets[0].streams
@@ -469,7 +471,7 @@ def _block(client: httpx.Client, targets: list[_Target], n: int, bodies: dict[st
             continue
         r, b, a = t.router, before[t.router.name], after[t.router.name]
         added = [x[0] - d[0] for x, d in zip(t.streams, direct, strict=True)]
-        added_net = [x - d for x, d in zip(t.net_ttft, targets[0].net_ttft, strict=True)]
+        added_net = [x - d for x, d in zip(t.net_ttft(), targets[0].net_ttft(), strict=True)]
         gaps = [_max_gap(s) for s in t.streams]
         # Inside the router: one first text delta per stream, in the order the streams were sent to it.
         held_all = a["first_delta_held_ms"][len(b["first_delta_held_ms"]):]
@@ -506,7 +508,7 @@ def _block(client: httpx.Client, targets: list[_Target], n: int, bodies: dict[st
                 row["journal_added_ttft_ms_p50"] = _ms(_pct(journal, 0.5))
                 row["journal_added_ttft_ms_p95"] = _ms(_pct(journal, 0.95))
                 row["journal_added_ttft_ms_rounds"] = [_ms(x) for x in journal]  # the spread behind the p50
-                net = [x - z for x, z in zip(t.net_ttft, off.net_ttft, strict=True)]
+                net = [x - z for x, z in zip(t.net_ttft(), off.net_ttft(), strict=True)]
                 row["journal_added_ttft_net_ms_p50"] = _ms(_pct(net, 0.5))
                 row["journal_added_ttft_net_ms_p95"] = _ms(_pct(net, 0.95))
                 row["journal_added_ttft_net_ms_rounds"] = [_ms(x) for x in net]

@@ -19,6 +19,13 @@ class Clock:
         return self.now
 
 
+def counting(store: MemoryStore) -> tuple[Clock, CounterBatcher, CounterReader]:
+    """A batcher and a reader over it (cache 5 s) on `store`, and the reader's clock."""
+    clock = Clock()
+    batcher = CounterBatcher(store)
+    return clock, batcher, CounterReader(store, batcher, max_age=5.0, clock=clock)
+
+
 async def test_increments_are_summed_and_flushed_in_one_call() -> None:
     store = MemoryStore()
     batcher = CounterBatcher(store)
@@ -57,9 +64,7 @@ async def test_a_failed_flush_keeps_the_sums() -> None:
 
 async def test_reads_are_cached_and_include_pending() -> None:
     store = MemoryStore()
-    clock = Clock()
-    batcher = CounterBatcher(store)
-    reader = CounterReader(store, batcher, max_age=5.0, clock=clock)
+    clock, batcher, reader = counting(store)
     expires = time.time() + 3600
     await store.add_counters({"c": {"n": 10}}, expires_at=expires)  # as another instance would
     assert await reader.read(["c"]) == {"c": {"n": 10}}
@@ -74,9 +79,7 @@ async def test_reads_are_cached_and_include_pending() -> None:
 
 async def test_an_own_flush_does_not_drop_out_of_the_cached_value() -> None:
     store = MemoryStore()
-    clock = Clock()
-    batcher = CounterBatcher(store)
-    reader = CounterReader(store, batcher, max_age=5.0, clock=clock)
+    _, batcher, reader = counting(store)
     expires = time.time() + 3600
     await store.add_counters({"c": {"n": 10}}, expires_at=expires)
     assert await reader.read(["c"]) == {"c": {"n": 10}}
@@ -124,8 +127,7 @@ async def test_a_read_while_a_flush_is_writing_still_counts_what_it_writes() -> 
             await super().add_counters(increments, expires_at=expires_at)
 
     store = HeldWrite()
-    batcher = CounterBatcher(store)
-    reader = CounterReader(store, batcher, max_age=5.0, clock=Clock())
+    _, batcher, reader = counting(store)
     expires = time.time() + 3600
     assert await reader.read(["c"]) == {}
     batcher.add("c", {"n": 2}, expires_at=expires)
@@ -155,9 +157,7 @@ async def test_a_read_out_while_a_flush_lands_does_not_drop_what_was_flushed() -
             return found
 
     store = HeldRead()
-    clock = Clock()
-    batcher = CounterBatcher(store)
-    reader = CounterReader(store, batcher, max_age=5.0, clock=clock)
+    clock, batcher, reader = counting(store)
     expires = time.time() + 3600
     await store.add_counters({"c": {"n": 10}}, expires_at=expires)
     assert await reader.read(["c"]) == {"c": {"n": 10}}

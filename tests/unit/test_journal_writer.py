@@ -562,18 +562,24 @@ class HeldPrepare(MemoryStore):
         return await super().prepare(header)
 
 
+def creating_writer(store: MemoryStore, rid: str, feeds: LocalFeeds,
+                    cue: asyncio.Future[None] | None = None) -> JournalWriter:
+    """A writer whose first commit creates the header (`create=`), prepared on `cue` if given."""
+    now = time.time()
+    return JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, next_seq=0, prepare_after=cue,
+                         create=ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600,
+                                               status="in_progress"))
+
+
 async def test_nothing_leaves_before_the_prepared_create_is_durable(feeds: LocalFeeds, clock: FakeClock) -> None:
     """What a client saw is durable: the first content waits for the prepare still in flight and then the create;
     a follower sees nothing before, then every event from 0, once."""
     store = HeldPrepare()
-    now = time.time()
     rid = "resp_held_prepare"
-    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, next_seq=0,
-                           create=ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600,
-                                                 status="in_progress"))
+    writer = creating_writer(store, rid, feeds)
     seen: list[int] = []
     follower = asyncio.create_task(_collect_seqs(store, rid, feeds, seen))
-    await clock.advance(WINDOW)  # the prepare's timer is due: it starts, and is held
+    await clock.advance(WINDOW)  # without a cue the prepare starts at once, and is held
     assert store.started.is_set()
     for event in start_events():
         await writer.emit(event)
@@ -593,12 +599,9 @@ async def test_with_a_cue_the_create_is_prepared_when_the_cue_is_done_not_on_a_t
     by the encoding (and, on DynamoDB, a snapshot's write); however long that takes, no timer starts it first."""
     store = HeldPrepare()
     store.release.set()
-    now = time.time()
     rid = "resp_cued_prepare"
     cue: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, next_seq=0, prepare_after=cue,
-                           create=ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600,
-                                                 status="in_progress"))
+    writer = creating_writer(store, rid, feeds, cue)
     await clock.advance(2 * WINDOW)
     assert not store.started.is_set()
     cue.set_result(None)
@@ -610,12 +613,9 @@ async def test_with_a_cue_the_create_is_prepared_when_the_cue_is_done_not_on_a_t
 async def test_a_cue_after_the_header_went_in_unprepared_prepares_nothing(feeds: LocalFeeds,
                                                                           clock: FakeClock) -> None:
     store = HeldPrepare()
-    now = time.time()
     rid = "resp_late_cue"
     cue: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    writer = JournalWriter(store, rid, 0, batch_ms=WINDOW * 1000, feeds=feeds, next_seq=0, prepare_after=cue,
-                           create=ResponseHeader(id=rid, tenant="t", created_at=now, expires_at=now + 3600,
-                                                 status="in_progress"))
+    writer = creating_writer(store, rid, feeds, cue)
     await writer.finish(completed(0), status="completed", response={"id": rid})  # created at once, unprepared
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []

@@ -189,9 +189,9 @@ async def read_fresh(store: Store, counters: CounterBatcher | None, keys: Sequen
         found.update(await store.get_counters(keys[start:start + 500]))
     if counters is not None:
         for key in keys:
-            for name, value in counters.pending(key).items():
-                fields = found.setdefault(key, {})
-                fields[name] = fields.get(name, 0.0) + value
+            fields = counters.with_pending(key, found.get(key))
+            if fields:
+                found[key] = fields
     return found
 
 

@@ -33,9 +33,9 @@ class CounterBatcher:
         self.flush_seconds = flush_seconds
         self._pending: dict[str, dict[str, float]] = {}
         self._expires: dict[str, float] = {}
-        # The groups a flush is writing: still this instance's own until the store has them and the readers have
-        # folded them in (else a read meanwhile, an admission's, would see them nowhere and admit too much).
-        self._flushing: list[Mapping[str, Mapping[str, float]]] = []
+        # What a flush is writing: still this instance's own until the store has it and the readers have folded it
+        # in (else a read meanwhile, an admission's, would see it nowhere and admit too much).
+        self._flushing: dict[str, dict[str, float]] = {}
         self._lock = asyncio.Lock()
         # Called with what each successful store call added (the reader folds it into its cache).
         self._on_flushed: list[Callable[[Mapping[str, Mapping[str, float]]], None]] = []
@@ -56,11 +56,11 @@ class CounterBatcher:
 
     def pending(self, key: str) -> dict[str, float]:
         """What this instance added to `key` and has not flushed yet (being written counts as not yet)."""
-        out = dict(self._pending.get(key, {}))
-        for group in self._flushing:
-            for name, value in group.get(key, {}).items():
-                out[name] = out.get(name, 0.0) + value
-        return out
+        return _plus(self._pending.get(key), self._flushing.get(key))
+
+    def with_pending(self, key: str, stored: Mapping[str, float] | None) -> dict[str, float]:
+        """`key`'s fields as read from the store plus what this instance has not flushed yet."""
+        return _plus(stored, self.pending(key))
 
     async def flush(self) -> None:
         """Write every pending sum. On a store error the sums stay pending (merged with newer ones) for next time."""
@@ -73,13 +73,14 @@ class CounterBatcher:
             for key, fields in batch.items():
                 groups.setdefault(expires[key], {})[key] = fields
             written = 0
-            self._flushing = list(groups.values())
+            self._flushing = batch
             try:
                 for expires_at, increments in groups.items():
                     await self.store.add_counters(increments, expires_at=expires_at)
                     written += 1
                     self.flushes += 1
-                    self._flushing.remove(increments)  # in the store now, and in the readers' caches next
+                    for key in increments:  # in the store now, and in the readers' caches next
+                        del self._flushing[key]
                     for listener in self._on_flushed:
                         listener(increments)
             except StoreError as exc:
@@ -90,7 +91,7 @@ class CounterBatcher:
                         self.add(key, fields, expires_at=expires[key])
                 log.warning("counter flush failed", extra={"error": str(exc), "keys": len(batch)})
             finally:
-                self._flushing = []  # written, put back, or (cancelled) lost with the flush
+                self._flushing = {}  # written, put back, or (cancelled) lost with the flush
 
     async def run(self) -> None:
         """Flush every `flush_seconds` until cancelled; the runtime starts it and flushes once more at shutdown."""
@@ -130,10 +131,8 @@ class CounterReader:
                 self._cache[key] = (now, _larger(self._cache.get(key, (0.0, None))[1], found.get(key)))
         result: dict[str, dict[str, float]] = {}
         for key in keys:
-            fields = dict(self._cache[key][1] or {})
-            if self.batcher is not None:
-                for name, value in self.batcher.pending(key).items():
-                    fields[name] = fields.get(name, 0.0) + value
+            cached = self._cache[key][1]
+            fields = self.batcher.with_pending(key, cached) if self.batcher is not None else dict(cached or {})
             if fields:
                 result[key] = fields
         return result
@@ -143,17 +142,24 @@ class CounterReader:
             cached = self._cache.get(key)
             if cached is None:
                 continue
-            fields = dict(cached[1] or {})
-            for name, delta in deltas.items():
-                fields[name] = fields.get(name, 0.0) + delta
-            self._cache[key] = (cached[0], fields)
+            self._cache[key] = (cached[0], _plus(cached[1], deltas))
 
     def forget(self, key: str) -> None:
         """Drop a cached value (the next read asks the store)."""
         self._cache.pop(key, None)
 
 
+def _plus(a: Mapping[str, float] | None, b: Mapping[str, float] | None) -> dict[str, float]:
+    """Field by field sum; None counts as no fields."""
+    out = dict(a or {})
+    for name, value in (b or {}).items():
+        out[name] = out.get(name, 0.0) + value
+    return out
+
+
 def _larger(a: Mapping[str, float] | None, b: Mapping[str, float] | None) -> dict[str, float] | None:
+    """Field by field maximum; None when neither holds a value (a counter the store does not have)."""
     if a is None or b is None:
-        return dict(b) if b is not None else (dict(a) if a is not None else None)
-    return {name: max(a.get(name, 0.0), b.get(name, 0.0)) for name in {**a, **b}}
+        held = a if b is None else b
+        return None if held is None else dict(held)
+    return {name: max(a.get(name, 0.0), b.get(name, 0.0)) for name in a.keys() | b.keys()}

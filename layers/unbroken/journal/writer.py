@@ -20,7 +20,8 @@ A writer may start before the response's header is in the store, so that the ups
 - `create=`: the header is not written yet; the writer's first commit writes it together with the first batch
   (`store.create(header, events)`), so the first token waits for one write, not for a create and then an append,
   and nothing of the response exists in the store before its first output does (lease renewals wait for it too).
-  The writer prepares that create as it starts (`store.prepare`, while the upstream call is in flight), so a large
+  The writer prepares that create on its cue (`prepare_after`: once the producer's upstream request is out, while
+  the call is in flight; `store.prepare`), so a large
   request's encoding and snapshot items are not on the first token's path either;
 - `header=`: the store's `create` is in flight (a response with an Idempotency-Key, which must be findable before
   its first output); the first append waits for it, and its failure stops the writer as a store failure does.
@@ -69,9 +70,6 @@ _DELTA_SUFFIX = ".delta"  # output_text, refusal, reasoning, reasoning_summary_t
 # loop turns to its readers; the longest gap a stream shows is the latest of its windows, so without this it is
 # `batch_ms` plus one commit plus that millisecond.
 _TIMER_SLACK = 0.002
-# How long after a writer starts its header's create is prepared (`create=`) when no cue says when
-# (`prepare_after`): by then a producer has usually sent its upstream request; its first token takes far longer.
-_PREPARE_AFTER = 0.002
 
 
 class WriterClosed(RuntimeError):
@@ -140,8 +138,8 @@ class JournalWriter:
         in-process followers then need no store read to start following (`LocalFeeds.committed_after`).
         `header` is the response header's create, still in flight: nothing is appended before it has succeeded.
         `create` is the header itself, not yet written: the first commit creates it with the first batch; it is
-        prepared once `prepare_after` is done (the producer's upstream request is out), or `_PREPARE_AFTER` after
-        the writer starts without it.
+        prepared once `prepare_after` is done (the producer's upstream request is out), or on the next loop turn
+        without it.
         `on_failure(error)` is called once when a store failure stops the writer (the producer may be waiting on
         an upstream that sends nothing, and would otherwise learn of it only at its next `emit`)."""
         self._store = store
@@ -186,17 +184,12 @@ class JournalWriter:
         # delay the request by as long); a first commit that comes before that creates the header unprepared, in
         # the same turn.
         self._prepared: asyncio.Future[ResponseHeader] | None = None
-        self._prepare_waiting = create is not None  # for its cue
-        self._stop_cue: Callable[[], object] | None = None
+        self._prepare_waiting = create is not None  # for its cue; False once created unprepared, or closed
         if create is not None:
             if prepare_after is None:
-                self._stop_cue = self._loop.call_later(_PREPARE_AFTER, self._prepare_cued).cancel
+                self._loop.call_soon(self._prepare_cued)
             else:
-                def cued(_: object) -> None:
-                    self._prepare_cued()
-
-                prepare_after.add_done_callback(cued)
-                self._stop_cue = lambda: prepare_after.remove_done_callback(cued)
+                prepare_after.add_done_callback(lambda _: self._prepare_cued())
         self._on_failure = on_failure
         # Loop time from which a batch that is not urgent may go out: `batch_ms` after the last append carrying
         # events started (lease renewals carry none and do not count). In the past at first: the first batch goes
@@ -347,17 +340,11 @@ class JournalWriter:
         return batch
 
     def _prepare_cued(self) -> None:
-        if self._prepare_waiting:  # not since created unprepared, nor closed
+        if self._prepare_waiting:
             self._start_prepare()
 
-    def _stop_prepare_cue(self) -> None:
-        self._prepare_waiting = False
-        if self._stop_cue is not None:
-            self._stop_cue()
-            self._stop_cue = None
-
     def _start_prepare(self) -> asyncio.Future[ResponseHeader]:
-        self._stop_prepare_cue()
+        self._prepare_waiting = False
         if self._prepared is None:
             assert self._create is not None
             self._prepared = asyncio.ensure_future(self._store.prepare(self._create))
@@ -417,7 +404,7 @@ class JournalWriter:
         for timer in (self._batch_timer, self._lease_timer):
             if timer is not None:
                 timer.cancel()
-        self._stop_prepare_cue()
+        self._prepare_waiting = False
         if self._prepared is not None and self._create is not None:
             self._prepared.cancel()  # never created: what a prepare wrote is unreferenced and expires
         self._batch_timer = self._lease_timer = None
@@ -525,7 +512,7 @@ class JournalWriter:
     async def _commit(self, batch: _Batch) -> None:
         if self._create is not None:
             if self._prepare_waiting:  # not started (a fast upstream): the create does it all, at once
-                self._stop_prepare_cue()
+                self._prepare_waiting = False
                 prepared = self._create
             else:
                 prepared = await self._start_prepare()  # done, or its write still in flight
