@@ -50,11 +50,18 @@ class FakeUpstream:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.requests: list[ReceivedRequest] = []
+        self.connections = 0  # TCP connections accepted (a client that keeps its connection alive opens one)
+        self._count_lock = threading.Lock()
         self._stop = threading.Event()
         outer = self
 
         class _RequestHandler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with outer._count_lock:
+                    outer.connections += 1
 
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass

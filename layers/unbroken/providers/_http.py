@@ -3,9 +3,10 @@ into `ProviderError`s, and iterate parsed SSE events (httpx-sse does the parsing
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -17,6 +18,9 @@ from unbroken.providers.base import REQUEST_WRITTEN, ProviderError, error_from_s
 # Connect quickly; reads are bounded by the attempt loop's first-token and stall timeouts, not here.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0)
 MAX_ERROR_BODY = 64 * 1024
+# After an upstream's end marker, what `finish_body` reads at most of what is left before it gives the connection up.
+FINISH_BODY_SECONDS = 0.05
+FINISH_BODY_EVENTS = 16
 
 # Refines an HTTP error into a more specific ProviderError from its (parsed) body; returns None to keep the default.
 ErrorRefiner = Callable[[int, Any, ProviderError], ProviderError | None]
@@ -97,7 +101,7 @@ def _tell_when_written(listener: Callable[[], None]) -> Callable[[str, dict[str,
     return trace
 
 
-async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerSentEvent]:
+async def iter_sse(response: httpx.Response) -> AsyncGenerator[ServerSentEvent, None]:
     """Parsed SSE events of a streaming response; a broken connection is a mid-stream `ProviderError`."""
     try:
         # aclosing: a reader that stops early closes the parser on this loop, not later in the garbage collector.
@@ -110,6 +114,21 @@ async def iter_sse(response: httpx.Response) -> AsyncIterator[ServerSentEvent]:
         raise ProviderError("malformed", f"upstream answered 200 with content-type {ctype!r}, not SSE") from None
     except httpx.HTTPError as exc:
         raise transport_error(exc, mid_stream=True) from None
+
+
+async def finish_body(events: AsyncGenerator[ServerSentEvent, None]) -> None:
+    """Read the rest of a stream whose end marker (`[DONE]`, `message_stop`, `response.completed`) the adapter has
+    seen: the bytes after it (the chunked body's last chunk) are what lets httpcore put the connection back in the
+    pool. Closed unread, the connection is dropped, and the next request pays a new TCP (and TLS) handshake
+    before its first token. Bounded: an upstream that goes on after its marker is cut, as before."""
+    try:
+        async with asyncio.timeout(FINISH_BODY_SECONDS):
+            for _ in range(FINISH_BODY_EVENTS):
+                await anext(events)
+    except (StopAsyncIteration, TimeoutError, ProviderError):
+        pass
+    finally:
+        await events.aclose()
 
 
 def parse_json(data: str) -> Any:
