@@ -8,8 +8,9 @@ there), each started through this module (`serve`: `unbroken serve` plus a count
 script streams `POST /v1/responses` in rounds: every round sends the same request straight to the upstream, once
 through every router, and once more through every journaled router with `store: false` (the same process with the
 journal off for that request: the baseline the journal's share is paired with), in an order that puts each
-router's journal-on and journal-off streams half a round apart (`_round`), so that both follow the same idle time on
-that router; between rounds it times, on a store like each router's and from this process,
+router's journal-on and journal-off streams half a round apart, the one or the other first in turn (`_round`), so
+that neither always follows the longer idle on that router; between rounds it times, on a store like each router's
+and from this process,
 one header `create`, one `append` of a small batch, and a header created with a first batch built like a
 router's ("one commit": the write a first token waits for, since the header goes in with the first output), once
 back to back with those and once after the idle wait a router's first commit follows.
@@ -414,12 +415,15 @@ class _Target:
         return [a + b for a, b in zip(self.pre, self.post, strict=True)]
 
 
-def _round(targets: list[_Target]) -> list[_Target]:
+def _round(targets: list[_Target], flip: bool = False) -> list[_Target]:
     """One round's order: the upstream straight, each journaled router with the journal on, then one more stream
     (`--store none`'s, or a spacer straight to the upstream whose figures are not kept), then the same routers with
-    the journal off. So a router's journal-on and journal-off streams are always half a round apart, and each
-    follows the same idle time on its router: the first store read after a longer idle costs more (DynamoDB Local:
-    a millisecond or more), and that is not the journal's."""
+    the journal off; with `flip`, off before on. So a router's journal-on and journal-off streams are half a round
+    apart. The gap before the first of them is the longer (the probe's writes and the direct stream come between
+    rounds), and a router's work before its upstream call costs more after a longer idle (colder caches; DynamoDB
+    Local's first read after one, a millisecond or more): rounds alternate which of the two comes first, so that
+    neither always has the longer idle (with on always first, the journal's share showed 0.25 ms of it before
+    the upstream had the request)."""
     by_name = {t.name: t for t in targets}
     on = [t for t in targets if t.router is not None and t.store and f"{t.name}_off" in by_name]
     off = [by_name[f"{t.name}_off"] for t in on]
@@ -427,7 +431,8 @@ def _round(targets: list[_Target]) -> list[_Target]:
     rest = [t for t in targets if t not in direct and t not in on and t not in off]
     if not rest:
         rest = [_Target("spacer", direct[0].url)]
-    return [*direct, *on, *rest, *off]
+    first, second = (off, on) if flip else (on, off)
+    return [*direct, *first, *rest, *second]
 
 
 def _block(client: httpx.Client, targets: list[_Target], n: int, bodies: dict[str, dict[str, Any]],
@@ -442,8 +447,8 @@ def _block(client: httpx.Client, targets: list[_Target], n: int, bodies: dict[st
         r.sent = []
     upstream_stats = f"{targets[0].url.removesuffix('/v1')}{UPSTREAM_STATS_PATH.decode()}"
     client.get(upstream_stats).raise_for_status()  # clears what the warm-up left
-    for _ in range(n):
-        for t in _round(targets):
+    for i in range(n):
+        for t in _round(targets, flip=i % 2 == 1):
             if t.router is None:
                 _times(client, f"{t.url}/chat/completions", bodies["direct"], {}, True, t)
             else:
