@@ -8,7 +8,10 @@ One router (`unbroken serve`, SQLite or DynamoDB Local) in front of a simulated 
   (the generation yields the delta);
 - journal on: `emit` (into the open batch), `commit_start`, `commit_end` (the store committed its batch),
   `publish` (handed to this process's followers), `follow` (the POST's follower yields it);
-- `frame` (rendered as SSE) and `send` (the body chunk holding it handed to the server).
+- `frame` (rendered as SSE) and `send` (the body chunk holding it handed to the server);
+- on the way to the upstream: `generation_start` (the attempt loop starts), and journal on `writer_init` /
+  `writer_ready` (the journal writer built); `start` / `start_sent`: the response's status handed to the server /
+  back from it (uvicorn's h11 writes the status line and headers in between).
 
 The client stamps the same clock (`perf_counter` is CLOCK_MONOTONIC on Linux, one clock for every process) when it
 sends the request, when the response's headers are in and when it reads the first delta (`client_*`).
@@ -44,6 +47,11 @@ DELTA = "response.output_text.delta"
 # on the upstream's first chunk), and the POST's first batch is in hand (no `follow`).
 HOPS_ON = ("request", "service_return", "response_call", "upstream_chunk", "emit", "commit_start", "commit_end",
            "start", "iter_start", "frame", "iter_got", "send")
+# Each of these is also printed as its time since `request` (medians of each stream's own).
+ABS_HOPS = ("service", "writer_init", "writer_ready", "generation_start", "upstream_send", "upstream_written",
+            "prepare_start", "prepare_end", "upstream_headers", "upstream_chunk", "emit", "commit_start",
+            "create_start", "sql_start", "sql_end", "create_end", "publish", "commit_end", "start", "start_sent",
+            "iter_start", "frame", "send")
 HOPS_OFF = ("request", "service_return", "upstream_chunk", "response_call", "start", "iter_start", "frame",
             "iter_got", "send")
 
@@ -68,12 +76,21 @@ def _serve(argv: list[str]) -> int:
     run = attempts.Generation.run
 
     async def traced_run(self: Any) -> Any:
+        mark("generation_start")
         async for event in run(self):
             if event.get("type") == DELTA:
                 mark("upstream_chunk")
             yield event
 
     emit = writer.JournalWriter.emit
+    writer_init = writer.JournalWriter.__init__
+
+    def traced_writer_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        mark("writer_init")
+        writer_init(self, *args, **kwargs)
+        mark("writer_ready")
+
+    writer.JournalWriter.__init__ = traced_writer_init  # type: ignore[method-assign]
 
     async def traced_emit(self: Any, event: dict[str, Any]) -> None:
         if event.get("type") == DELTA:
@@ -232,6 +249,8 @@ def _serve(argv: list[str]) -> int:
                 if message["type"] == "http.response.body" and b"output_text.delta" in message.get("body", b""):
                     mark("send")
                 await send(message)
+                if message["type"] == "http.response.start":
+                    mark("start_sent")
 
             await app(scope, receive, traced_send)
             traces.append(dict(current))
@@ -325,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 vals = [t[b] - t[a] for t in ts if a in t and b in t]
                 if vals:
                     result[f"journal_{name}"][f"{a} -> {b} (client's clock)"] = round(statistics.median(vals) * 1e3, 3)
-            for hop in ("service", "upstream_send", "upstream_written", "prepare_start", "prepare_end",
-                        "upstream_headers", "create_start", "sql_start", "sql_end", "create_end", "upstream_chunk"):
+            for hop in ABS_HOPS:
                 vals = [t[hop] - t["request"] for t in ts if hop in t]
                 if vals:
                     result[f"journal_{name}"][f"request -> {hop} (abs)"] = round(statistics.median(vals) * 1e3, 3)
