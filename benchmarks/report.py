@@ -214,7 +214,8 @@ def first_token_table(r: dict[str, Any]) -> list[str]:
         f"**What durability costs the first token** (`{ft['command']}`, {ft['date']}: {ft['tokens']} tokens at "
         f"{ft['tps']:g} tokens/s, upstream's own first token after {ft.get('upstream_ttft_ms', 0):g} ms; "
         f"{ft['repeat']} blocks of {ft['n']} rounds, each round one stream straight to the upstream and one through "
-        "each router, each router's journal-on and journal-off streams half a round apart; every figure the median "
+        "each router, each router's journal-on and journal-off streams half a round apart and either first in turn; "
+        "every figure the median "
         f"of the blocks' figures; `journal_batch_ms` "
         f"{ft['batch_ms']:g}; load average {ft['loadavg_1min_start']} → {ft['loadavg_1min_end']} on this "
         "machine):",
