@@ -11,7 +11,7 @@ One router (`unbroken serve`, SQLite or DynamoDB Local) in front of a simulated 
 - `frame` (rendered as SSE) and `send` (the body chunk holding it handed to the server);
 - on the way to the upstream: `generation_start` (the attempt loop starts), and journal on `writer_init` /
   `writer_ready` (the journal writer built); `start` / `start_sent`: the response's status handed to the server /
-  back from it (uvicorn's h11 writes the status line and headers in between).
+  back from it (uvicorn writes the status line and headers to the socket in between).
 
 The client stamps the same clock (`perf_counter` is CLOCK_MONOTONIC on Linux, one clock for every process) when it
 sends the request, when the response's headers are in and when it reads the first delta (`client_*`).

@@ -28,6 +28,7 @@ class Script:
     chunks: list[bytes] = field(default_factory=list)
     reset_after: int | None = None  # send this many chunks, then a TCP RST
     stall_after: int | None = None  # send this many chunks, then hold the connection open, silent
+    close_after: bool = False  # close the connection once the body is written, as an idle timeout would
 
 
 @dataclass
@@ -98,6 +99,8 @@ class FakeUpstream:
                     return
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
+                if script.close_after:  # no `Connection: close`: the client finds out when it next uses it
+                    self.close_connection = True
 
             def _reset(self) -> None:
                 # SO_LINGER 0 makes close() send RST: the client sees a connection reset, not a clean EOF.

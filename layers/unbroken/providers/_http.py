@@ -18,7 +18,7 @@ from unbroken.providers.base import REQUEST_WRITTEN, ProviderError, error_from_s
 # Connect quickly; reads are bounded by the attempt loop's first-token and stall timeouts, not here.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=30.0, pool=10.0)
 MAX_ERROR_BODY = 64 * 1024
-# After an upstream's end marker, what `finish_body` reads at most of what is left before it gives the connection up.
+# After an upstream's end marker, what `_finish_body` reads at most of what is left before it gives the connection up.
 FINISH_BODY_SECONDS = 0.05
 FINISH_BODY_EVENTS = 16
 
@@ -116,7 +116,19 @@ async def iter_sse(response: httpx.Response) -> AsyncGenerator[ServerSentEvent, 
         raise transport_error(exc, mid_stream=True) from None
 
 
-async def finish_body(events: AsyncGenerator[ServerSentEvent, None]) -> None:
+@asynccontextmanager
+async def open_sse(http: httpx.AsyncClient, method: str, url: str,
+                   **options: Any) -> AsyncIterator[AsyncGenerator[ServerSentEvent, None]]:
+    """`open_stream(http, method, url, **options)`'s parsed SSE events (`iter_sse`), for an adapter to read up to its
+    stream's end marker. Left without an error, the rest of the body is read (`_finish_body`), so the connection
+    goes back to the pool."""
+    async with open_stream(http, method, url, **options) as response:
+        events = iter_sse(response)
+        yield events
+        await _finish_body(events)
+
+
+async def _finish_body(events: AsyncGenerator[ServerSentEvent, None]) -> None:
     """Read the rest of a stream whose end marker (`[DONE]`, `message_stop`, `response.completed`) the adapter has
     seen: the bytes after it (the chunked body's last chunk) are what lets httpcore put the connection back in the
     pool. Closed unread, the connection is dropped, and the next request pays a new TCP (and TLS) handshake

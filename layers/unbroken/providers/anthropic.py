@@ -37,7 +37,7 @@ from unbroken.ir import (
     UpstreamModel,
 )
 from unbroken.providers import claude
-from unbroken.providers._http import finish_body, iter_sse, open_stream, parse_json
+from unbroken.providers._http import open_sse, parse_json
 from unbroken.providers._shared import DEFAULT_MAX_TOKENS, PrefixSkip, WhitespaceJoin, parse_arguments, warn_dropped
 from unbroken.providers.base import Capabilities, ErrorKind, Provider, ProviderError
 
@@ -253,12 +253,10 @@ class AnthropicProvider(Provider):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         plan = self.build(request)
-        async with open_stream(self.http, "POST", self.url(), headers=self.headers(), json_body=plan.body,
-                               refine=_refine) as response:
-            events = iter_sse(response)
+        async with open_sse(self.http, "POST", self.url(), headers=self.headers(), json_body=plan.body,
+                            refine=_refine) as events:
             async for delta in parse_stream(events, plan):
                 yield delta
-            await finish_body(events)  # the connection goes back to the pool
 
 
 async def parse_stream(events: AsyncIterator[Any], plan: _Plan | None = None) -> AsyncIterator[Delta]:

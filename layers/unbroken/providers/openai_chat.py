@@ -26,7 +26,7 @@ from unbroken.ir import (
     UpstreamModel,
     Usage,
 )
-from unbroken.providers._http import finish_body, iter_sse, open_stream, parse_json
+from unbroken.providers._http import open_sse, parse_json
 from unbroken.providers.base import Capabilities, ErrorKind, Provider, ProviderError
 
 log = logging.getLogger("unbroken.providers.openai_chat")
@@ -176,12 +176,10 @@ class OpenAIChatProvider(Provider):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         body = self.build_body(request)
-        async with open_stream(self.http, "POST", self.url(), headers=self.headers(), json_body=body,
-                               refine=_refine) as response:
-            events = iter_sse(response)
+        async with open_sse(self.http, "POST", self.url(), headers=self.headers(), json_body=body,
+                            refine=_refine) as events:
             async for delta in self.parse_stream(events):
                 yield delta
-            await finish_body(events)  # the connection goes back to the pool
 
     async def parse_stream(self, events: AsyncIterator[Any]) -> AsyncIterator[Delta]:
         """Chat chunks → deltas. Healthy: a chunk with `finish_reason`, then optionally a usage chunk, then [DONE]
