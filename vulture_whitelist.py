@@ -4,6 +4,7 @@ vulture reads this file as code that uses the names below; it is never imported.
 
 # ruff: noqa
 from unbroken.api import app, chat, compact, demo, models, operator, responses
+from unbroken.api.http1 import _HeadWithFirstChunk
 from unbroken.api.identity import LambdaContextInfo
 from unbroken.api.streaming import OpeningSSE
 from unbroken.journal.store import StoreStats
@@ -115,3 +116,7 @@ _.reads
 
 # Starlette's StreamingResponse.stream_response reads the body an OpeningSSE sets once it is opened.
 OpeningSSE.body_iterator
+
+# asyncio.Transport's interface: uvicorn calls write() only, but a writelines() that reached the socket transport
+# (through __getattr__) would overtake a held head.
+_HeadWithFirstChunk.writelines

@@ -54,6 +54,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from unbroken.api.app import create_app
+    from unbroken.api.http1 import H11Protocol
     from unbroken.journal.backends import open_store
     from unbroken.logs import configure, setup_logging
 
@@ -104,8 +105,8 @@ def serve(args: argparse.Namespace) -> int:
     url = f"http://{host}:{port}/v1"
     # Keep-alive 75 s as on Lambda (functions/gateway/run.sh): above the 5 s idle expiry of common client pools
     # (httpx's), so a client never sends on a connection the server is closing at the same moment.
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
-                                           timeout_graceful_shutdown=5, timeout_keep_alive=75))
+    server = uvicorn.Server(uvicorn.Config(app, http=H11Protocol, log_level="warning", access_log=False,
+                                           server_header=False, timeout_graceful_shutdown=5, timeout_keep_alive=75))
     print(_ready_message(config, url, args.config, args.store), flush=True)
     asyncio.run(server.serve(sockets=[sock]))
     return 0

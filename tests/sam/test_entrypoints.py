@@ -63,6 +63,7 @@ def test_run_sh_execs_uvicorn_with_the_adapter_port(tmp_path: Path) -> None:
     assert args[args.index("--port") + 1] == "8123"
     assert args[args.index("--host") + 1] == "127.0.0.1"
     assert args[args.index("--log-level") + 1] == "warning"
+    assert args[args.index("--http") + 1] == "unbroken.api.http1:H11Protocol"  # the head with the first chunk
 
 
 def _load_worker_module() -> types.ModuleType:

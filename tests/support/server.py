@@ -18,6 +18,7 @@ import uvicorn
 import yaml
 
 from unbroken.api.app import create_app
+from unbroken.api.http1 import H11Protocol
 from unbroken.config import Config, parse_config
 
 API_KEY = "sk-test"
@@ -54,7 +55,8 @@ def admin_config(admin_key: str, *models: dict[str, Any], api_keys: list[dict[st
 
 class RouterThread:
     def __init__(self, config: Config | dict[str, Any], store: Any = None,
-                 lambda_env: dict[str, str] | None = None) -> None:
+                 lambda_env: dict[str, str] | None = None, http: type[asyncio.Protocol] = H11Protocol) -> None:
+        """`http`: the server's protocol class; the router's own (`unbroken serve`, the Lambda) by default."""
         self.config = config if isinstance(config, Config) else config_from(config)
         self.app = create_app(self.config, store, lambda_env=lambda_env)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -62,7 +64,7 @@ class RouterThread:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
+        self.server = uvicorn.Server(uvicorn.Config(self.app, http=http, log_level="warning", access_log=False,
                                                     lifespan="on", timeout_graceful_shutdown=2))
         self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self.loop: asyncio.AbstractEventLoop | None = None
