@@ -15,11 +15,15 @@ One router (`unbroken serve`, SQLite or DynamoDB Local) in front of a simulated 
 
 The client stamps the same clock (`perf_counter` is CLOCK_MONOTONIC on Linux, one clock for every process) when it
 sends the request, when the response's headers are in and when it reads the first delta (`client_*`).
+The upstream (the benchmark's, `benchmarks.first_token upstream`) stamps the same clock when it has read each
+request and when it writes its first content (`upstream_received`, `upstream_first_content`): the hops between
+the router's request written and the upstream having it are another process's.
 
 For each hop it prints the median time since the previous one over `--n` streams of each kind, the client's
 marks against the router's, and the median `upstream_chunk -> send` of journal on minus off.
-Run: `python -m benchmarks.first_token_trace [--store sqlite] [--n 40]`. A diagnosis tool: `benchmarks.first_token`
-is the measurement from outside.
+Run: `python -m benchmarks.first_token_trace [--store sqlite] [--n 40] [--no-pin]` (the router pinned apart from the
+client and the upstream, as `benchmarks.first_token` does by default). A diagnosis tool: `benchmarks.first_token` is
+the measurement from outside.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.first_token import KEY, _config, _prompt, _spawn, _stop
+from benchmarks.first_token import KEY, UPSTREAM_STATS_PATH, _config, _cpus, _prompt, _spawn, _stop
 
 STATS_PATH = "/_bench/trace"
 DELTA = "response.output_text.delta"
@@ -284,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tps", type=float, default=50.0)
     parser.add_argument("--input-chars", type=int, default=2, help="size of the request's input (default \"hi\")")
     parser.add_argument("--upstream-ttft-ms", type=float, default=150.0, help="as in benchmarks.first_token")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="the router on half of the CPUs, the client and the upstream on the other half (as in "
+                             "benchmarks.first_token; --no-pin: anywhere)")
     parser.add_argument("--save", type=Path, default=None, help="every stream's stamps, as JSON, here")
     args = parser.parse_args(argv)
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
@@ -292,23 +299,30 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "layers"), str(root)])}
     tmp = Path(tempfile.mkdtemp(prefix="unbroken-trace-"))
-    upstream, line = _spawn(["-m", "unbroken.simulator", "--port", "0"], "simulated upstream on", env)
+    router_cpus, other_cpus = _cpus(args.pin)
+    if other_cpus is not None:
+        os.sched_setaffinity(0, other_cpus)  # this process and what it starts: the upstream, DynamoDB Local
+    # The benchmark's upstream: it stamps, on the same clock, when it has read each request and when it writes its
+    # first content (`benchmarks.first_token upstream`).
+    upstream, line = _spawn(["-m", "benchmarks.first_token", "upstream", "--port", "0"], "simulated upstream on",
+                            env)
+    upstream_url = line.split()[-1]
     ddb = None
     router = None
     try:
-        (tmp / "router.yaml").write_text(_config(line.split()[-1], None))
+        (tmp / "router.yaml").write_text(_config(upstream_url, None))
         extra: list[str] = []
         if args.store == "sqlite":
             url = f"sqlite:///{tmp / 'journal.db'}"
         else:
             from tests.support.dynamodb_local import DynamoDBLocal
 
-            ddb = DynamoDBLocal().start()
+            ddb = DynamoDBLocal().start()  # with the client and the upstream, as in benchmarks.first_token
             url = f"dynamodb://trace-{uuid.uuid4().hex[:8]}?region=us-east-1&endpoint_url={ddb.endpoint_url}"
             extra = ["--create-table"]
         router, ready = _spawn(["-m", "benchmarks.first_token_trace", "serve", "--config", str(tmp / "router.yaml"),
                                 "--port", "0", "--store", url, "--log-level", "WARNING", *extra],
-                               "unbroken ready on", env)
+                               "unbroken ready on", env, router_cpus)
         base = ready.split()[3]
         metadata = {"sim_length": "20", "sim_tps": str(args.tps)} if args.tps else {"sim_length": "20"}
         if args.upstream_ttft_ms:
@@ -318,10 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         kinds = []
         client_marks: list[dict[str, float | None]] = []
         with httpx.Client(timeout=60) as client:
+            tags = []
             for i in range(args.n * 2 + 6):
                 on = i % 2 == 0
+                tags.append(uuid.uuid4().hex)
+                tagged = {**body, "metadata": {**metadata, "sim_bench_id": tags[-1]}}
                 sent, first_delta = time.perf_counter(), None
-                with client.stream("POST", f"{base}/responses", json=body if on else {**body, "store": False},
+                with client.stream("POST", f"{base}/responses", json=tagged if on else {**tagged, "store": False},
                                    headers=hdr) as response:
                     headers_in = time.perf_counter()
                     for line in response.iter_lines():
@@ -330,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                 kinds.append(on)
                 client_marks.append({"client_sent": sent, "client_headers": headers_in, "client_delta": first_delta})
             traces = client.get(f"{base.removesuffix('/v1')}{STATS_PATH}").raise_for_status().json()
-        for trace, marks in zip(traces, client_marks, strict=True):
+            stamps_url = f"{upstream_url.removesuffix('/v1')}{UPSTREAM_STATS_PATH.decode()}"
+            stamps = client.get(stamps_url).raise_for_status().json()
+        for trace, marks, tag in zip(traces, client_marks, tags, strict=True):
             trace.update({k: v for k, v in marks.items() if v is not None})
+            trace.update({f"upstream_{k}": v for k, v in stamps.get(tag, {}).items()})
         traces, kinds = traces[6:], kinds[6:]  # the first streams warm the paths
         if args.save is not None:
             args.save.write_text(json.dumps([{**t, "journal": k} for t, k in zip(traces, kinds, strict=True)]))
@@ -339,11 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         off_t = [t for t, k in zip(traces, kinds, strict=True) if not k]
         result = {"journal_on": _medians(on_t, HOPS_ON), "journal_off": _medians(off_t, HOPS_OFF)}
         for name, ts in (("on", on_t), ("off", off_t)):
-            for a, b in (("client_sent", "request"), ("start", "client_headers"), ("send", "client_delta"),
-                         ("upstream_chunk", "client_delta")):
+            for a, b in (("client_sent", "request"), ("upstream_written", "upstream_received"),
+                         ("upstream_received", "upstream_first_content"), ("upstream_first_content", "upstream_chunk"),
+                         ("start", "client_headers"), ("send", "client_delta"), ("upstream_chunk", "client_delta")):
                 vals = [t[b] - t[a] for t in ts if a in t and b in t]
                 if vals:
-                    result[f"journal_{name}"][f"{a} -> {b} (client's clock)"] = round(statistics.median(vals) * 1e3, 3)
+                    result[f"journal_{name}"][f"{a} -> {b} (one clock)"] = round(statistics.median(vals) * 1e3, 3)
             for hop in ABS_HOPS:
                 vals = [t[hop] - t["request"] for t in ts if hop in t]
                 if vals:
