@@ -215,7 +215,9 @@ def first_token_table(r: dict[str, Any]) -> list[str]:
         f"{ft['tps']:g} tokens/s, upstream's own first token after {ft.get('upstream_ttft_ms', 0):g} ms; "
         f"{ft['repeat']} blocks of {ft['n']} rounds, each round one stream straight to the upstream and one through "
         "each router, each router's journal-on and journal-off streams half a round apart and either first in turn; "
-        "every figure the median "
+        + (f"the routers on CPU {', '.join(map(str, ft['routers_on_cpus']))} and the client, the upstream and "
+           "DynamoDB Local on the other; " if ft.get("routers_on_cpus") else "")
+        + "every figure the median "
         f"of the blocks' figures; `journal_batch_ms` "
         f"{ft['batch_ms']:g}; load average {ft['loadavg_1min_start']} → {ft['loadavg_1min_end']} on this "
         "machine):",
