@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -68,6 +69,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -649,10 +651,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from unbroken.config import ServerSettings
 
     batch_ms = args.batch_ms if args.batch_ms is not None else ServerSettings().journal_batch_ms
-    router_cpus, other_cpus = _cpus(args.pin)
-    affinity = os.sched_getaffinity(0)
-    if other_cpus is not None:  # this process (the client, the probe) and what it starts: the upstream, DynamoDB Local
-        os.sched_setaffinity(0, other_cpus)
+    with pinned(args.pin) as router_cpus:
+        return _run(args, env, bodies, batch_ms, router_cpus)
+
+
+def _run(args: argparse.Namespace, env: dict[str, str], bodies: dict[str, dict[str, Any]], batch_ms: float,
+         router_cpus: set[int] | None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="unbroken-first-token-"))
     upstream, line = _spawn(["-m", "benchmarks.first_token", "upstream", "--port", "0"], "simulated upstream on",
                             env)
@@ -722,14 +726,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if ddb is not None:
             ddb.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-        os.sched_setaffinity(0, affinity)  # `make bench` runs on after this step
     results["loadavg_1min_end"] = round(os.getloadavg()[0], 2)
     return results
 
 
-def _cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
-    """(the routers' CPUs, everyone else's: the client's, the upstream's, DynamoDB Local's) with `--pin` on a machine
-    of 2 CPUs or more, else (None, None).
+@contextlib.contextmanager
+def pinned(pin: bool) -> Iterator[set[int] | None]:
+    """With `pin` on a machine of 2 CPUs or more: this process (the client, the probe) and what it starts (the
+    upstream, DynamoDB Local) on one half of the CPUs, and the CPUs of the other half given for the routers
+    (`_spawn(..., cpus)`); this process's own CPUs again afterwards (`make bench` runs on). Else nothing, and None.
 
     In production the client, the upstream and DynamoDB are other machines; here they share two cores with the
     router, and the kernel wakes a process on the core of whoever woke it: the upstream, woken by the router's
@@ -740,11 +745,17 @@ def _cpus(pin: bool) -> tuple[set[int] | None, set[int] | None]:
     0.324 against 0.326 pinned). DynamoDB Local goes with the client and the upstream, as the other machine it is in
     production: on the routers' CPUs its JVM made the DynamoDB router's first commit wait for the CPU (a journal
     share of 3.91 ms against a commit of 3.04), and on any CPU it brought the upstream's wait back (0.36 ms)."""
-    available = sorted(os.sched_getaffinity(0))
+    available = os.sched_getaffinity(0)
     if not pin or len(available) < 2:
-        return None, None
-    half = max(1, len(available) // 2)
-    return set(available[:half]), set(available[half:])
+        yield None
+        return
+    ordered = sorted(available)
+    half = len(ordered) // 2
+    os.sched_setaffinity(0, ordered[half:])
+    try:
+        yield set(ordered[:half])
+    finally:
+        os.sched_setaffinity(0, available)
 
 
 def write(results: dict[str, Any]) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.first_token import KEY, UPSTREAM_STATS_PATH, _config, _cpus, _prompt, _spawn, _stop
+from benchmarks.first_token import KEY, UPSTREAM_STATS_PATH, _config, _prompt, _spawn, _stop, pinned
 
 STATS_PATH = "/_bench/trace"
 DELTA = "response.output_text.delta"
@@ -298,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "layers"), str(root)])}
+    with pinned(args.pin) as router_cpus:
+        return _trace(args, env, router_cpus)
+
+
+def _trace(args: argparse.Namespace, env: dict[str, str], router_cpus: set[int] | None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="unbroken-trace-"))
-    router_cpus, other_cpus = _cpus(args.pin)
-    if other_cpus is not None:
-        os.sched_setaffinity(0, other_cpus)  # this process and what it starts: the upstream, DynamoDB Local
     # The benchmark's upstream: it stamps, on the same clock, when it has read each request and when it writes its
     # first content (`benchmarks.first_token upstream`).
     upstream, line = _spawn(["-m", "benchmarks.first_token", "upstream", "--port", "0"], "simulated upstream on",

@@ -24,6 +24,21 @@ from unbroken.journal.sqlite import SQLiteStore
 DELTA = b"response.output_text.delta"
 
 
+class _RecordingTransport:
+    """A socket transport that notes each write before it makes it."""
+
+    def __init__(self, transport: Any, writes: list[bytes], lock: threading.Lock) -> None:
+        self._transport, self._writes, self._lock = transport, writes, lock
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._writes.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _Recorder:
     """Every write that reaches a socket transport, per connection, in order."""
 
@@ -35,18 +50,7 @@ class _Recorder:
         writes: list[bytes] = []
         with self.lock:
             self.connections.append(writes)
-        recorder = self
-
-        class Recording:
-            def write(self, data: bytes) -> None:
-                with recorder.lock:
-                    writes.append(bytes(data))
-                transport.write(data)
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(transport, name)
-
-        return Recording()
+        return _RecordingTransport(transport, writes, self.lock)
 
     def firsts(self) -> list[bytes]:
         """The first write of each connection that carried an answer (one request per connection here)."""

@@ -36,29 +36,30 @@ class _HeadWithFirstChunk:
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
-        self._held: bytes | None = None
+        self._held = b""
         self._flush_handle: asyncio.Handle | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        held = self._held
-        if held is not None:
-            self._held = None
-            if self._flush_handle is not None:
-                self._flush_handle.cancel()
-                self._flush_handle = None
-            self._transport.write(held + bytes(data))
-            return
-        if data[:9] == _HEAD and data[:10] != _INTERIM:
-            self._held = bytes(data)
+        # Every body chunk of every stream comes through here: one truth test, and for a head two prefix tests
+        # (no slicing). h11 writes bytes; anything else goes straight through.
+        if self._held:
+            self._transport.write(self._take_held() + data)
+        elif type(data) is bytes and data.startswith(_HEAD) and not data.startswith(_INTERIM):
+            self._held = data
             self._flush_handle = self._loop.call_soon(self._flush)
-            return
-        self._transport.write(data)
+        else:
+            self._transport.write(data)
+
+    def _take_held(self) -> bytes:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        held, self._held = self._held, b""
+        return held
 
     def _flush(self) -> None:
-        self._flush_handle = None
-        held, self._held = self._held, None
-        if held is not None:
-            self._transport.write(held)
+        if self._held:
+            self._transport.write(self._take_held())
 
     def writelines(self, data: Any) -> None:
         self.write(b"".join(data))
@@ -72,10 +73,7 @@ class _HeadWithFirstChunk:
         self._transport.close()
 
     def abort(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        self._held = None
+        self._take_held()
         self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:  # everything else is the socket transport's own
